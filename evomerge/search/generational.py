@@ -1,0 +1,203 @@
+"""Shared machinery for generational, library-backed algorithms (CMA-ES, NSGA-II).
+
+The library object (``cma.CMAEvolutionStrategy``, pymoo's ``NSGA2``) samples a whole generation at
+once and can only sample the next one after the whole generation is told (the *generation barrier*).
+This class hands a generation out piece by piece, collects results in any order, and tells the library
+once every member is back.
+
+State as plain data, by replay: the library's internals (covariance, evolution paths, populations,
+RNG streams) are not stored; the state holds the results of every completed generation and the
+current generation's proposals and partial results. ``load_state_dict`` builds a fresh library object
+from the seed and the settings and replays the same sequence of library calls (ask, tell, ask, ...).
+Both libraries are deterministic under a seed and run under a private copy of the global RNGs
+(:func:`private_global_rng`), so the replay reproduces the library object bit for bit; a digest of the
+last sampled generation is checked so that a library upgrade that changed the sampling is reported
+instead of silently continuing differently. Replaying costs what the library itself cost in the
+original run (milliseconds per generation), negligible next to evaluating one merged model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import abstractmethod
+from typing import Any
+
+from evomerge.search.base import Algorithm, Proposal, private_global_rng
+
+
+def _digest(raw: list[list[float]]) -> str:
+    return hashlib.sha256(json.dumps(raw).encode()).hexdigest()[:16]
+
+
+class GenerationalAlgorithm(Algorithm):
+    """Generation barrier, asynchronous result collection and replay-based state."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reset()
+
+    # ---------------------------------------------------------------- library hooks
+    @abstractmethod
+    def _lib_new(self) -> None:
+        """Build a fresh library object (called inside the private RNG context)."""
+
+    @abstractmethod
+    def _lib_ask(self) -> tuple[list[list[float]], list[list[int]]]:
+        """Sample one generation: (raw library vectors, parents per member). Inside the RNG context."""
+
+    @abstractmethod
+    def _lib_tell(self, results: list[list[float] | None]) -> None:
+        """Tell the whole generation; one entry per member in sampling order, ``None`` = failed."""
+
+    @staticmethod
+    def _lib_versions() -> dict[str, str]:
+        return {}
+
+    def _decode(self, raw: list[float]) -> list[float]:
+        """Genotype handed out for a library vector (CMA clips into the unit cube)."""
+        return [float(v) for v in raw]
+
+    # ---------------------------------------------------------------- bookkeeping
+    def _reset(self) -> None:
+        self._global_rng = None
+        self._next_key = 0
+        self._generation = 0  # index of the generation being handed out / collected
+        self._log: list[list[list[float] | None]] = []  # completed generations, min-space results
+        self._last_digest: str | None = None
+        self._cur: dict[str, Any] | None = None
+        with private_global_rng(self):
+            self._lib_new()
+
+    def _sample_generation(self) -> None:
+        with private_global_rng(self):
+            raw, parents = self._lib_ask()
+        raw = [[float(v) for v in row] for row in raw]
+        pairs = enumerate(zip(raw, parents, strict=True))
+        gen = self._generation
+        props = [Proposal(key=self._next_key + i, x=self._decode(r), parents=list(p), generation=gen)
+                 for i, (r, p) in pairs]
+        self._next_key += len(props)
+        self._cur = {"raw": raw, "proposals": props, "handed": 0, "results": {}}
+        self._last_digest = _digest(raw)
+
+    def _complete_generation(self) -> None:
+        cur = self._cur
+        assert cur is not None
+        ordered = [cur["results"][p.key] for p in cur["proposals"]]
+        with private_global_rng(self):
+            self._lib_tell(ordered)
+        self._log.append(ordered)
+        self._cur = None
+        self._generation += 1
+
+    # ---------------------------------------------------------------- interface
+    def ask(self, n: int) -> list[Proposal]:
+        out: list[Proposal] = []
+        n = int(n)
+        while len(out) < n:
+            if self._cur is None:
+                if self.done():
+                    break
+                self._sample_generation()
+            cur = self._cur
+            assert cur is not None
+            props = cur["proposals"]
+            if cur["handed"] >= len(props):
+                break  # whole generation handed out: wait for its results
+            take = props[cur["handed"]: cur["handed"] + (n - len(out))]
+            cur["handed"] += len(take)
+            out.extend(Proposal(p.key, list(p.x), list(p.parents), p.generation) for p in take)
+            if not props:  # a library returned an empty generation; nothing to wait for
+                self._complete_generation()
+        return out
+
+    def tell(self, results: list[tuple[int, list[float] | None]]) -> None:
+        for key, values in results:
+            cur = self._cur
+            if cur is None:
+                continue
+            props = cur["proposals"]
+            key = int(key)
+            first = props[0].key if props else 0
+            idx = key - first
+            if not (0 <= idx < cur["handed"]) or key in cur["results"]:
+                continue  # unknown, not handed out yet, or already told: ignore
+            fmin = self.to_min(values)
+            cur["results"][key] = None if fmin is None else [float(v) for v in fmin]
+            if len(cur["results"]) == len(props):
+                self._complete_generation()
+
+    @property
+    def outstanding(self) -> list[int]:
+        if self._cur is None:
+            return []
+        props = self._cur["proposals"][: self._cur["handed"]]
+        return [p.key for p in props if p.key not in self._cur["results"]]
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        cur = None
+        if self._cur is not None:
+            cur = {
+                "proposals": [p.to_dict() for p in self._cur["proposals"]],
+                "raw": self._cur["raw"],
+                "handed": self._cur["handed"],
+                "results": [[k, v] for k, v in sorted(self._cur["results"].items())],
+            }
+        return {
+            **self._header(),
+            "versions": self._lib_versions(),
+            "next_key": self._next_key,
+            "generation": self._generation,
+            "log": self._log,
+            "current": cur,
+            "last_digest": self._last_digest,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_header(state)
+        self._reset()
+        log = state["log"]
+        cur = state.get("current")
+        # replay completed generations
+        raw: list[list[float]] = []
+        for gen in log:
+            with private_global_rng(self):
+                raw, _ = self._lib_ask()
+                self._lib_tell([None if r is None else [float(v) for v in r] for r in gen])
+            if len(raw) != len(gen):
+                self._diverged(state)
+        self._log = [list(g) for g in log]
+        self._generation = int(state["generation"])
+        if cur is not None:
+            with private_global_rng(self):
+                raw, _ = self._lib_ask()
+            raw = [[float(v) for v in row] for row in raw]
+            if raw != [[float(v) for v in row] for row in cur["raw"]]:
+                self._diverged(state)
+            self._cur = {
+                "raw": raw,
+                "proposals": [Proposal.from_dict(p) for p in cur["proposals"]],
+                "handed": int(cur["handed"]),
+                "results": {
+                    int(k): (None if v is None else [float(x) for x in v]) for k, v in cur["results"]
+                },
+            }
+            self._last_digest = _digest(raw)
+        elif log:
+            self._last_digest = _digest([[float(v) for v in row] for row in raw])
+            if state.get("last_digest") not in (None, self._last_digest):
+                self._diverged(state)
+        self._next_key = int(state["next_key"])
+
+    def _diverged(self, state: dict[str, Any]) -> None:
+        raise RuntimeError(
+            f"{self.name}: replaying the saved state did not reproduce the saved proposals "
+            f"(saved with {state.get('versions')}, running {self._lib_versions()}); the library's "
+            "sampling changed, so this study cannot be resumed exactly with these versions"
+        )
