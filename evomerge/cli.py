@@ -1,0 +1,286 @@
+"""The `evomerge` command line: thin wrappers over space, driver, store and export."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Search for model-merge recipes.")
+zoo_app = typer.Typer(no_args_is_help=True, help="The demo model zoo.")
+storage_app = typer.Typer(no_args_is_help=True, help="The study database.")
+app.add_typer(zoo_app, name="zoo")
+app.add_typer(storage_app, name="storage")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+StorageOpt = Annotated[
+    str | None,
+    typer.Option("--storage", help="SQLAlchemy URL of the study database [default: sqlite:///evomerge.db]"),
+]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="Ray workers (one GPU each, or one CPU)")]
+RayOpt = Annotated[str | None, typer.Option("--ray-address", help="join this Ray cluster instead of a local one")]
+
+
+class UserError(Exception):
+    """Bad input or a refused operation: printed as one line, exit code 2."""
+
+
+def _store(url: str | None):
+    from evomerge.store import Store, default_storage_url
+
+    try:
+        return Store(url or default_storage_url())
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _study_space(store, study: str):
+    from evomerge.space import parse_space_text
+
+    st = store.get_study(study)
+    return parse_space_text(st.space_yaml, origin=f"study {study!r}")
+
+
+def _run_driver(space, store, study: str, workers: int, ray_address: str | None, progress: bool) -> None:
+    from evomerge.driver import Driver
+
+    driver = Driver(space, store, study, workers=workers, ray_address=ray_address, console=err,
+                    show_progress=progress)
+    try:
+        driver.run()
+    except KeyboardInterrupt:
+        err.print(f"interrupted: nothing evaluated is lost; go on with `evomerge resume {study}`")
+        raise typer.Exit(130) from None
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except ImportError:
+            pass
+    _print_front(store, study)
+    s = driver.stats
+    if s.timings:
+        mat = sum(t.get("materialize_s", 0.0) for t in s.timings) / len(s.timings)
+        ev = sum(t.get("evaluate_s", 0.0) for t in s.timings) / len(s.timings)
+        err.print(
+            f"per candidate: materialize {mat:.3f}s, evaluate {ev:.3f}s (on a worker), "
+            f"driver {s.driver_s / len(s.timings):.3f}s"
+        )
+
+
+def _ensure_zoo(space) -> None:
+    if space.uses_zoo:
+        from evomerge.zoo import build_zoo
+
+        build_zoo(log=lambda m: err.print(f"[dim]zoo:[/dim] {m}"))
+
+
+@app.command()
+def search(
+    space: Annotated[Path, typer.Option("--space", help="search space YAML")],
+    workers: WorkersOpt = 1,
+    storage: StorageOpt = None,
+    study: Annotated[str | None, typer.Option("--study", help="study name [default: from the space file]")] = None,
+    ray_address: RayOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would run, start nothing")] = False,
+    progress: Annotated[bool, typer.Option(help="live progress on the terminal")] = True,
+) -> None:
+    """Start a new study on a search space and run it to its budget."""
+    from evomerge.genome import ParameterSpaceGenome
+    from evomerge.space import dump_space, load_space
+
+    sp = load_space(space)
+    if dry_run:
+        genome = ParameterSpaceGenome(sp)
+        out.print(f"study        {study or sp.name}")
+        out.print(f"base         {sp.base_model}")
+        out.print(f"sources      {', '.join(sp.models)}")
+        out.print(f"genome       {sp.genome.method}, {len(genome.groups)} layer groups x "
+                  f"{genome.n_sources} models x {genome.genes_per_source} genes = {genome.dim} genes")
+        out.print(f"algorithm    {sp.algorithm.name} {json.dumps(sp.algorithm.settings)}")
+        out.print(f"objectives   {', '.join(f'{o.name} ({o.direction})' for o in sp.objectives)}")
+        if sp.report:
+            out.print(f"report       {', '.join(o.name for o in sp.report)} (front only, never steers)")
+        out.print(f"budget       {sp.budget} candidates")
+        out.print(f"workers      {workers}")
+        out.print(f"storage      {storage or sp.storage or 'sqlite:///evomerge.db'}")
+        return
+    _ensure_zoo(sp)
+    genome = ParameterSpaceGenome(sp)  # checks the base model now, before a study is created
+    store = _store(storage or sp.storage)
+    name = study or store.free_study_name(sp.name)
+    if store.has_study(name):
+        raise UserError(f"study {name!r} exists; continue it with `evomerge resume {name}` or pick --study")
+    store.create_study(
+        name,
+        space_yaml=dump_space(sp),
+        objectives=[{"name": o.name, "direction": o.direction} for o in sp.objectives],
+        budget=sp.budget,
+    )
+    err.print(f"study [bold]{name}[/bold]: {genome.dim} genes, {sp.algorithm.name}, budget {sp.budget}, "
+              f"{workers} worker(s), storage {store.url_display}")
+    _run_driver(sp, store, name, workers, ray_address, progress)
+
+
+@app.command()
+def resume(
+    study: str,
+    workers: WorkersOpt = 1,
+    storage: StorageOpt = None,
+    ray_address: RayOpt = None,
+    progress: Annotated[bool, typer.Option(help="live progress on the terminal")] = True,
+) -> None:
+    """Go on with a study after an interruption; nothing evaluated is evaluated again."""
+    store = _store(storage)
+    sp = _study_space(store, study)
+    _ensure_zoo(sp)
+    _run_driver(sp, store, study, workers, ray_address, progress)
+
+
+@app.command()
+def status(
+    storage: StorageOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """List studies with candidate counts."""
+    rows = _store(storage).list_studies()
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    t = Table("study", "state", "budget", "complete", "failed", "running", "queued", "attempts")
+    for r in rows:
+        t.add_row(*(str(r[k]) for k in ("study", "state", "budget", "complete", "failed", "running",
+                                        "queued", "attempts")))
+    out.print(t)
+
+
+def _print_front(store, study: str, as_json: bool = False) -> None:
+    from evomerge.recipe import Recipe
+
+    st = store.get_study(study)
+    rows = store.front(study)
+    names = [o["name"] for o in st.objectives]
+    if as_json:
+        print(json.dumps([{"candidate": c.number, "scores": c.scores, "recipe_hash": c.recipe_hash,
+                           "recipe": json.loads(c.recipe_json)} for c in rows], indent=2))
+        return
+    extra = sorted({k for c in rows for k in c.scores} - set(names))
+    t = Table(title=f"Pareto front of {study} ({len(rows)} of {store.study_counts(study)['complete']} complete)")
+    t.add_column("candidate", justify="right")
+    for o in st.objectives:
+        t.add_column(f"{o['name']} ({'max' if o['direction'] == 'maximize' else 'min'})", justify="right")
+    for k in extra:
+        t.add_column(f"{k} (held out)", justify="right")
+    t.add_column("weights per group (model order)")
+    t.add_column("recipe")
+    sign = {o["name"]: -1.0 if o["direction"] == "maximize" else 1.0 for o in st.objectives}
+    for c in sorted(rows, key=lambda c: [sign[n] * c.scores[n] for n in names]):
+        r = Recipe.from_json(c.recipe_json)
+        genes = "  ".join(f"{g.name}:" + "/".join(f"{w:.2f}" for w in g.weights) for g in r.groups)
+        held = [f"{c.scores[k]:.4f}" if k in c.scores else "-" for k in extra]
+        t.add_row(str(c.number), *(f"{c.scores[n]:.4f}" for n in names), *held, genes, c.recipe_hash)
+    out.print(t)
+
+
+@app.command()
+def front(
+    study: str,
+    storage: StorageOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Print the Pareto front of a study, computed from the store."""
+    _print_front(_store(storage), study, as_json)
+
+
+@app.command()
+def export(
+    study: str,
+    candidate: Annotated[int, typer.Option("--candidate", help="candidate number (see `front`)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="output folder (must not exist or be empty)")],
+    storage: StorageOpt = None,
+) -> None:
+    """Write a candidate as a Hugging Face model folder with a model card naming its recipe."""
+    from evomerge.export import export_candidate
+
+    store = _store(storage)
+    path = export_candidate(store, study, candidate, out_dir)
+    out.print(f"wrote {path}")
+
+
+@app.command()
+def validate(space: Annotated[Path, typer.Option("--space", help="search space YAML")]) -> None:
+    """Check a search space file."""
+    from evomerge.search import REGISTRY
+    from evomerge.space import load_space
+
+    sp = load_space(space)
+    if sp.algorithm.name not in REGISTRY:
+        raise UserError(f"{space}: field 'algorithm.name': unknown algorithm {sp.algorithm.name!r} "
+                        f"(known: {', '.join(sorted(REGISTRY))})")
+    out.print(f"{space}: ok ({len(sp.models)} models, {len(sp.objectives)} objectives, "
+              f"{sp.algorithm.name}, budget {sp.budget})")
+
+
+@zoo_app.command("build")
+def zoo_build(force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False) -> None:
+    """Build (or reuse) the demo zoo: a tiny base model and experts trained here."""
+    from evomerge.zoo import build_zoo
+
+    path = build_zoo(force=force, log=lambda m: err.print(f"[dim]zoo:[/dim] {m}"))
+    out.print(str(path))
+
+
+@storage_app.command("upgrade")
+def storage_upgrade(storage: StorageOpt = None) -> None:
+    """Apply the schema migrations to the study database."""
+    store = _store(storage)  # opening applies pending migrations
+    before, after = store.revision_at_open, store.current_revision()
+    if before == after:
+        out.print(f"{store.url_display}: schema already at {after}")
+    else:
+        out.print(f"{store.url_display}: schema upgraded from {before or 'empty'} to {after}")
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from evomerge.driver import DriverError
+    from evomerge.export import ExportError
+    from evomerge.space import SpaceError
+    from evomerge.store import StoreError
+
+    try:
+        # Without standalone mode click returns an Exit's code instead of raising it.
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
+    except (UserError, SpaceError, DriverError, StoreError, ExportError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,585 @@
+"""Score an in-memory model on a search space's objectives with lm-eval, in-process.
+
+One :class:`Evaluator` lives as long as its worker. At construction it sets the offline flags, builds
+one ``lm_eval.tasks.TaskManager(include_defaults=False, include_path=<task dirs>)``, resolves every
+objective's task, loads its data once (into a private ``datasets`` cache) and checks that the metric
+exists. Each :meth:`Evaluator.evaluate` call then runs every lm-eval objective of that call in one
+``lm_eval.evaluator.evaluate`` pass over the already-built task objects (no dataset reload, no request
+cache, no stderr bootstrap, no git/env probing) through one ``HFLM`` per model object, reused across
+calls: the worker writes each candidate into the same preallocated model in place, and nothing in
+that path caches model outputs between calls (``cache_requests=False``, no ``CachingLM``).
+
+Speed: on CPU, give torch one thread per core the worker owns (``torch.set_num_threads``); tiny
+models run many times slower when torch's threads contend with other processes for the cores.
+
+Task YAML conventions (what the task files in a space's ``task_paths`` must follow)
+-------------------------------------------------------------------------------------
+* Local data only: ``dataset_path: json`` (or csv/parquet) and ``dataset_kwargs: {data_files: {test:
+  data/x.jsonl}}``. Relative ``data_files`` / ``data_dir`` are relative to the directory of the YAML
+  file that names the task (falling back to the directories of the files it ``include:``-s), never to
+  the current directory: the Evaluator rewrites them to absolute paths, so it works from any cwd.
+* Shared settings may live in an include file without a ``task:`` key (lm-eval's
+  ``_default_template_yaml`` convention); ``!function module.fn`` resolves next to the YAML file.
+* An objective names one task (not a group or tag) and a metric as lm-eval reports it,
+  ``"metric,filter"`` (``exact_match,none``; ``exact_match,strict-match`` for a filter named
+  ``strict-match``).
+* Generation tasks with the project's character tokenizers: the prompt (``doc_to_text``) ends exactly
+  where the answer begins, the answer (``doc_to_target``) has no leading space, ``target_delimiter: ""``
+  (lm-eval's default ``" "`` would put a space between question and answer in few-shot examples),
+  ``fewshot_delimiter: "\\n"``, ``generation_kwargs: {until: ["\\n"], do_sample: false, max_gen_toks:
+  <longest answer + 1 or so>}``. A model trained on ``prompt + answer + "\\n"`` then scores
+  ``exact_match`` 1.0 when right. Whether a BOS token is prepended is the tokenizer's own choice
+  (its post-processor, ``add_special_tokens=True``): train with the same encoding. ``max_gen_toks``
+  bounds the time of every call (a wrong model generates that many tokens per example): keep it small.
+* Answers are stored as strings in the data file (``"target": "47"``, not ``47``), and a plain column
+  name (``doc_to_text: prompt``, ``doc_to_target: target``) is cheaper than a Jinja template
+  (``"{{prompt}}"``) though both work (compiled templates are memoised here).
+* The model's ``generation_config.max_new_tokens`` is ignored during evaluation: the task's
+  ``max_gen_toks`` decides.
+* Per-example scores are the logged sample values of the objective's metric under its filter, in
+  document order. Metrics whose per-example value is not a number (corpus-level metrics such as BLEU)
+  give an empty ``samples`` list; their aggregate is still the value.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import math
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterable, Sequence
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evomerge.space import Objective
+
+_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+_NOISY_LOGGERS = ("lm_eval", "lm-eval", "datasets", "fsspec", "filelock", "accelerate")
+# lm-eval warns on every HFLM built around an in-memory model; we do that on purpose.
+_HFLM_MODEL_WARNINGS = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+DEFAULT_FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
+DEFAULT_TORCH_SEED = 1234  # lm-eval's default torch seed (matters only for sampling tasks)
+
+
+class EvaluationError(ValueError):
+    """An objective that cannot be evaluated (unknown task, unknown metric, missing data)."""
+
+
+@dataclass(frozen=True)
+class ObjectiveResult:
+    """One objective's score: ``value`` as lm-eval aggregates it, ``samples`` per example (doc order)."""
+
+    value: float
+    samples: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _TaskSlot:
+    name: str  # lm-eval task name
+    task: Any  # lm_eval.api.task.Task, built once
+    n_docs: int
+    source: str  # the YAML file it came from
+
+
+class _MessageFilter(logging.Filter):
+    def __init__(self, texts: Sequence[str]) -> None:
+        super().__init__()
+        self.texts = tuple(texts)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+            return not any(t in msg for t in self.texts)
+        except Exception:  # noqa: BLE001 - a bad record must not break evaluation
+            return True
+
+
+def _quiet_logging() -> None:
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    if not any(isinstance(f, _MessageFilter) for f in hf_logger.filters):
+        hf_logger.addFilter(_MessageFilter(_HFLM_MODEL_WARNINGS))
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+@functools.cache
+def _silence_request_building_bar() -> None:
+    """lm-eval's Task.build_all_requests wraps its documents in a tqdm bar that has no off switch."""
+    import lm_eval.api.task as task_mod
+    from tqdm import tqdm
+
+    if getattr(task_mod, "tqdm", None) is tqdm:
+        task_mod.tqdm = functools.partial(tqdm, disable=True)
+
+
+@functools.cache
+def _cache_jinja_templates() -> None:
+    """lm-eval compiles a task's Jinja prompt again for every document and call (about 1 ms each here).
+
+    Compiled templates are immutable, so memoising the compile step is behaviour-preserving; it is
+    skipped if lm-eval's helpers are not shaped as expected (another lm-eval version).
+    """
+    import lm_eval.utils as lu
+
+    env = getattr(lu, "env", None)
+    fn = getattr(lu, "apply_template", None)
+    if env is None or fn is None or getattr(fn, "_evomerge_cached", False):
+        return
+    compile_ = functools.lru_cache(maxsize=1024)(env.from_string)
+
+    def apply_template(template: str, doc: dict) -> str:
+        return compile_(template).render(**doc)
+
+    apply_template._evomerge_cached = True  # type: ignore[attr-defined]
+    lu.apply_template = apply_template
+
+
+def count_nonzero_params(model: Any) -> int:
+    """Number of non-zero entries over the model's parameters (tied tensors counted once)."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += int(torch.count_nonzero(p).item())
+    return total
+
+
+def _split_metric(metric: str) -> tuple[str, str]:
+    name, sep, flt = metric.partition(",")
+    return name.strip(), (flt.strip() if sep else "none")
+
+
+def _include_dirs(yaml_path: Path, seen: set[Path] | None = None) -> list[Path]:
+    """The YAML file's directory, then those of the files it includes (depth first)."""
+    import yaml
+    from lm_eval.tasks._yaml_loader import _make_loader
+
+    seen = seen if seen is not None else set()
+    yaml_path = yaml_path.resolve()
+    if yaml_path in seen:
+        return []
+    seen.add(yaml_path)
+    dirs = [yaml_path.parent]
+    try:
+        with yaml_path.open("rb") as fh:
+            raw = yaml.load(fh, Loader=_make_loader(yaml_path.parent, resolve_funcs=False))  # noqa: S506
+    except Exception:  # noqa: BLE001
+        return dirs
+    inc = raw.get("include") if isinstance(raw, dict) else None
+    for item in inc if isinstance(inc, list) else ([inc] if inc else []):
+        p = Path(item)
+        p = p if p.is_absolute() else yaml_path.parent / p
+        for d in _include_dirs(p, seen):
+            if d not in dirs:
+                dirs.append(d)
+    return dirs
+
+
+def _absolute(value: Any, dirs: Sequence[Path], task: str, key: str) -> Any:
+    """Make the local path(s) in a data_files / data_dir value absolute (against ``dirs``)."""
+    if isinstance(value, dict):
+        return {k: _absolute(v, dirs, task, key) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_absolute(v, dirs, task, key) for v in value]
+    if not isinstance(value, (str, os.PathLike)):
+        return value
+    s = str(value)
+    if "://" in s:  # a URL (hf://, https://): leave it to datasets
+        return s
+    p = Path(s).expanduser()
+    if p.is_absolute():
+        return str(p)
+    for d in dirs:
+        cand = d / p
+        if cand.exists() or any(ch in s for ch in "*?["):
+            return str(cand.resolve())
+    raise EvaluationError(f"task '{task}': {key} '{s}' not found next to its YAML file ({dirs[0]})")
+
+
+class Evaluator:
+    """Evaluates in-memory models on a fixed set of objectives; build one per worker.
+
+    ``objectives``: the objectives to prepare (their tasks are loaded and checked now; objectives passed
+    later to :meth:`evaluate` that name other tasks are prepared on first use). ``task_paths``: directories
+    (searched recursively for ``*.yaml``) or single YAML files defining the tasks. ``tokenizer``: the
+    tokenizer object the models use. ``batch_size``: HFLM batch size (an int; lm-eval ignores the
+    evaluator's batch size for in-memory models). ``cache_dir``: where ``datasets`` caches the parsed
+    data files; a private temporary directory (removed at exit) when None. ``base_dir``: what relative
+    task paths and YAML task references resolve against (the space file's directory); the current
+    directory when None (a relative YAML reference not found there is also looked up in the task
+    directories and their parents).
+    """
+
+    def __init__(
+        self,
+        objectives: Sequence[Objective],
+        task_paths: Sequence[str | os.PathLike],
+        tokenizer: Any,
+        batch_size: int,
+        cache_dir: str | os.PathLike | None = None,
+        *,
+        base_dir: str | os.PathLike | None = None,
+        fewshot_seed: int = DEFAULT_FEWSHOT_SEED,
+        torch_seed: int = DEFAULT_TORCH_SEED,
+        quiet: bool = True,
+    ) -> None:
+        for k, v in _OFFLINE_ENV.items():
+            os.environ[k] = v
+        if cache_dir is None:
+            self._tmp = tempfile.mkdtemp(prefix="evomerge-eval-")
+            atexit.register(shutil.rmtree, self._tmp, True)
+            cache_dir = self._tmp
+        else:
+            self._tmp = None
+        self.cache_dir = str(Path(cache_dir).expanduser().resolve())
+        os.makedirs(self.cache_dir, exist_ok=True)
+        os.environ.setdefault("HF_HOME", os.path.join(self.cache_dir, "hf_home"))
+        os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(self.cache_dir, "datasets"))
+        self._datasets_cache = os.path.join(self.cache_dir, "datasets")
+        if quiet:
+            _quiet_logging()
+            _silence_request_building_bar()
+        _cache_jinja_templates()
+
+        from lm_eval.tasks import TaskManager
+
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.fewshot_seed = fewshot_seed
+        self.torch_seed = torch_seed
+        self.quiet = quiet
+        self.objectives = list(objectives)
+
+        self.base_dir = Path(base_dir).expanduser().resolve() if base_dir is not None else None
+        dirs: list[str] = []
+        self._yaml_files: dict[str, Path] = {}  # task name -> YAML file given directly in task_paths
+        for tp in task_paths:
+            p = self._path(tp)
+            if p.is_dir():
+                dirs.append(str(p))
+            elif p.is_file() and p.suffix in (".yaml", ".yml"):
+                name = self._task_name_of(p)
+                if name:
+                    self._yaml_files[name] = p
+            else:
+                raise EvaluationError(f"task path '{tp}' is neither a directory nor a YAML file")
+        self._task_dirs = [Path(d) for d in dirs]
+        self.task_manager = TaskManager(include_defaults=False, include_path=dirs or None)
+        self._slots: dict[str, _TaskSlot] = {}  # objective.task reference -> built task
+        self._lm: Any = None
+        self._lm_model_ref: Any = None
+        self.prepare(self.objectives)
+
+    # ------------------------------------------------------------------ task resolution
+
+    def _path(self, ref: str | os.PathLike) -> Path:
+        p = Path(ref).expanduser()
+        if not p.is_absolute() and self.base_dir is not None:
+            p = self.base_dir / p
+        return p.resolve()
+
+    @staticmethod
+    def _task_name_of(path: Path) -> str | None:
+        from lm_eval.tasks._index import TaskIndex
+
+        try:
+            entry = TaskIndex.entry_from_path(path)
+        except Exception as e:  # noqa: BLE001
+            raise EvaluationError(f"task file '{path}' cannot be read: {e}") from e
+        return entry.name if entry else None
+
+    def known_tasks(self) -> list[str]:
+        from lm_eval.tasks._index import Kind
+
+        idx = self.task_manager.task_index
+        names = {n for n, e in idx.items() if e.kind in (Kind.TASK, Kind.PY_TASK)}
+        return sorted(names | set(self._yaml_files))
+
+    def _find_yaml(self, ref: str) -> Path:
+        from lm_eval.tasks._index import Kind
+
+        if ref in self._yaml_files:
+            return self._yaml_files[ref]
+        entry = self.task_manager.task_index.get(ref)
+        if entry is not None:
+            if entry.kind not in (Kind.TASK,) or entry.yaml_path is None:
+                raise EvaluationError(
+                    f"task '{ref}' is a {entry.kind.name.lower()}; an objective must name one YAML task"
+                )
+            return Path(entry.yaml_path)
+        p = self._path(ref)
+        if p.suffix in (".yaml", ".yml"):
+            if p.is_file():
+                return p
+            if not Path(ref).expanduser().is_absolute():
+                # A space's "task: its_tasks/x.yaml" when the caller did not pass base_dir: try the
+                # task directories and the directories that hold them (the space file's directory).
+                for d in self._task_dirs:
+                    for root in (d, d.parent):
+                        if (root / ref).is_file():
+                            return (root / ref).resolve()
+        known = self.known_tasks()
+        raise EvaluationError(
+            f"unknown task '{ref}': not a task in the task paths nor a YAML file"
+            f" (known tasks: {', '.join(known) if known else 'none'})"
+        )
+
+    def _task_config(self, yaml_path: Path) -> dict[str, Any]:
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        cfg = deepcopy(load_yaml(yaml_path, resolve_func=True))
+        name = cfg.get("task")
+        if not isinstance(name, str) or "group" in cfg or "class" in cfg:
+            raise EvaluationError(f"'{yaml_path}' does not define a single YAML task")
+        dirs = _include_dirs(yaml_path)
+        kwargs = dict(cfg.get("dataset_kwargs") or {})
+        for key in ("data_files", "data_dir"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = _absolute(kwargs[key], dirs, name, key)
+        dpath = cfg.get("dataset_path")
+        if isinstance(dpath, str) and dpath.startswith(("./", "../")):
+            cfg["dataset_path"] = _absolute(dpath, dirs, name, "dataset_path")
+        kwargs.setdefault("cache_dir", self._datasets_cache)
+        cfg["dataset_kwargs"] = kwargs
+        cfg.pop("tag", None)
+        return cfg
+
+    def prepare(self, objectives: Iterable[Objective]) -> None:
+        """Resolve, load and check the tasks of these objectives (done once per task)."""
+        objectives = [o for o in objectives if o.kind == "lm_eval"]
+        by_name = {sl.name: sl for sl in self._slots.values()}
+        new: dict[str, tuple[dict[str, Any], Path]] = {}  # task name -> (config, YAML file)
+        refs: dict[str, str] = {}  # objective reference -> task name
+        for o in objectives:
+            if o.task in self._slots or o.task in refs:
+                continue
+            path = self._find_yaml(o.task)
+            cfg = self._task_config(path)
+            name = cfg["task"]
+            known = by_name[name].source if name in by_name else (str(new[name][1]) if name in new else None)
+            if known is not None and known != str(path):
+                raise EvaluationError(f"task '{name}' is defined twice: in {known} and in {path}")
+            if name not in by_name:
+                new.setdefault(name, (cfg, path))
+            refs[o.task] = name
+        if new:
+            try:
+                loaded = self.task_manager.load([cfg for cfg, _ in new.values()])
+            except Exception as e:
+                raise EvaluationError(f"lm-eval could not build tasks {sorted(new)}: {e}") from e
+            for name, (_, path) in new.items():
+                task = loaded["tasks"][name]
+                if task.get_config("num_fewshot") is None:
+                    task.set_config(key="num_fewshot", value=0)
+                by_name[name] = _TaskSlot(name, task, len(task.eval_docs), str(path))
+        for ref, name in refs.items():
+            self._slots[ref] = by_name[name]
+        for o in objectives:
+            self._check_metric(o)
+
+    def _check_metric(self, o: Objective) -> None:
+        slot = self._slots[o.task]
+        metric, flt = _split_metric(o.metric)
+        metrics = set(getattr(slot.task, "_metric_fn_list", {}) or {})
+        filters = {f.name for f in getattr(slot.task, "_filters", [])}
+        if metrics and metric not in metrics:
+            raise EvaluationError(
+                f"objective '{o.name}': task '{slot.name}' has no metric '{metric}'"
+                f" (its metrics: {', '.join(sorted(metrics))}; write the metric as 'metric,filter')"
+            )
+        if filters and flt not in filters:
+            raise EvaluationError(
+                f"objective '{o.name}': task '{slot.name}' has no filter '{flt}' for metric '{o.metric}'"
+                f" (its filters: {', '.join(sorted(filters))})"
+            )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _lm_for(self, model: Any) -> Any:
+        ref = self._lm_model_ref() if self._lm_model_ref is not None else None
+        if ref is not model:
+            self._lm = _make_hflm(model, self.tokenizer, self.batch_size, self.quiet)
+            self._lm_model_ref = weakref.ref(model)
+        model.eval()
+        return self._lm
+
+    def evaluate(
+        self, model: Any, objectives: Sequence[Objective] | None = None
+    ) -> dict[str, ObjectiveResult]:
+        """Scores of ``model`` on ``objectives`` (default: the constructor's), keyed by objective name.
+
+        NaN / infinite values come back as they are. A metric missing from lm-eval's results raises
+        :class:`EvaluationError`.
+        """
+        objs = list(self.objectives if objectives is None else objectives)
+        out: dict[str, ObjectiveResult] = {}
+        lm_objs = [o for o in objs if o.kind == "lm_eval"]
+        if lm_objs:
+            self.prepare(lm_objs)
+            out.update(self._run_lm_eval(model, lm_objs))
+        for o in objs:
+            if o.kind == "cost":
+                if o.measure == "params":
+                    n = float(count_nonzero_params(model))
+                    out[o.name] = ObjectiveResult(n, [])
+                else:  # pragma: no cover - the schema allows only "params" so far
+                    raise EvaluationError(f"objective '{o.name}': unknown cost measure '{o.measure}'")
+        return {o.name: out[o.name] for o in objs}
+
+    def _run_lm_eval(self, model: Any, objs: list[Objective]) -> dict[str, ObjectiveResult]:
+        import torch
+        from lm_eval.evaluator import evaluate as lm_evaluate
+
+        # Per task: how many documents (None = all) -- the largest any objective asks for.
+        n_for: dict[str, int | None] = {}
+        slot_of: dict[str, _TaskSlot] = {}
+        for o in objs:
+            slot = self._slots[o.task]
+            slot_of[slot.name] = slot
+            want = None if o.limit is None else min(o.limit, slot.n_docs)
+            if slot.name not in n_for:
+                n_for[slot.name] = want
+            else:
+                cur = n_for[slot.name]
+                n_for[slot.name] = None if cur is None or want is None else max(cur, want)
+        samples = {
+            name: _Indices(range(n))
+            for name, n in n_for.items()
+            if n is not None and n < slot_of[name].n_docs
+        }
+        tasks = {name: slot_of[name].task for name in n_for}
+        for t in tasks.values():
+            t.set_fewshot_seed(seed=self.fewshot_seed)
+        lm = self._lm_for(model)
+        devices = (
+            [model.device]
+            if getattr(model, "device", None) is not None and model.device.type == "cuda"
+            else []
+        )
+        # A model's own generation_config.max_new_tokens would override the task's max_gen_toks
+        # (lm-eval passes max_length); the task decides, so hide it for the call.
+        gen_cfg = getattr(model, "generation_config", None)
+        saved_max_new = getattr(gen_cfg, "max_new_tokens", None)
+        if saved_max_new is not None:
+            gen_cfg.max_new_tokens = None
+        try:
+            with torch.random.fork_rng(devices=devices), torch.inference_mode():
+                if self.torch_seed is not None:
+                    torch.manual_seed(self.torch_seed)
+                res = lm_evaluate(
+                    lm=lm,
+                    task_dict={"tasks": tasks, "groups": {}, "group_map": {}},
+                    limit=None,
+                    samples=samples or None,
+                    cache_requests=False,  # requests are rebuilt from the loaded docs each call
+                    bootstrap_iters=0,  # no stderr: we report values and per-example scores
+                    log_samples=True,
+                )
+        finally:
+            if saved_max_new is not None:
+                gen_cfg.max_new_tokens = saved_max_new
+            for t in tasks.values():  # drop this call's requests and responses
+                t._instances = None
+        results, logged = res["results"], res.get("samples") or {}
+
+        out: dict[str, ObjectiveResult] = {}
+        for o in objs:
+            slot = self._slots[o.task]
+            metric, flt = _split_metric(o.metric)
+            key = f"{metric},{flt}"
+            task_res = results.get(slot.name, {})
+            if key not in task_res:
+                have = sorted(k for k in task_res if "_stderr" not in k and k != "alias" and "," in k)
+                raise EvaluationError(
+                    f"objective '{o.name}': lm-eval reported no '{key}' for task '{slot.name}'"
+                    f" (it reported: {', '.join(have) or 'nothing'})"
+                )
+            rows = sorted(
+                (s for s in logged.get(slot.name, []) if s.get("filter") == flt),
+                key=lambda s: s["doc_id"],
+            )
+            per = _numbers([s.get(metric) for s in rows])
+            n_run = len(rows)
+            value = _as_float(task_res[key])
+            if o.limit is not None and o.limit < n_run:
+                rows = rows[: o.limit]
+                per = per[: o.limit] if per else per
+                agg = slot.task.aggregation().get(metric)
+                value = _as_float(agg([s.get(metric) for s in rows])) if agg else math.nan
+            out[o.name] = ObjectiveResult(value, per)
+        return out
+
+
+class _Indices(list):
+    """A list of document indices with O(1) membership (lm-eval tests ``i in samples`` per document)."""
+
+    def __init__(self, it: Iterable[int]) -> None:
+        super().__init__(it)
+        self._set = frozenset(self)
+
+    def __contains__(self, x: object) -> bool:
+        return x in self._set
+
+
+def _as_float(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _numbers(values: list[Any]) -> list[float]:
+    out: list[float] = []
+    for v in values:
+        if isinstance(v, bool) or isinstance(v, (int, float)):
+            out.append(float(v))
+        else:
+            try:
+                out.append(float(v))
+            except (TypeError, ValueError):
+                return []  # not a per-example number (a corpus-level metric)
+    return out
+
+
+def _make_hflm(model: Any, tokenizer: Any, batch_size: int, quiet: bool) -> Any:
+    from lm_eval.models.huggingface import HFLM
+
+    if quiet:
+
+        class _QuietHFLM(HFLM):
+            def generate_until(self, requests, disable_tqdm: bool = False):  # noqa: ANN001
+                return super().generate_until(requests, disable_tqdm=True)
+
+            def loglikelihood(self, requests, disable_tqdm: bool = False):  # noqa: ANN001
+                return super().loglikelihood(requests, disable_tqdm=True)
+
+            def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):  # noqa: ANN001
+                return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        cls = _QuietHFLM
+    else:
+        cls = HFLM
+    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

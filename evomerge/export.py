@@ -1,0 +1,77 @@
+"""Export a stored candidate as a Hugging Face model folder with a model card naming its recipe."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from evomerge.recipe import Recipe
+from evomerge.space import resolve_ref
+
+
+class ExportError(ValueError):
+    pass
+
+
+def model_card(study: str, number: int, recipe: Recipe, scores: dict[str, float], objectives: list[dict]) -> str:
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, evomerge]",
+        "---",
+        f"# {study} / candidate {number}",
+        "",
+        f"A `{recipe.method}` merge found by evomerge in study `{study}`.",
+        "",
+        f"- base model: `{recipe.base}`",
+        *(f"- source {i}: `{s}`" for i, s in enumerate(recipe.sources)),
+        f"- recipe hash: `{recipe.hash()}`",
+        "",
+        "## Scores recorded by the search",
+        "",
+        "| objective | direction | value |",
+        "|---|---|---|",
+        *(f"| {o['name']} | {o['direction']} | {scores.get(o['name'], float('nan')):.6g} |" for o in objectives),
+        "",
+        "## Recipe",
+        "",
+        "The recipe (also in `recipe.json`) with the source models rebuilds this model exactly.",
+        "",
+        "```json",
+        json.dumps(json.loads(recipe.canonical_json()), indent=2),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_candidate(store, study: str, number: int, out_dir: Path) -> Path:
+    from evomerge.merge import Materializer
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExportError(f"{out_dir} exists and is not empty")
+    st = store.get_study(study)
+    cand = store.get_candidate(study, number)
+    if cand is None:
+        raise ExportError(f"study {study!r} has no candidate {number}")
+    if cand.state != "complete":
+        raise ExportError(f"candidate {number} of {study!r} is {cand.state}, not complete")
+    recipe = Recipe.from_json(cand.recipe_json)
+    mat = Materializer(resolve_ref(recipe.base), [resolve_ref(s) for s in recipe.sources])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so an interrupted export never leaves a half model.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        mat.save_merged(recipe, tmp)
+        (tmp / "recipe.json").write_text(json.dumps(json.loads(recipe.canonical_json()), indent=2))
+        (tmp / "README.md").write_text(model_card(study, number, recipe, cand.scores, st.objectives))
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,96 @@
+"""The evaluation worker: sources resident, one preallocated model, lm-eval in-process.
+
+The same class runs in-process (tests, export checks) and as a Ray actor (``ray.remote`` applied
+by the driver), so the evaluation path is one piece of code wherever it runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+
+from evomerge.recipe import Recipe
+from evomerge.space import Objective
+
+
+@dataclass
+class WorkerConfig:
+    base: str
+    sources: list[str]
+    objectives: list[dict]
+    task_paths: list[str]
+    batch_size: int = 32
+    dtype: str = "float32"
+    device: str | None = None  # None: cuda when this process sees a GPU, else cpu
+
+
+@dataclass
+class EvalResult:
+    number: int
+    scores: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    worker: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MergeWorker:
+    """Holds base and task vectors resident; each call materializes one recipe and scores it."""
+
+    def __init__(self, cfg: WorkerConfig):
+        import torch
+        from transformers import AutoTokenizer
+
+        from evomerge.evaluate import Evaluator
+        from evomerge.merge import Materializer
+        from evomerge.space import resolve_ref
+
+        t0 = time.perf_counter()
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cpu":
+            # One Ray actor per core: more intra-op threads than that only fight each other.
+            torch.set_num_threads(max(1, int(os.environ.get("EVOMERGE_THREADS", "1"))))
+        dtype = getattr(torch, cfg.dtype)
+        base = resolve_ref(cfg.base)
+        self.materializer = Materializer(base, [resolve_ref(s) for s in cfg.sources], device=device, dtype=dtype)
+        self.model = self.materializer.new_model()
+        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.objectives = [Objective.model_validate(o) for o in cfg.objectives]
+        self.evaluator = Evaluator(self.objectives, cfg.task_paths, self.tokenizer, cfg.batch_size)
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
+        self.startup_s = time.perf_counter() - t0
+
+    def info(self) -> dict:
+        return {"worker": self.name, "startup_s": self.startup_s}
+
+    def evaluate(self, number: int, recipe_json: str, objective_names: list[str] | None = None) -> dict:
+        """Score one candidate; an exception becomes an error string (a deterministic failure)."""
+        res = EvalResult(number=number, worker=self.name)
+        try:
+            recipe = Recipe.from_json(recipe_json)
+            t0 = time.perf_counter()
+            self.materializer.apply(recipe, self.model)
+            t1 = time.perf_counter()
+            objs = self.objectives
+            if objective_names is not None:
+                objs = [o for o in self.objectives if o.name in objective_names]
+            out = self.evaluator.evaluate(self.model, objs)
+            t2 = time.perf_counter()
+            res.timings = {"materialize_s": t1 - t0, "evaluate_s": t2 - t1}
+            for name, r in out.items():
+                res.scores[name] = float(r.value)
+                res.samples[name] = [float(v) for v in r.samples]
+            bad = [n for n, v in res.scores.items() if not math.isfinite(v)]
+            if bad:
+                res.error = f"non-finite score for {', '.join(bad)}"
+        except Exception as e:  # noqa: BLE001 - every failure is recorded, the search goes on
+            tb = traceback.format_exc(limit=3)
+            res.error = f"{type(e).__name__}: {e}\n{tb}"
+        return res.to_dict()

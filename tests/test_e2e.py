@@ -1,0 +1,221 @@
+"""The user's path end to end, through the real `evomerge` command: search on Ray, status, front,
+export, Ctrl-C and kill -9 followed by resume, a second driver refused, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from evomerge.zoo import build_zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
+TASKS = ROOT / "search_spaces" / "demo_tasks"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory) -> Path:
+    # A short build of the real zoo pipeline: the models are weak, the path is the same.
+    return build_zoo(tmp_path_factory.mktemp("zoo"), steps_scale=0.02, log=lambda m: None)
+
+
+def env_for(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        RAY_AUTH_MODE="disabled",
+        HF_HOME=str(tmp / "hf"),
+        EVOMERGE_ZOO_DIR=str(tmp / "no-zoo-needed"),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def space_file(tmp: Path, zoo: Path, budget: int, algorithm: str = "nsga2") -> Path:
+    p = tmp / "space.yaml"
+    p.write_text(
+        f"""
+base_model: {zoo / "base"}
+models: [{zoo / "arith"}, {zoo / "script"}]
+genome: {{method: dare_ties, layer_groups: 2}}
+objectives:
+  - {{name: arith, task: demo_arith_search, metric: "exact_match,none", limit: 16}}
+  - {{name: script, task: demo_script_search, metric: "exact_match,none", limit: 16}}
+algorithm: {{name: {algorithm}, settings: {{pop_size: 4}}}}
+evaluation: {{batch_size: 16, task_paths: [{TASKS}]}}
+budget: {budget}
+seed: 3
+"""
+    )
+    return p
+
+
+def run(args: list[str], tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(EVOMERGE + args, cwd=tmp, env=env_for(tmp), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def status(tmp: Path, db: str) -> dict:
+    r = run(["status", "--json", "--storage", db], tmp)
+    assert r.returncode == 0, r.stderr
+    return {s["study"]: s for s in json.loads(r.stdout)}
+
+
+def complete_rows(dbfile: Path) -> dict[int, tuple]:
+    con = sqlite3.connect(dbfile)
+    try:
+        rows = con.execute(
+            "select number, attempts, finished from candidates where state = 'complete'"
+        ).fetchall()
+    finally:
+        con.close()
+    return {n: (a, f) for n, a, f in rows}
+
+
+def wait_for_complete(dbfile: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        if dbfile.exists():
+            try:
+                if len(complete_rows(dbfile)) >= n:
+                    return
+            except sqlite3.OperationalError:
+                pass
+        time.sleep(0.5)
+    raise AssertionError(f"fewer than {n} candidates completed in {timeout}s")
+
+
+def test_search_status_front_export(tiny_zoo: Path, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'e.db'}"
+    sp = space_file(tmp_path, tiny_zoo, budget=8)
+    r = run(["search", "--space", str(sp), "--workers", "2", "--storage", db, "--study", "s1",
+             "--no-progress"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Pareto front of s1" in r.stdout
+    st = status(tmp_path, db)["s1"]
+    assert st["state"] == "done"
+    assert st["complete"] + st["failed"] == st["budget"] == 8
+    assert st["attempts"] >= 8 and st["running"] == 0
+
+    fr = run(["front", "s1", "--json", "--storage", db], tmp_path)
+    assert fr.returncode == 0
+    front = json.loads(fr.stdout)
+    assert front
+    best = front[0]
+
+    out = tmp_path / "export"
+    ex = run(["export", "s1", "--candidate", str(best["candidate"]), "--out", str(out), "--storage", db], tmp_path)
+    assert ex.returncode == 0, ex.stderr
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    card = (out / "README.md").read_text()
+    assert json.loads((out / "recipe.json").read_text())["method"] == "dare_ties" and "recipe" in card.lower()
+
+    # The exported folder loads with transformers and scores exactly what the search recorded.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluate import Evaluator
+    from evomerge.space import load_space
+
+    space = load_space(sp)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ev = Evaluator(space.objectives, [str(TASKS)], tok, space.evaluation.batch_size)
+    got = ev.evaluate(model)
+    for name, value in best["scores"].items():
+        assert got[name].value == pytest.approx(value, abs=1e-12)
+
+    # A second export into the same (now non-empty) folder is refused without touching it.
+    again = run(["export", "s1", "--candidate", str(best["candidate"]), "--out", str(out), "--storage", db], tmp_path)
+    assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_interrupt_kill_and_resume(tiny_zoo: Path, tmp_path: Path) -> None:
+    dbfile = tmp_path / "r.db"
+    db = f"sqlite:///{dbfile}"
+    budget = 12
+    sp = space_file(tmp_path, tiny_zoo, budget=budget)
+    args = ["search", "--space", str(sp), "--workers", "2", "--storage", db, "--study", "r", "--no-progress"]
+
+    # Ctrl-C: the driver stops cleanly and says how to go on.
+    p = subprocess.Popen(EVOMERGE + args, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    wait_for_complete(dbfile, 2, p)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-3000:]
+    assert "evomerge resume r" in err
+    before = complete_rows(dbfile)
+    assert 2 <= len(before) < budget
+
+    # kill -9 of the driver in the middle of the resumed run: no cleanup at all.
+    p = subprocess.Popen(EVOMERGE + ["resume", "r", "--workers", "2", "--storage", db, "--no-progress"],
+                         cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    wait_for_complete(dbfile, len(before) + 2, p)
+    p.kill()
+    p.wait(timeout=60)
+    mid = complete_rows(dbfile)
+
+    r = run(["resume", "r", "--workers", "2", "--storage", db, "--no-progress"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = complete_rows(dbfile)
+    st = status(tmp_path, db)["r"]
+    assert st["complete"] + st["failed"] == budget and st["state"] == "done"
+    con = sqlite3.connect(dbfile)
+    assert con.execute("select count(*) from candidates").fetchone()[0] == budget
+    con.close()
+    # No completed candidate was evaluated again: same attempts, same finish time.
+    for n, row in {**before, **mid}.items():
+        assert after[n] == row
+
+
+def test_second_driver_is_refused(tiny_zoo: Path, tmp_path: Path) -> None:
+    from evomerge.space import dump_space, load_space
+    from evomerge.store import Store
+
+    db = f"sqlite:///{tmp_path / 'l.db'}"
+    sp = load_space(space_file(tmp_path, tiny_zoo, budget=4))
+    store = Store(db)
+    store.create_study("busy", space_yaml=dump_space(sp), objectives=[{"name": "arith", "direction": "maximize"},
+                       {"name": "script", "direction": "maximize"}], budget=4)
+    store.acquire_lease("busy", f"otherhost:{os.getpid()}:x", 600)
+    r = run(["resume", "busy", "--storage", db, "--no-progress"], tmp_path)
+    assert r.returncode == 2
+    assert "otherhost" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base_model: b\nmodels: [a]\nobjectives: []\n")
+    for args in (["validate", "--space", str(bad)], ["search", "--space", str(bad)],
+                 ["front", "nope", "--storage", f"sqlite:///{tmp_path / 'x.db'}"],
+                 ["status", "--storage", "notaurl://"]):
+        r = run(args, tmp_path, timeout=120)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.stderr
+    r = run(["validate", "--space", str(bad)], tmp_path)
+    assert "objectives" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "ja_math.yaml"])
+def test_validate_and_dry_run_shipped_spaces(name: str, tmp_path: Path) -> None:
+    space = ROOT / "search_spaces" / name
+    r = run(["validate", "--space", str(space)], tmp_path)
+    assert r.returncode == 0 and "ok" in r.stdout
+    r = run(["search", "--space", str(space), "--dry-run", "--workers", "8"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "genes" in r.stdout and "workers      8" in r.stdout
+    if name == "ja_math.yaml":
+        assert "= 204 genes" in r.stdout  # (32 blocks + embed + head) x 3 models x (weight, density)

@@ -1,0 +1,267 @@
+"""evomerge's materializer against mergekit 0.1.5 (the reference oracle), on tiny random Llamas.
+
+Deterministic methods (linear, task_arithmetic, ties, and DARE at density 1) must agree tensor by
+tensor to ATOL (float32 round-off of a different summation order). DARE at density < 1 draws its masks
+from a different RNG than mergekit, so it is compared in distribution: kept fraction and norms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evomerge.merge import Materializer, load_state_dict
+from evomerge.recipe import LayerGroup, Recipe
+
+try:
+    from fixtures_models import make_tiny_llama_family
+except ImportError:  # tests/ collected as a package
+    from tests.fixtures_models import make_tiny_llama_family
+
+mergekit = pytest.importorskip("mergekit")
+from mergekit.config import MergeConfiguration  # noqa: E402
+from mergekit.merge import MergeOptions, run_merge  # noqa: E402
+
+ATOL = 2e-6  # absolute, on float32 weights of magnitude <= ~1
+N_LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    base, experts = make_tiny_llama_family(
+        root, n_experts=2, seed=0, tie_word_embeddings=False, num_hidden_layers=N_LAYERS
+    )
+    return root, base, experts
+
+
+_BASES: list[dict[str, torch.Tensor]] = []
+
+
+@pytest.fixture(scope="module")
+def mat(family):
+    _, base, experts = family
+    m = Materializer(base, experts)
+    _BASES[:] = [m.base]
+    return m
+
+
+def run_mergekit(root, name: str, cfg: dict) -> dict[str, torch.Tensor]:
+    out = root / f"mk_{name}"
+    conf = MergeConfiguration.model_validate({"dtype": "float32", **cfg})
+    run_merge(conf, str(out), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0))
+    return load_state_dict(out)
+
+
+def uniform_recipe(base, experts, method, weights, densities=None, params=None, seed=0) -> Recipe:
+    return Recipe(
+        base=base,
+        sources=experts,
+        method=method,
+        params=params or {},
+        seed=seed,
+        groups=[
+            LayerGroup(name="embed", kind="embed", weights=weights, densities=densities),
+            LayerGroup(name="blocks", kind="blocks", start=0, stop=N_LAYERS, weights=weights, densities=densities),
+            LayerGroup(name="head", kind="head", weights=weights, densities=densities),
+        ],
+    )
+
+
+def assert_close(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], atol=ATOL):
+    assert set(ours) <= set(theirs), set(ours) - set(theirs)
+    # the merge moved the weights (a comparison of two copies of the base would prove nothing)
+    assert any((theirs[k].float() - v.float()).abs().max() > 1e-3 for k, v in _BASES[0].items())
+    worst = 0.0
+    for k, v in ours.items():
+        diff = (v.float() - theirs[k].float()).abs().max().item()
+        worst = max(worst, diff)
+        assert diff <= atol, f"{k}: max |diff| {diff:.3g} > {atol}"
+    print(f"max |ours - mergekit| = {worst:.3g}")
+    return worst
+
+
+def model_entries(experts, params_per_model):
+    return [{"model": e, "parameters": p} for e, p in zip(experts, params_per_model, strict=True)]
+
+
+def test_linear(family, mat):
+    root, base, experts = family
+    w = [0.3, 0.9]
+    theirs = run_mergekit(
+        root, "linear", {"merge_method": "linear", "models": model_entries(experts, [{"weight": x} for x in w])}
+    )
+    assert_close(mat.merged_state_dict(uniform_recipe(base, experts, "linear", w)), theirs)
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.7])
+def test_task_arithmetic(family, mat, lam):
+    root, base, experts = family
+    w = [0.6, 0.8]
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "parameters": {"lambda": lam},
+        "models": model_entries(experts, [{"weight": x} for x in w]),
+    }
+    theirs = run_mergekit(root, f"ta{lam}", cfg)
+    ours = mat.merged_state_dict(uniform_recipe(base, experts, "task_arithmetic", w, params={"lambda": lam}))
+    assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties(family, mat, normalize):
+    root, base, experts = family
+    w, dens = [0.7, 0.5], [0.5, 0.3]
+    cfg = {
+        "merge_method": "ties",
+        "base_model": base,
+        "parameters": {"normalize": normalize},
+        "models": model_entries(experts, [{"weight": x, "density": d} for x, d in zip(w, dens, strict=True)]),
+    }
+    theirs = run_mergekit(root, f"ties{normalize}", cfg)
+    ours = mat.merged_state_dict(uniform_recipe(base, experts, "ties", w, dens, params={"normalize": normalize}))
+    assert_close(ours, theirs)
+
+
+def test_ties_quantile_index_is_close(family):
+    """The memory-saving quantile index trims within 1/quantile_points of the exact density."""
+    _, base, experts = family
+    exact = Materializer(base, experts)
+    approx = Materializer(base, experts, trim_index="quantile", quantile_points=257)
+    r = uniform_recipe(base, experts, "ties", [0.7, 0.5], [0.5, 0.3])
+    a, b = exact.merged_state_dict(r), approx.merged_state_dict(r)
+    for k in a:
+        frac = (a[k] != b[k]).float().mean().item()
+        assert frac <= 2 * 2 / 257 + 1e-9, (k, frac)
+
+
+def test_ties_per_layer_gradient(family, mat):
+    """A mergekit weight gradient [0.2, 0.8] over 3 blocks equals per-block groups 0.2, 0.5, 0.8."""
+    root, base, experts = family
+    cfg = {
+        "merge_method": "ties",
+        "base_model": base,
+        "models": model_entries(
+            experts, [{"weight": [0.2, 0.8], "density": 0.6}, {"weight": [0.8, 0.2], "density": 0.4}]
+        ),
+    }
+    theirs = run_mergekit(root, "ties_grad", cfg)
+    dens = [0.6, 0.4]
+    groups = [LayerGroup(name="embed", kind="embed", weights=[0.2, 0.8], densities=dens)]
+    for i, (a, b) in enumerate([(0.2, 0.8), (0.5, 0.5), (0.8, 0.2)]):
+        groups.append(LayerGroup(name=f"b{i}", kind="blocks", start=i, stop=i + 1, weights=[a, b], densities=dens))
+    # mergekit evaluates the gradient of the tensors after the blocks (final norm, lm_head) at t=0
+    groups.append(LayerGroup(name="head", kind="head", weights=[0.2, 0.8], densities=dens))
+    r = Recipe(base=base, sources=experts, method="ties", groups=groups)
+    assert_close(mat.merged_state_dict(r), theirs)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_density_one_is_exact(family, mat, method):
+    root, base, experts = family
+    w = [0.9, 0.6]
+    cfg = {
+        "merge_method": method,
+        "base_model": base,
+        "models": model_entries(experts, [{"weight": x, "density": 1.0} for x in w]),
+    }
+    theirs = run_mergekit(root, f"{method}_d1", cfg)
+    ours = mat.merged_state_dict(uniform_recipe(base, experts, method, w, [1.0, 1.0]))
+    assert_close(ours, theirs)
+
+
+def test_dare_linear_in_distribution(family, mat):
+    """One source, weight 1, density p: both keep ~p of the entries; L1 rescale preserves ||tau||_1."""
+    root, base, _ = family
+    expert = family[2][0]
+    p = 0.4
+    cfg = {
+        "merge_method": "dare_linear",
+        "base_model": base,
+        "models": [{"model": expert, "parameters": {"weight": 1.0, "density": p}}],
+    }
+    theirs = run_mergekit(root, "dare_linear_stat", cfg)
+    one = Materializer(base, [expert])
+    base_sd = one.base
+    tau = {k: v[0] for k, v in one.deltas.items()}
+    for rescale in ["l1", "inverse"]:
+        r = Recipe(
+            base=base,
+            sources=[expert],
+            method="dare",
+            params={"rescale": rescale},
+            seed=3,
+            groups=[
+                LayerGroup(name="all", kind="embed", weights=[1.0], densities=[p]),
+                LayerGroup(name="b", kind="blocks", start=0, stop=N_LAYERS, weights=[1.0], densities=[p]),
+                LayerGroup(name="head", kind="head", weights=[1.0], densities=[p]),
+            ],
+        )
+        ours = one.merged_state_dict(r)
+        for k, t in tau.items():
+            n = t.numel()
+            for merged in (ours[k], theirs[k]):
+                d = merged.float() - base_sd[k]
+                kept = (d != 0).float().mean().item()
+                assert abs(kept - p) <= 5 * math.sqrt(p * (1 - p) / n) + 1e-9, (k, kept)
+            d_ours = ours[k] - base_sd[k]
+            if rescale == "l1":
+                # both rescale the kept entries so that the L1 norm is the one before the drop
+                for merged in (ours[k], theirs[k]):
+                    l1 = (merged.float() - base_sd[k]).abs().sum()
+                    torch.testing.assert_close(l1, t.abs().sum(), rtol=1e-4, atol=1e-6)
+            else:
+                nz = d_ours != 0
+                torch.testing.assert_close(d_ours[nz], t[nz] / p, rtol=1e-5, atol=1e-6)
+
+
+def test_dare_ties_in_distribution(family, mat):
+    """Two sources at density 0.5 with mergekit's L1 rescale: per-tensor statistics of the merged task
+    vector agree with mergekit's within sampling noise."""
+    root, base, experts = family
+    w, dens = [0.8, 0.6], [0.5, 0.5]
+    cfg = {
+        "merge_method": "dare_ties",
+        "base_model": base,
+        "models": model_entries(experts, [{"weight": x, "density": d} for x, d in zip(w, dens, strict=True)]),
+    }
+    theirs = run_mergekit(root, "dare_ties_stat", cfg)
+    ours = mat.merged_state_dict(uniform_recipe(base, experts, "dare_ties", w, dens, params={"rescale": "l1"}))
+    for k, b in mat.base.items():
+        if b.numel() < 1000:
+            continue
+        a, t = ours[k] - b, theirs[k].float() - b
+        for stat in (lambda x: (x != 0).float().mean(), lambda x: x.abs().mean(), lambda x: x.pow(2).mean()):
+            sa, st = stat(a).item(), stat(t).item()
+            assert abs(sa - st) <= 0.1 * abs(st), (k, sa, st)
+
+
+def test_tied_embeddings_match(tmp_path):
+    """A tied checkpoint (no lm_head.weight saved): same merge as mergekit, and the head follows."""
+    base, experts = make_tiny_llama_family(tmp_path, n_experts=2, seed=5, tie_word_embeddings=True, num_hidden_layers=2)
+    m = Materializer(base, experts)
+    _BASES[:] = [m.base]
+    assert "lm_head.weight" not in m.names
+    cfg = {
+        "merge_method": "ties",
+        "base_model": base,
+        "models": model_entries(experts, [{"weight": 0.5, "density": 0.5}] * 2),
+    }
+    theirs = run_mergekit(tmp_path, "tied", cfg)
+    r = Recipe(
+        base=base,
+        sources=experts,
+        method="ties",
+        groups=[
+            LayerGroup(name="e", kind="embed", weights=[0.5, 0.5], densities=[0.5, 0.5]),
+            LayerGroup(name="b", kind="blocks", start=0, stop=2, weights=[0.5, 0.5], densities=[0.5, 0.5]),
+            LayerGroup(name="h", kind="head", weights=[0.5, 0.5], densities=[0.5, 0.5]),
+        ],
+    )
+    assert_close(m.merged_state_dict(r), theirs)
+    model = m.new_model()
+    m.apply(r, model)
+    torch.testing.assert_close(model.lm_head.weight, theirs["model.embed_tokens.weight"], rtol=0, atol=ATOL)

@@ -1,0 +1,126 @@
+"""Space validation, genome decoding and recipe hashing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from evomerge.genome import ParameterSpaceGenome, plan_groups
+from evomerge.recipe import Recipe, tensor_slot
+from evomerge.space import SpaceError, dump_space, load_space, parse_space_text
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = ROOT / "search_spaces"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(text)
+    return p
+
+
+GOOD = """
+base_model: base
+models: [a, b]
+genome: {method: dare_ties, layer_groups: 2, num_layers: 4}
+objectives:
+  - {name: x, task: t1, metric: "exact_match,none"}
+  - {name: y, task: t2, metric: "exact_match,none", direction: minimize}
+budget: 10
+"""
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "ja_math.yaml"])
+def test_shipped_spaces_validate(name: str) -> None:
+    sp = load_space(SPACES / name)
+    assert sp.name == Path(name).stem
+    assert sp.objectives
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (GOOD.replace("budget: 10", "budget: -1"), "budget"),
+        (GOOD.replace("models: [a, b]", "models: []"), "models"),
+        (GOOD.replace("method: dare_ties", "method: magic"), "genome.method"),
+        (GOOD.replace("budget: 10", "budget: 10\nbugdet: 3"), "bugdet"),
+        (GOOD.replace(', metric: "exact_match,none"}', "}", 1), "objectives.0"),
+        (GOOD.replace("layer_groups: 2", "layer_groups: 0"), "genome.layer_groups"),
+    ],
+)
+def test_bad_space_names_the_field(tmp_path: Path, text: str, field: str) -> None:
+    with pytest.raises(SpaceError) as e:
+        load_space(write(tmp_path, text))
+    msg = str(e.value)
+    assert f"field '{field}" in msg
+    assert "\n" not in msg
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SpaceError, match="not valid YAML"):
+        load_space(write(tmp_path, "a: [b"))
+    with pytest.raises(SpaceError, match="no such file"):
+        load_space(tmp_path / "nope.yaml")
+
+
+def test_portable_space_round_trip(tmp_path: Path) -> None:
+    sp = load_space(write(tmp_path, GOOD))
+    again = parse_space_text(dump_space(sp))
+    assert again.base_model == str((tmp_path / "base").resolve())
+    assert again.models[0] == str((tmp_path / "a").resolve())
+    assert again.objectives == sp.objectives
+
+
+def test_groups_cover_every_block_once() -> None:
+    for n_layers, groups in [(4, 1), (4, 2), (5, 2), (7, 3), (4, "block"), (3, 9)]:
+        plans = plan_groups(n_layers, groups)
+        covered = [i for p in plans if p.kind == "blocks" for i in range(p.start, p.stop)]
+        assert covered == list(range(n_layers))
+        assert plans[0].kind == "embed" and plans[-1].kind == "head"
+
+
+def test_decode_maps_unit_cube_onto_bounds(tmp_path: Path) -> None:
+    text = GOOD.replace("layer_groups: 2,", "layer_groups: 2, weight_bounds: [0.0, 2.0], density_bounds: [0.2, 1.0],")
+    sp = load_space(write(tmp_path, text))
+    g = ParameterSpaceGenome(sp)
+    assert g.dim == 4 * 2 * 2 == len(g.gene_names())
+    r = g.decode([0.5] * g.dim)
+    assert all(w == pytest.approx(1.0) for grp in r.groups for w in grp.weights)
+    assert all(d == pytest.approx(0.6) for grp in r.groups for d in grp.densities)
+    # Out-of-cube genes are clipped, not rejected (CMA-ES samples outside the box).
+    r2 = g.decode([-3.0, 7.0] * (g.dim // 2))
+    assert r2.groups[0].weights[0] == 0.0 and r2.groups[0].densities[0] == 1.0
+    with pytest.raises(ValueError):
+        g.decode([0.5])
+
+
+def test_recipe_hash_is_stable_and_sensitive(tmp_path: Path) -> None:
+    sp = load_space(write(tmp_path, GOOD))
+    g = ParameterSpaceGenome(sp)
+    x = [0.3] * g.dim
+    r = g.decode(x)
+    assert Recipe.from_json(r.canonical_json()).hash() == r.hash()
+    assert g.decode(x).hash() == r.hash()
+    x[3] = 0.31
+    assert g.decode(x).hash() != r.hash()
+    assert json.loads(r.canonical_json())["method"] == "dare_ties"
+
+
+def test_tensor_slots_and_group_lookup(tmp_path: Path) -> None:
+    assert tensor_slot("model.embed_tokens.weight") == "embed"
+    assert tensor_slot("model.layers.3.mlp.up_proj.weight") == 3
+    assert tensor_slot("model.norm.weight") == "head"
+    assert tensor_slot("lm_head.weight") == "head"
+    r = ParameterSpaceGenome(load_space(write(tmp_path, GOOD))).decode([0.5] * 16)
+    assert r.group_for("model.layers.1.self_attn.q_proj.weight").name == "layers.0-1"
+    assert r.group_for("model.layers.2.self_attn.q_proj.weight").name == "layers.2-3"
+    assert r.group_for("lm_head.weight").name == "head"
+
+
+def test_hub_base_needs_num_layers(tmp_path: Path) -> None:
+    text = GOOD.replace(", num_layers: 4", "").replace("base_model: base", "base_model: org/base")
+    sp = load_space(write(tmp_path, text))
+    with pytest.raises(SpaceError, match="genome.num_layers"):
+        ParameterSpaceGenome(sp)
