@@ -96,17 +96,16 @@ def search(
     progress: Annotated[bool, typer.Option(help="live progress on the terminal")] = True,
 ) -> None:
     """Start a new study on a search space and run it to its budget."""
-    from evomerge.genome import ParameterSpaceGenome
+    from evomerge.genome import describe_genome, make_genome
     from evomerge.space import dump_space, load_space
 
     sp = load_space(space)
     if dry_run:
-        genome = ParameterSpaceGenome(sp)
+        genome = make_genome(sp)
         out.print(f"study        {study or sp.name}")
-        out.print(f"base         {sp.base_model}")
+        out.print(f"base         {sp.base_model or '(none: data-flow paths through the sources)'}")
         out.print(f"sources      {', '.join(sp.models)}")
-        out.print(f"genome       {sp.genome.method}, {len(genome.groups)} layer groups x "
-                  f"{genome.n_sources} models x {genome.genes_per_source} genes = {genome.dim} genes")
+        out.print(f"genome       {describe_genome(genome)}")
         out.print(f"algorithm    {sp.algorithm.name} {json.dumps(sp.algorithm.settings)}")
         out.print(f"objectives   {', '.join(f'{o.name} ({o.direction})' for o in sp.objectives)}")
         if sp.report:
@@ -116,7 +115,7 @@ def search(
         out.print(f"storage      {storage or sp.storage or 'sqlite:///evomerge.db'}")
         return
     _ensure_zoo(sp)
-    genome = ParameterSpaceGenome(sp)  # checks the base model now, before a study is created
+    genome = make_genome(sp)  # checks the models now, before a study is created
     store = _store(storage or sp.storage)
     name = study or store.free_study_name(sp.name)
     if store.has_study(name):
@@ -153,7 +152,15 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """List studies with candidate counts."""
+    from datetime import UTC, datetime
+
     rows = _store(storage).list_studies()
+    now = datetime.now(UTC)
+    for r in rows:
+        # A "running" study whose driver lease has lapsed was interrupted (Ctrl-C is recorded as paused,
+        # kill -9 or a lost node leaves running behind): say so, resume will pick it up.
+        if r["state"] == "running" and (r.get("lease_expires") is None or r["lease_expires"] < now):
+            r["state"] = "interrupted"
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
@@ -165,7 +172,7 @@ def status(
 
 
 def _print_front(store, study: str, as_json: bool = False) -> None:
-    from evomerge.recipe import Recipe
+    from evomerge.dfs.recipe import recipe_from_json
 
     st = store.get_study(study)
     rows = store.front(study)
@@ -181,15 +188,21 @@ def _print_front(store, study: str, as_json: bool = False) -> None:
         t.add_column(f"{o['name']} ({'max' if o['direction'] == 'maximize' else 'min'})", justify="right")
     for k in extra:
         t.add_column(f"{k} (held out)", justify="right")
-    t.add_column("weights per group (model order)")
+    t.add_column("recipe summary")
     t.add_column("recipe")
     sign = {o["name"]: -1.0 if o["direction"] == "maximize" else 1.0 for o in st.objectives}
     for c in sorted(rows, key=lambda c: [sign[n] * c.scores[n] for n in names]):
-        r = Recipe.from_json(c.recipe_json)
-        genes = "  ".join(f"{g.name}:" + "/".join(f"{w:.2f}" for w in g.weights) for g in r.groups)
+        genes = recipe_summary(recipe_from_json(c.recipe_json))
         held = [f"{c.scores[k]:.4f}" if k in c.scores else "-" for k in extra]
         t.add_row(str(c.number), *(f"{c.scores[n]:.4f}" for n in names), *held, genes, c.recipe_hash)
     out.print(t)
+
+
+def recipe_summary(r) -> str:
+    if r.kind == "data_flow":
+        steps = " ".join(f"m{m}.{layer}" for m, layer in r.path)
+        return f"path ({r.path_length}): {steps}"
+    return "weights " + "  ".join(f"{g.name}:" + "/".join(f"{w:.2f}" for w in g.weights) for g in r.groups)
 
 
 @app.command()

@@ -20,7 +20,7 @@ import numpy as np
 from rich.console import Console
 
 from evomerge import front as frontlib
-from evomerge.genome import ParameterSpaceGenome
+from evomerge.genome import make_genome
 from evomerge.search import make_algorithm
 from evomerge.space import SearchSpace, portable_space
 from evomerge.store import Store, StudyLocked
@@ -73,7 +73,9 @@ def _owner_is_dead_here(owner: str | None) -> bool:
 def worker_config(space: SearchSpace) -> WorkerConfig:
     space = portable_space(space)  # workers may run in another directory, or on another node
     return WorkerConfig(
-        base=space.model_ref(space.base_model),
+        kind=space.genome.type,
+        embed_source=getattr(space.genome, "embed_source", 0),
+        base=space.model_ref(space.base_model) if space.base_model else None,
         sources=[space.model_ref(m) for m in space.models],
         objectives=[o.model_dump() for o in space.all_objectives()],
         task_paths=space.task_dirs,
@@ -100,7 +102,7 @@ class Driver:
         self.ray_address = ray_address
         self.console = console or Console(stderr=True)
         self.show_progress = show_progress
-        self.genome = ParameterSpaceGenome(space)
+        self.genome = make_genome(space)
         self.directions = [o.direction for o in space.objectives]
         self.names = [o.name for o in space.objectives]
         self.algo = make_algorithm(
@@ -121,8 +123,19 @@ class Driver:
     def _values(self, scores: dict[str, float]) -> list[float]:
         return [scores[n] for n in self.names]
 
-    def _tell(self, key: int, values: list[float] | None) -> None:
-        self.algo.tell([(key, values)])
+    def _result(self, key: int, values: list[float] | None, samples: dict[str, list[float]] | None = None,
+                number: int | None = None) -> tuple:
+        """A tell tuple; algorithms that learn from per-example scores (M2N2) get them appended."""
+        if values is None or not getattr(self.algo, "uses_samples", False):
+            return (key, values)
+        if samples is None and number is not None:
+            samples = self.store.sample_scores(self.study, number)
+        flat = [float(v) for n in self.names for v in (samples or {}).get(n, [])]
+        return (key, values, flat)
+
+    def _tell(self, key: int, values: list[float] | None, samples: dict[str, list[float]] | None = None,
+              number: int | None = None) -> None:
+        self.algo.tell([self._result(key, values, samples, number)])
         self.step += 1
         self.store.save_checkpoint(self.study, self.step, self.algo.name, self.algo.state_dict())
 
@@ -134,10 +147,13 @@ class Driver:
                 raise DriverError(f"study {self.study!r} was searched with {name}, the space now says {self.algo.name}")
             self.algo.load_state_dict(state)
             self.step = step
-        # Results that landed after the last checkpoint: telling is idempotent, so tell them all.
+        # Results that landed after the last checkpoint: the ones the restored algorithm still waits for.
+        waiting = set(self.algo.outstanding)
         for c in self.store.candidates(self.study):
+            if int(c.proposal_key) not in waiting:
+                continue
             if c.state == "complete":
-                self.algo.tell([(int(c.proposal_key), self._values(c.scores))])
+                self.algo.tell([self._result(int(c.proposal_key), self._values(c.scores), number=c.number)])
             elif c.state == "failed":
                 self.algo.tell([(int(c.proposal_key), None)])
         # Whatever was queued or running belonged to a driver that is gone.
@@ -170,11 +186,11 @@ class Driver:
                     recipe_hash=recipe.hash(),
                     parents=list(p.parents),
                     generation=p.generation,
-                    operator=recipe.method,
+                    operator=getattr(recipe, "method", recipe.kind),
                 )
                 cand = self.store.get_candidate(self.study, number)
                 if cand.state == "complete":
-                    self._tell(p.key, self._values(cand.scores))
+                    self._tell(p.key, self._values(cand.scores), number=number)
                     continue
                 if cand.state == "failed":
                     self._tell(p.key, None)
@@ -197,7 +213,7 @@ class Driver:
         self.store.complete_candidate(
             self.study, cand.number, hit.scores, samples, {"cached_from": float(hit.number)}
         )
-        self._tell(int(cand.proposal_key), self._values(hit.scores))
+        self._tell(int(cand.proposal_key), self._values(hit.scores), samples)
         return True
 
     # -- workers ----------------------------------------------------------------------------
@@ -274,7 +290,7 @@ class Driver:
         if state == "failed":
             self._tell(job.key, None)
         else:
-            self._tell(job.key, self._values(res["scores"]))
+            self._tell(job.key, self._values(res["scores"]), res["samples"])
 
     # -- the loop ---------------------------------------------------------------------------
     def _acquire(self) -> None:

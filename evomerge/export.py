@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from evomerge.dfs.recipe import recipe_from_json
 from evomerge.recipe import Recipe
 from evomerge.space import resolve_ref
 
@@ -59,9 +60,18 @@ def export_candidate(store, study: str, number: int, out_dir: Path) -> Path:
         raise ExportError(f"study {study!r} has no candidate {number}")
     if cand.state != "complete":
         raise ExportError(f"candidate {number} of {study!r} is {cand.state}, not complete")
-    recipe = Recipe.from_json(cand.recipe_json)
-    mat = Materializer(resolve_ref(recipe.base), [resolve_ref(s) for s in recipe.sources])
+    recipe = recipe_from_json(cand.recipe_json)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if recipe.kind == "data_flow":
+        from evomerge.dfs import DataFlowMaterializer
+        from evomerge.dfs.export import dataflow_model_card, save_dataflow
+
+        if out_dir.exists():
+            out_dir.rmdir()
+        card = dataflow_model_card(study, number, recipe, cand.scores, st.objectives)
+        save_dataflow(recipe, DataFlowMaterializer.from_refs(recipe.models), out_dir, readme=card)
+        return out_dir
+    mat = Materializer(resolve_ref(recipe.base), [resolve_ref(s) for s in recipe.sources])
     # Write beside the target and rename, so an interrupted export never leaves a half model.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

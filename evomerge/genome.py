@@ -114,3 +114,21 @@ class ParameterSpaceGenome:
             groups=groups,
             seed=self.space.seed,
         )
+
+
+def make_genome(space: SearchSpace):
+    """The genome a space asks for: parameter-space (a Recipe) or data-flow (a DataFlowRecipe)."""
+    from evomerge.dfs import DataFlowGenome, DataFlowGenomeSpec
+
+    if isinstance(space.genome, DataFlowGenomeSpec):
+        return DataFlowGenome.from_spec(space.genome, [space.model_ref(m) for m in space.models])
+    return ParameterSpaceGenome(space)
+
+
+def describe_genome(genome) -> str:
+    if isinstance(genome, ParameterSpaceGenome):
+        return (f"{genome.method}, {len(genome.groups)} layer groups x {genome.n_sources} models x "
+                f"{genome.genes_per_source} genes = {genome.dim} genes")
+    slots = sum(genome.num_layers) * genome.repeats
+    return (f"data_flow, {slots} layer slots ({genome.repeats} x {sum(genome.num_layers)} blocks) + "
+            f"{genome.n_scale_genes} scale genes ({genome.scale_mode}) = {genome.dim} genes")

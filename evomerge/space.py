@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from evomerge.dfs.spec import DataFlowGenomeSpec
 
 ZOO_PREFIX = "zoo://"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -27,8 +38,9 @@ class Objective(BaseModel):
     task: str | None = None
     # lm-eval metric key, "metric,filter" as lm-eval reports it (e.g. "exact_match,none").
     metric: str | None = None
-    # For kind == cost: "params" (non-zero parameters) is the one measure so far.
-    measure: Literal["params"] | None = None
+    # For kind == cost: "params" (non-zero parameters of the candidate); for data-flow candidates also
+    # "path_length" (blocks on the path) and "path_params" (parameters the path uses, shared ones once).
+    measure: Literal["params", "path_length", "path_params"] | None = None
     direction: Literal["maximize", "minimize"] = "maximize"
     limit: int | None = Field(default=None, gt=0)
     # Weight in the scalarised objective of single-objective algorithms (CMA-ES).
@@ -81,6 +93,19 @@ class Genome(BaseModel):
         return v
 
 
+def _genome_type(v: Any) -> str:
+    # Spaces written before data-flow genomes existed have no `type:`; they are parameter-space.
+    if isinstance(v, dict):
+        return v.get("type", "parameter_space")
+    return getattr(v, "type", "parameter_space")
+
+
+GenomeSpec = Annotated[
+    Annotated[Genome, Tag("parameter_space")] | Annotated[DataFlowGenomeSpec, Tag("data_flow")],
+    Discriminator(_genome_type),
+]
+
+
 class Algorithm(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -103,10 +128,11 @@ class SearchSpace(BaseModel):
 
     name: str | None = None
     description: str = ""
-    # Local folders, hub ids, or zoo://NAME for the project's demo models.
-    base_model: str
+    # Local folders, hub ids, or zoo://NAME for the project's demo models. A data-flow genome needs no
+    # base: it wires the source models' own layers.
+    base_model: str | None = None
     models: list[str] = Field(min_length=1)
-    genome: Genome = Field(default_factory=Genome)
+    genome: GenomeSpec = Field(default_factory=Genome)
     objectives: list[Objective] = Field(min_length=1)
     # Objectives evaluated on the final front only, never used to steer the search.
     report: list[Objective] = Field(default_factory=list)
@@ -120,8 +146,8 @@ class SearchSpace(BaseModel):
 
     @field_validator("base_model")
     @classmethod
-    def _ref(cls, v: str) -> str:
-        if not v.strip():
+    def _ref(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
             raise ValueError("must name a model")
         return v
 
@@ -131,9 +157,13 @@ class SearchSpace(BaseModel):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"objective names must be unique, repeated: {sorted(dup)}")
-        if self.base_model in self.models:
+        if isinstance(self.genome, DataFlowGenomeSpec):
+            self.genome.check_models(len(self.models))
+        elif self.base_model is None:
+            raise ValueError("a parameter-space genome needs base_model")
+        if self.base_model is not None and self.base_model in self.models:
             raise ValueError("the base model must not be one of the source models")
-        zoo_refs = [r for r in [self.base_model, *self.models] if r.startswith(ZOO_PREFIX)]
+        zoo_refs = [r for r in self.model_refs if r.startswith(ZOO_PREFIX)]
         if zoo_refs:
             from evomerge.zoo import ZOO_MODELS
 
@@ -170,8 +200,12 @@ class SearchSpace(BaseModel):
         return [str(self._rel(p)) for p in self.evaluation.task_paths]
 
     @property
+    def model_refs(self) -> list[str]:
+        return [r for r in [self.base_model, *self.models] if r is not None]
+
+    @property
     def uses_zoo(self) -> bool:
-        return any(r.startswith(ZOO_PREFIX) for r in [self.base_model, *self.models])
+        return any(r.startswith(ZOO_PREFIX) for r in self.model_refs)
 
     def all_objectives(self) -> list[Objective]:
         return self.objectives + self.report
@@ -225,7 +259,7 @@ def portable_space(space: SearchSpace) -> SearchSpace:
 
     return space.model_copy(
         update={
-            "base_model": space.model_ref(space.base_model),
+            "base_model": space.model_ref(space.base_model) if space.base_model else None,
             "models": [space.model_ref(m) for m in space.models],
             "objectives": [task_ref(o) for o in space.objectives],
             "report": [task_ref(o) for o in space.report],

@@ -13,19 +13,21 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 
-from evomerge.recipe import Recipe
+from evomerge.dfs.recipe import recipe_from_json
 from evomerge.space import Objective
 
 
 @dataclass
 class WorkerConfig:
-    base: str
+    base: str | None
     sources: list[str]
     objectives: list[dict]
     task_paths: list[str]
     batch_size: int = 32
     dtype: str = "float32"
     device: str | None = None  # None: cuda when this process sees a GPU, else cpu
+    kind: str = "parameter_space"  # or "data_flow"
+    embed_source: int = 0  # data-flow: the model whose embeddings and tokenizer the path uses
 
 
 @dataclass
@@ -58,10 +60,19 @@ class MergeWorker:
             # One Ray actor per core: more intra-op threads than that only fight each other.
             torch.set_num_threads(max(1, int(os.environ.get("EVOMERGE_THREADS", "1"))))
         dtype = getattr(torch, cfg.dtype)
-        base = resolve_ref(cfg.base)
-        self.materializer = Materializer(base, [resolve_ref(s) for s in cfg.sources], device=device, dtype=dtype)
+        if cfg.kind == "data_flow":
+            from evomerge.dfs import DataFlowMaterializer
+
+            self.materializer = DataFlowMaterializer.from_refs(
+                cfg.sources, device=device, dtype=dtype, embed_source=cfg.embed_source
+            )
+            tok_path = self.materializer.tokenizer_path()
+        else:
+            tok_path = resolve_ref(cfg.base)
+            self.materializer = Materializer(tok_path, [resolve_ref(s) for s in cfg.sources], device=device,
+                                             dtype=dtype)
         self.model = self.materializer.new_model()
-        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
         self.objectives = [Objective.model_validate(o) for o in cfg.objectives]
         self.evaluator = Evaluator(self.objectives, cfg.task_paths, self.tokenizer, cfg.batch_size)
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
@@ -74,7 +85,7 @@ class MergeWorker:
         """Score one candidate; an exception becomes an error string (a deterministic failure)."""
         res = EvalResult(number=number, worker=self.name)
         try:
-            recipe = Recipe.from_json(recipe_json)
+            recipe = recipe_from_json(recipe_json)
             t0 = time.perf_counter()
             self.materializer.apply(recipe, self.model)
             t1 = time.perf_counter()

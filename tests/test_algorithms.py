@@ -254,3 +254,15 @@ def test_cmaes_weights_scalarise():
             res.append((p.key, [f, float(np.sum(p.x))]))
         algo.tell(res)
     assert best > -1e-3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_outstanding_tracks_asked_minus_told(name):
+    algo = make(name)
+    asked = []
+    for _ in range(3):
+        asked += [p.key for p in algo.ask(3)]
+    assert sorted(algo.outstanding) == sorted(asked)
+    told = asked[: len(asked) // 2]
+    algo.tell([(k, [0.5, -0.5]) for k in told])
+    assert sorted(algo.outstanding) == sorted(set(asked) - set(told))

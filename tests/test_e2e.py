@@ -209,7 +209,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     assert "objectives" in r.stderr
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "ja_math.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "ja_math.yaml", "dfs_demo.yaml"])
 def test_validate_and_dry_run_shipped_spaces(name: str, tmp_path: Path) -> None:
     space = ROOT / "search_spaces" / name
     r = run(["validate", "--space", str(space)], tmp_path)
@@ -219,3 +219,44 @@ def test_validate_and_dry_run_shipped_spaces(name: str, tmp_path: Path) -> None:
     assert "genes" in r.stdout and "workers      8" in r.stdout
     if name == "ja_math.yaml":
         assert "= 204 genes" in r.stdout  # (32 blocks + embed + head) x 3 models x (weight, density)
+
+
+def test_data_flow_search_and_export(tiny_zoo: Path, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'd.db'}"
+    sp = tmp_path / "dfs.yaml"
+    sp.write_text(
+        f"""
+models: [{tiny_zoo / "arith"}, {tiny_zoo / "script"}]
+genome: {{type: data_flow, repeats: 1, scales: per_layer}}
+objectives:
+  - {{name: arith, task: demo_arith_search, metric: "exact_match,none", limit: 8}}
+  - {{name: path_length, kind: cost, measure: path_length, direction: minimize}}
+algorithm: {{name: nsga2, settings: {{pop_size: 4}}}}
+evaluation: {{batch_size: 8, task_paths: [{TASKS}]}}
+budget: 6
+seed: 1
+"""
+    )
+    r = run(["search", "--space", str(sp), "--workers", "1", "--storage", db, "--study", "d", "--no-progress"],
+            tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "path (" in r.stdout
+    front = json.loads(run(["front", "d", "--json", "--storage", db], tmp_path).stdout)
+    best = front[0]
+    assert best["recipe"]["kind"] == "data_flow"
+    assert best["scores"]["path_length"] == len(best["recipe"]["path"])
+    out = tmp_path / "dfs_export"
+    ex = run(["export", "d", "--candidate", str(best["candidate"]), "--out", str(out), "--storage", db], tmp_path)
+    assert ex.returncode == 0, ex.stderr[-3000:]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluate import Evaluator
+    from evomerge.space import load_space
+
+    space = load_space(sp)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    ev = Evaluator(space.objectives, [str(TASKS)], AutoTokenizer.from_pretrained(out), space.evaluation.batch_size)
+    got = ev.evaluate(model)
+    for name, value in best["scores"].items():
+        assert got[name].value == pytest.approx(value, abs=1e-12)

@@ -65,6 +65,8 @@ _NOISY_LOGGERS = ("lm_eval", "lm-eval", "datasets", "fsspec", "filelock", "accel
 _HFLM_MODEL_WARNINGS = (
     "`pretrained` model kwarg is not of type `str`",
     "Passed an already-initialized model through `pretrained`",
+    # Data-flow candidates have their own model type, which lm-eval does not know to be causal.
+    "HF model type is neither marked as CausalLM or Seq2SeqLM",
 )
 DEFAULT_FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 DEFAULT_TORCH_SEED = 1234  # lm-eval's default torch seed (matters only for sampling tasks)
@@ -445,8 +447,12 @@ class Evaluator:
                 if o.measure == "params":
                     n = float(count_nonzero_params(model))
                     out[o.name] = ObjectiveResult(n, [])
-                else:  # pragma: no cover - the schema allows only "params" so far
-                    raise EvaluationError(f"objective '{o.name}': unknown cost measure '{o.measure}'")
+                else:
+                    from evomerge.dfs.model import COST_MEASURES, cost_measure
+
+                    if o.measure not in COST_MEASURES:
+                        raise EvaluationError(f"objective '{o.name}': unknown cost measure '{o.measure}'")
+                    out[o.name] = ObjectiveResult(float(cost_measure(model, o.measure)), [])
         return {o.name: out[o.name] for o in objs}
 
     def _run_lm_eval(self, model: Any, objs: list[Objective]) -> dict[str, ObjectiveResult]:

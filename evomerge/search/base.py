@@ -115,9 +115,9 @@ class Algorithm(ABC):
         return False
 
     @property
+    @abstractmethod
     def outstanding(self) -> list[int]:
-        """Keys handed out and not yet told."""
-        return []
+        """Keys handed out and not yet told (a resumed driver re-tells exactly these from the store)."""
 
     # ----------------------------------------------------------------- helpers
     def config(self) -> dict[str, Any]:
