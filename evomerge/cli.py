@@ -12,13 +12,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from evomerge.merge_cli import merge_command
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Search for model-merge recipes.")
 zoo_app = typer.Typer(no_args_is_help=True, help="The demo model zoo.")
 storage_app = typer.Typer(no_args_is_help=True, help="The study database.")
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(storage_app, name="storage")
 
-out = Console(soft_wrap=True)
+# Piped output (CI logs, `| less`) gets rich's 80-column default, which crushes the front table.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 StorageOpt = Annotated[
@@ -251,6 +254,9 @@ def zoo_build(force: Annotated[bool, typer.Option(help="rebuild even if cached")
 
     path = build_zoo(force=force, log=lambda m: err.print(f"[dim]zoo:[/dim] {m}"))
     out.print(str(path))
+
+
+app.command("merge")(merge_command)
 
 
 @storage_app.command("upgrade")

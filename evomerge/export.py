@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from evomerge.dfs.recipe import recipe_from_json
+from evomerge.merge.mergekit_io import dump_mergekit_yaml, recipe_to_mergekit
 from evomerge.recipe import Recipe
 from evomerge.space import resolve_ref
 
@@ -48,6 +49,13 @@ def model_card(study: str, number: int, recipe: Recipe, scores: dict[str, float]
     return "\n".join(lines)
 
 
+def resolved_for_mergekit(recipe: Recipe) -> Recipe:
+    """mergekit reads folders, not zoo:// references: point the config at the resolved sources."""
+    return recipe.model_copy(
+        update={"base": resolve_ref(recipe.base), "sources": [resolve_ref(s) for s in recipe.sources]}
+    )
+
+
 def export_candidate(store, study: str, number: int, out_dir: Path) -> Path:
     from evomerge.merge import Materializer
 
@@ -76,6 +84,9 @@ def export_candidate(store, study: str, number: int, out_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         mat.save_merged(recipe, tmp)
+        mk = recipe_to_mergekit(resolved_for_mergekit(recipe))
+        if mk is not None:
+            (tmp / "mergekit_config.yml").write_text(dump_mergekit_yaml(mk))
         (tmp / "recipe.json").write_text(json.dumps(json.loads(recipe.canonical_json()), indent=2))
         (tmp / "README.md").write_text(model_card(study, number, recipe, cand.scores, st.objectives))
         if out_dir.exists():

@@ -220,8 +220,12 @@ def resolve_ref(ref: str) -> str:
     return ref
 
 
+_UNION_TAGS = {"parameter_space", "data_flow"}
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "<root>"
+    # pydantic puts the discriminator's tag into the location of a union member's errors.
+    return ".".join(str(p) for p in loc if p not in _UNION_TAGS) or "<root>"
 
 
 def load_space(path: str | Path) -> SearchSpace:

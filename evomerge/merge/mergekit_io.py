@@ -1,0 +1,1204 @@
+"""One-off merges and mergekit interop.
+
+- :func:`load_merge_config` reads what ``evomerge merge CONFIG`` is given: an evomerge recipe (JSON) or
+  a mergekit YAML, which :func:`mergekit_to_recipe` translates into a :class:`~evomerge.recipe.Recipe`
+  with mergekit's semantics (per-layer gradients, ``filter:`` conditions, parameter precedence,
+  mergekit's per-method defaults written out explicitly, ``slices:``).
+- :func:`merge_to_folder` builds a recipe and writes a Hugging Face folder atomically (temp dir +
+  rename). Ordinary recipes go through the :class:`~evomerge.merge.Materializer` (the search's own
+  code path); recipes with per-tensor overrides, LoRA-adapter sources or ``slices`` go through a
+  per-tensor engine that calls the same registered operators with the same seeds, so both give the
+  same tensors.
+- :func:`recipe_to_mergekit` writes a recipe as a mergekit config (a dict for YAML) when mergekit can
+  express it, else ``None``.
+
+mergekit semantics reproduced here (mergekit 0.1.5, ``mergekit/config.py`` and ``plan.py``):
+
+- a list value is a gradient: for block ``i`` of an output slice of ``n`` blocks, ``t = i / (n - 1)``
+  (``t = 1`` when ``n == 1``) and the list is interpolated piecewise-linearly at ``t * (len - 1)``;
+  the tensors outside the blocks (embeddings, final norm, head) use ``t = 0`` with the first slice
+  (embeddings) or the last slice (norm, head);
+- a list of ``{filter, value}`` conditions takes the first whose filter is a substring of the tensor
+  name (no filter, or ``*``, matches all);
+- per-model parameters override the slice's, which override the top-level ones; method-wide
+  parameters (``normalize``, ``lambda``, ``t``...) are read from the slice and the top level only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from evomerge.recipe import LayerGroup, LayerSlice, Recipe, SliceSource, tensor_slot
+
+__all__ = [
+    "ConfigError",
+    "MergeJob",
+    "build_state_dict",
+    "load_merge_config",
+    "merge_to_folder",
+    "mergekit_to_recipe",
+    "recipe_to_mergekit",
+    "evaluate_setting",
+]
+
+_LAYER_NAME_RE = re.compile(r"^(?P<pre>.*?(?:^|\.)layers\.)(?P<idx>\d+)\.(?P<suf>.+)$")
+
+# mergekit 0.1.5's defaults of the method-wide parameters (they differ per method, so a translated
+# recipe states them explicitly instead of relying on evomerge's defaults).
+MERGEKIT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "linear": {"normalize": True},
+    "task_arithmetic": {"normalize": False, "rescale": False, "lambda": 1.0},
+    "ties": {"normalize": True, "rescale": False, "lambda": 1.0},
+    "dare_ties": {"normalize": False, "rescale": True, "lambda": 1.0},
+    "dare_linear": {"normalize": False, "rescale": True, "lambda": 1.0},
+    "breadcrumbs": {"normalize": False, "rescale": False, "lambda": 1.0},
+    "breadcrumbs_ties": {"normalize": False, "rescale": False, "lambda": 1.0},
+    "della": {"normalize": True, "rescale": True, "lambda": 1.0},
+    "della_linear": {"normalize": False, "rescale": True, "lambda": 1.0},
+    "slerp": {},
+    "passthrough": {},
+}
+# Methods whose weight is required per model in mergekit.
+_WEIGHT_REQUIRED = {"linear", *(m for m in MERGEKIT_DEFAULTS if "lambda" in MERGEKIT_DEFAULTS[m])}
+# Per-model parameters (mergekit's INPUT / NON_BASE scope); all others are method-wide.
+_PER_INPUT = {"weight", "density", "gamma", "epsilon", "scale"}
+_PER_INPUT_DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15}
+_IGNORED_SHARED = {"int8_mask"}  # only the mask's storage dtype: no effect on the result
+_TOP_FIELDS = {"models", "slices", "merge_method", "base_model", "dtype", "out_dtype", "tokenizer_source", "parameters"}
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A merge config evomerge cannot run: one line naming the field. The CLI exits with code 2."""
+
+
+@dataclass
+class MergeJob:
+    """What ``evomerge merge`` builds: the recipe and the output options around it."""
+
+    recipe: Recipe
+    out_dtype: str | None = None  # output dtype (None: the base checkpoint's)
+    tokenizer_source: str | None = None  # model folder to copy the tokenizer from (None: the base)
+    source_text: str | None = None  # the mergekit YAML it came from, kept beside the output
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# mergekit parameter evaluation
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float = 0.0) -> Any:
+    """mergekit's ``evaluate_setting``: resolve filters and gradients of one parameter value."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if setting is None or isinstance(setting, (bool, int, float, str)):
+        return _scalar(setting)
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(not isinstance(e, (dict, list)) for e in setting):
+            vals = [_scalar(e) for e in setting]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                return vals[int(t * (len(vals) - 1))]
+            scaled = t * (len(vals) - 1)
+            i0 = int(scaled)
+            i1 = min(len(vals) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * vals[i0] + frac * vals[i1]
+        for cond in setting:
+            if not isinstance(cond, dict) or "value" not in cond:
+                raise ConfigError(f"a conditional parameter must be a mapping with 'value' (got {cond!r})")
+            f = cond.get("filter")
+            if f is None or f == "*" or (tensor_name and str(f) in tensor_name):
+                return evaluate_setting(cond["value"], tensor_name, t)
+        return None
+    raise ConfigError(f"unexpected parameter value {setting!r}")
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, str):
+        low = v.strip().lower()
+        if low in ("true", "false"):
+            return low == "true"
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _resolve(name: str, scopes: Iterable[dict | None], tensor_name: str, t: float) -> Any:
+    for sc in scopes:
+        if sc and name in sc:
+            v = evaluate_setting(sc[name], tensor_name, t)
+            if v is not None:
+                return v
+    return None
+
+
+def _filters_in(setting: Any, out: list[str]) -> None:
+    if isinstance(setting, dict):
+        f = setting.get("filter")
+        if f is not None and f != "*" and str(f) not in out:
+            out.append(str(f))
+        _filters_in(setting.get("value"), out)
+    elif isinstance(setting, list):
+        for e in setting:
+            _filters_in(e, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading configs
+
+
+def load_merge_config(path: str | Path) -> MergeJob:
+    """Read ``evomerge merge``'s CONFIG: an evomerge recipe (JSON) or a mergekit YAML."""
+    import yaml
+    from pydantic import ValidationError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file")
+    text = p.read_text()
+    if p.suffix.lower() == ".json" or text.lstrip().startswith("{"):
+        try:
+            recipe = Recipe.from_json(text)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+            raise ConfigError(f"{p}: field '{loc}': {err['msg']}") from None
+        return MergeJob(recipe=recipe)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"{p}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a mergekit config must be a mapping")
+    if "merge_method" not in data and "method" in data and "groups" in data:
+        raise ConfigError(f"{p}: an evomerge recipe must be JSON")
+    job = mergekit_to_recipe(data, config_dir=p.parent)
+    job.source_text = text
+    return job
+
+
+def _model_ref(value: Any, where: str, config_dir: Path | None) -> str:
+    """A mergekit model reference as a local path (``model+adapter`` kept as such)."""
+    lora = None
+    if isinstance(value, dict):
+        extra = set(value) - {"model", "lora", "path", "revision", "override_architecture"}
+        if extra:
+            raise ConfigError(f"{where}.{sorted(extra)[0]}: not supported")
+        if value.get("override_architecture"):
+            raise ConfigError(f"{where}.override_architecture: not supported")
+        if "path" in value:
+            value = {"model": value}
+        inner = value.get("model")
+        lora = value.get("lora")
+        if isinstance(inner, dict):
+            if inner.get("revision"):
+                raise ConfigError(f"{where}.revision: revisions need the model hub; give a local folder")
+            inner = inner.get("path")
+        if isinstance(lora, dict):
+            lora = lora.get("path")
+        value = inner
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: a model reference must be a path")
+    if lora is None and "+" in value and not Path(value).exists():
+        value, _, lora = value.partition("+")
+    if "@" in value and not Path(value).exists():
+        raise ConfigError(f"{where}: {value!r}: revisions ('@...') need the model hub; give a local folder")
+    path = _local(value, where, config_dir)
+    if lora is not None:
+        return f"{path}+{_local(str(lora), where, config_dir)}"
+    return path
+
+
+def _local(ref: str, where: str, config_dir: Path | None) -> str:
+    from evomerge.space import resolve_ref
+
+    if ref.startswith("zoo://"):
+        return resolve_ref(ref)
+    p = Path(ref).expanduser()
+    cands = [p] if p.is_absolute() else [Path.cwd() / p] + ([config_dir / p] if config_dir else [])
+    for c in cands:
+        if c.is_dir():
+            return str(c.resolve())
+    raise ConfigError(
+        f"{where}: {ref!r} is not a local model folder (evomerge merge reads local folders; hub ids are not downloaded)"
+    )
+
+
+def _model_layers(path: str, adapter_layers: int | None = None) -> int:
+    from transformers import AutoConfig
+
+    p = path.split("+")[0] if not Path(path).exists() else path
+    from evomerge.merge.lora import is_lora_adapter
+
+    if is_lora_adapter(p):
+        if adapter_layers is not None:  # an adapter source has the layers of the base it adapts
+            return adapter_layers
+        cfg = json.loads((Path(p) / "adapter_config.json").read_text())
+        raise ConfigError(
+            f"{p}: a LoRA adapter is a source, not a model with layers (base model "
+            f"{cfg.get('base_model_name_or_path')!r}); use it in `models:` with a base_model"
+        )
+    cfg = AutoConfig.from_pretrained(p)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(getattr(cfg, "text_config", None), "num_hidden_layers", None)
+    if n is None:
+        raise ConfigError(f"{p}: config has no num_hidden_layers")
+    return int(n)
+
+
+def checkpoint_names(path: str) -> list[str]:
+    """Tensor names of a checkpoint folder (safetensors headers only; falls back to loading)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    files = [f for f in files if not f.name.startswith("adapter_")]
+    if files:
+        names: list[str] = []
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                names.extend(fh.keys())
+        return names
+    from evomerge.merge.materialize import load_state_dict
+
+    return list(load_state_dict(p).keys())
+
+
+def _check_keys(d: dict, allowed: set[str], where: str) -> None:
+    for k in d:
+        if k not in allowed:
+            raise ConfigError(f"{where}{'.' if where else ''}{k}: not supported by evomerge merge")
+
+
+def _evomerge_spec(method: str):
+    from evomerge.merge.operators import ALIASES, OPERATORS
+
+    if method == "passthrough":
+        return None
+    for spec in OPERATORS.values():
+        if spec.mergekit_method == method:
+            return spec
+    key = ALIASES.get(method, method)
+    if key in OPERATORS and method in MERGEKIT_DEFAULTS:
+        return OPERATORS[key]
+    known = sorted({s.mergekit_method for s in OPERATORS.values() if s.mergekit_method} | {"passthrough"})
+    raise ConfigError(f"merge_method: mergekit method {method!r} is not supported (supported: {', '.join(known)})")
+
+
+def mergekit_to_recipe(config: dict, *, config_dir: str | Path | None = None) -> MergeJob:
+    """Translate a mergekit config (the parsed YAML) into an evomerge recipe with the same result."""
+    config_dir = Path(config_dir) if config_dir is not None else None
+    _check_keys(config, _TOP_FIELDS, "")
+    method = config.get("merge_method")
+    if not isinstance(method, str):
+        raise ConfigError("merge_method: required (a mergekit method name)")
+    spec = _evomerge_spec(method)
+    has_models, has_slices = bool(config.get("models")), bool(config.get("slices"))
+    if has_models == has_slices:
+        raise ConfigError("models/slices: give exactly one of 'models' or 'slices'")
+    for key in ("dtype", "out_dtype"):
+        if config.get(key) is not None and str(config[key]) not in _DTYPES:
+            raise ConfigError(f"{key}: unknown dtype {config[key]!r} (float32, float16, bfloat16)")
+    out_dtype = config.get("out_dtype") or config.get("dtype")
+    gparams = config.get("parameters") or {}
+    if not isinstance(gparams, dict):
+        raise ConfigError("parameters: must be a mapping")
+    base_model = _model_ref(config["base_model"], "base_model", config_dir) if config.get("base_model") else None
+
+    # normalise both forms to mergekit's: a list of output slices of (model, range, params) inputs
+    slices: list[dict] = []
+    if has_models:
+        entries = []
+        for i, m in enumerate(config["models"]):
+            where = f"models[{i}]"
+            if not isinstance(m, dict) or "model" not in m:
+                raise ConfigError(f"{where}.model: required")
+            _check_keys(m, {"model", "parameters"}, where)
+            ref = _model_ref(m["model"], f"{where}.model", config_dir)
+            entries.append({"model": ref, "params": m.get("parameters") or {}, "range": None, "where": where})
+        slices.append({"sources": entries, "params": {}, "base": None, "where": "models"})
+    else:
+        for i, sl in enumerate(config["slices"]):
+            where = f"slices[{i}]"
+            if not isinstance(sl, dict) or not sl.get("sources"):
+                raise ConfigError(f"{where}.sources: required")
+            _check_keys(sl, {"sources", "parameters", "base_model"}, where)
+            entries = []
+            for j, src in enumerate(sl["sources"]):
+                w2 = f"{where}.sources[{j}]"
+                if not isinstance(src, dict) or "model" not in src:
+                    raise ConfigError(f"{w2}.model: required")
+                _check_keys(src, {"model", "layer_range", "parameters"}, w2)
+                lr = src.get("layer_range")
+                if not (isinstance(lr, (list, tuple)) and len(lr) == 2 and all(isinstance(x, int) for x in lr)):
+                    raise ConfigError(f"{w2}.layer_range: required, [start, end] with integers")
+                if not 0 <= lr[0] < lr[1]:
+                    raise ConfigError(f"{w2}.layer_range: need 0 <= start < end, got {list(lr)}")
+                ref = _model_ref(src["model"], f"{w2}.model", config_dir)
+                entries.append({"model": ref, "params": src.get("parameters") or {}, "range": tuple(lr), "where": w2})
+            if len({e["range"][1] - e["range"][0] for e in entries}) != 1:
+                raise ConfigError(f"{where}.sources: all sources of a slice must span the same number of layers")
+            sbase = _model_ref(sl["base_model"], f"{where}.base_model", config_dir) if sl.get("base_model") else None
+            slices.append({"sources": entries, "params": sl.get("parameters") or {}, "base": sbase, "where": where})
+
+    needs_base = spec.needs_base if spec is not None else False
+    if needs_base and base_model is None and not any(s["base"] for s in slices):
+        raise ConfigError(f"base_model: merge_method {method!r} needs a base model")
+    if method == "passthrough":
+        for s in slices:
+            if len(s["sources"]) != 1:
+                raise ConfigError(f"{s['where']}: passthrough takes exactly one source per slice")
+    if method == "slerp":
+        for s in slices:
+            others = [e for e in s["sources"] if e["model"] != (s["base"] or base_model)]
+            if len(others) != 1:
+                raise ConfigError(f"{s['where']}: slerp merges the base model with exactly one other model")
+
+    first_model = slices[0]["sources"][0]["model"]
+    base = base_model or first_model
+    n_base = _model_layers(base)
+    for e in (e for s in slices for e in s["sources"]):
+        if e["range"] is None:
+            e["range"] = (0, _model_layers(e["model"], n_base))
+
+    # every model that is merged (not the base) becomes a recipe source, in order of appearance
+    def merged_models(s: dict) -> list[dict]:
+        sb = s["base"] or base_model
+        if needs_base:
+            return [e for e in s["sources"] if e["model"] != sb]
+        return list(s["sources"])
+
+    for s in slices:
+        if needs_base and not any(e["model"] == (s["base"] or base_model) for e in s["sources"]):
+            if len(slices) == 1 and s["where"] == "models":  # mergekit adds the base to `models`
+                s["sources"].append({"model": base, "params": {}, "range": (0, n_base), "where": "base_model"})
+            else:
+                raise ConfigError(f"{s['where']}.sources: the base model must be one of the slice's sources")
+
+    aligned = method != "passthrough" and _aligned(slices, n_base)
+    param_names = _check_params(method, spec, gparams, slices)
+    names = checkpoint_names(base.split("+")[0] if not Path(base).exists() else base)
+    if any(_LAYER_NAME_RE.match(n) is None and tensor_slot(n) not in ("embed", "head") for n in names):
+        raise ConfigError(f"{base}: cannot tell the blocks of this checkpoint apart")
+
+    sources: list[str] = []
+    for s in slices:
+        for e in merged_models(s):
+            if e["model"] not in sources and e["model"] != base:
+                sources.append(e["model"])
+    if not needs_base:  # no base: every model is merged, the recipe base is only the origin
+        sources = []
+        for s in slices:
+            for e in s["sources"]:
+                if e["model"] not in sources:
+                    sources.append(e["model"])
+
+    notes: list[str] = []
+    if method in ("dare_ties", "dare_linear"):
+        notes.append("DARE drop masks come from evomerge's seeded generator, not mergekit's: equal in distribution")
+
+    resolver = _Resolver(method, spec, gparams, param_names)
+    if aligned:
+        groups, params = _plain_groups(resolver, slices, names, sources, needs_base, base_model)
+        recipe = Recipe(base=base, sources=sources, method=spec.name, params=params, groups=groups)
+    else:
+        rslices: list[LayerSlice] = []
+        for si, s in enumerate(slices):
+            merged = merged_models(s)
+            rel = _slice_groups(resolver, s, merged, names, first=si == 0, last=si == len(slices) - 1)
+            groups, params = rel
+            rslices.append(
+                LayerSlice(
+                    sources=[
+                        SliceSource(model=e["model"], start=e["range"][0], stop=e["range"][1]) for e in s["sources"]
+                    ],
+                    base=s["base"],
+                    groups=groups,
+                    params=params,
+                )
+            )
+        recipe = Recipe(
+            base=base,
+            sources=[m for m in sources if m != base],
+            method=spec.name if spec is not None else "passthrough",
+            groups=[],
+            slices=rslices,
+        )
+    tok = config.get("tokenizer_source")
+    if tok is not None:
+        if tok == "union":
+            raise ConfigError("tokenizer_source: 'union' (vocabulary merging) is not supported")
+        tok = base if tok == "base" else _model_ref(tok, "tokenizer_source", config_dir)
+    return MergeJob(recipe=recipe, out_dtype=str(out_dtype) if out_dtype else None, tokenizer_source=tok, notes=notes)
+
+
+def _aligned(slices: list[dict], n_base: int) -> bool:
+    """Whether the slices keep every block where it is (so per-block groups express them)."""
+    pos = 0
+    for s in slices:
+        rngs = {e["range"] for e in s["sources"]}
+        if len(rngs) != 1:
+            return False
+        (a, b) = next(iter(rngs))
+        if a != pos:
+            return False
+        pos = b
+    return pos == n_base
+
+
+def _check_params(method: str, spec, gparams: dict, slices: list[dict]) -> set[str]:
+    """Validate parameter names; return every name used anywhere."""
+    allowed_shared = set(MERGEKIT_DEFAULTS.get(method, {})) | _IGNORED_SHARED
+    if spec is not None:
+        allowed_shared |= set(spec.params) - _PER_INPUT
+    allowed_input = {"scale"} if method == "passthrough" else {"weight"}
+    if spec is not None and "density" in spec.source_genes:
+        allowed_input.add("density")
+    if method.startswith("breadcrumbs"):
+        allowed_input.add("gamma")
+    if method.startswith("della"):
+        allowed_input.add("epsilon")
+    if method == "slerp":
+        allowed_input = set()
+    used: set[str] = set()
+
+    def check(d: dict, where: str, per_model: bool) -> None:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: must be a mapping")
+        for k in d:
+            ok = k in allowed_input or k in allowed_shared
+            if not ok:
+                raise ConfigError(
+                    f"{where}.{k}: not a parameter evomerge supports for {method} "
+                    f"(supported: {', '.join(sorted(allowed_input | allowed_shared)) or 'none'})"
+                )
+            used.add(k)
+
+    check(gparams, "parameters", False)
+    for s in slices:
+        check(s["params"], f"{s['where']}.parameters", False)
+        for e in s["sources"]:
+            check(e["params"], f"{e['where']}.parameters", True)
+    return used
+
+
+class _Resolver:
+    """Per tensor, the translated per-source genes and method parameters."""
+
+    def __init__(self, method: str, spec, gparams: dict, used: set[str]) -> None:
+        self.method = method
+        self.spec = spec
+        self.gparams = gparams
+        self.used = used
+        self.genes = spec.source_genes if spec is not None else ("weight",)
+
+    def per_source(self, e: dict, s: dict, name: str, t: float) -> tuple[float, float | None, dict]:
+        scopes = (e["params"], s["params"], self.gparams)
+        if self.method == "passthrough":
+            sc = _resolve("scale", scopes, name, t)
+            return (1.0 if sc is None else float(sc)), None, {}
+        w = _resolve("weight", scopes, name, t)
+        if w is None:
+            if self.method in _WEIGHT_REQUIRED:
+                raise ConfigError(f"{e['where']}.parameters.weight: required by {self.method} (tensor {name})")
+            w = 1.0
+        dens = None
+        if "density" in self.genes:
+            d = _resolve("density", scopes, name, t)
+            dens = float(_PER_INPUT_DEFAULTS["density"] if d is None else d)
+        extra = {}
+        for k in ("gamma", "epsilon"):
+            if k in self.used:
+                v = _resolve(k, scopes, name, t)
+                extra[k] = float(_PER_INPUT_DEFAULTS[k] if v is None else v)
+        return float(w), dens, extra
+
+    def shared(self, s: dict, name: str, t: float) -> dict[str, Any]:
+        scopes = (s["params"], self.gparams)
+        out: dict[str, Any] = {}
+        spec_params = self.spec.params if self.spec is not None else {}
+        for k, default in MERGEKIT_DEFAULTS.get(self.method, {}).items():
+            v = _resolve(k, scopes, name, t)
+            v = default if v is None else v
+            if k not in spec_params:
+                if k == "rescale" and bool(v) and self.spec is not None and self.spec.sparsify is not None:
+                    raise ConfigError(f"parameters.rescale: evomerge's {self.spec.name} has no rescale option")
+                continue
+            if k == "rescale":
+                v = ("l1" if bool(v) else "none") if isinstance(spec_params[k], str) else bool(v)
+            elif isinstance(default, bool):
+                v = bool(v)
+            else:
+                v = float(v)
+            out[k] = v
+        for k in self.used:
+            if k in _PER_INPUT or k in _IGNORED_SHARED or k in out or k in MERGEKIT_DEFAULTS.get(self.method, {}):
+                continue
+            v = _resolve(k, scopes, name, t)
+            if v is None:
+                raise ConfigError(f"parameters.{k}: no value for tensor {name}")
+            out[k] = v
+        return out
+
+
+def _t(i: int, n: int) -> float:
+    return i / (n - 1) if n > 1 else 1.0
+
+
+def _signature(resolver: _Resolver, s: dict, merged: list[dict], name: str, t: float) -> tuple:
+    ws, ds, extras = [], [], []
+    for e in merged:
+        w, d, ex = resolver.per_source(e, s, name, t)
+        ws.append(w)
+        ds.append(d)
+        extras.append(ex)
+    shared = resolver.shared(s, name, t)
+    for k in ("gamma", "epsilon"):
+        vals = {ex[k] for ex in extras if k in ex}
+        if len(vals) > 1:
+            raise ConfigError(f"parameters.{k}: evomerge takes one {k} for all models (got {sorted(vals)})")
+        if vals:
+            shared[k] = vals.pop()
+    dens = None if all(d is None for d in ds) else tuple(ds)
+    return (tuple(ws), dens, tuple(sorted(shared.items())))
+
+
+def _build_groups(
+    items: list[tuple[str, str | int, tuple]], filters: list[str], prefix: str = ""
+) -> tuple[list[LayerGroup], dict]:
+    """Group tensors ``(name, slot, signature)`` into LayerGroups (filters where a slot is not uniform)."""
+    # method-wide params constant over every tensor go to the recipe; the others to the groups
+    all_shared = [dict(sig[2]) for _, _, sig in items]
+    keys = set().union(*all_shared) if all_shared else set()
+    const = {k: all_shared[0][k] for k in keys if all(d.get(k, object()) == all_shared[0].get(k) for d in all_shared)}
+
+    by_slot: dict[Any, list[tuple[str, tuple]]] = {}
+    for name, slot, sig in items:
+        by_slot.setdefault(slot, []).append((name, sig))
+
+    def layout(entries: list[tuple[str, tuple]], generic: bool) -> tuple:
+        classes: dict[tuple, list[str]] = {}
+        for name, sig in entries:
+            classes.setdefault(sig, []).append(name)
+        default = max(classes, key=lambda k: len(classes[k]))
+        slot_names = [n for n, _ in entries]
+        out = []
+        for sig, members in classes.items():
+            if sig == default:
+                continue
+            mset, covered = set(members), set()
+            for f in filters:
+                sel = {n for n in slot_names if f in n}
+                if sel and sel <= mset and not sel <= covered:
+                    out.append((f, sig))
+                    covered |= sel
+            for n in members:
+                if n not in covered:
+                    if generic:
+                        return None  # needs an exact-name filter: not the same across blocks
+                    out.append((n, sig))
+        out.append((None, default))
+        return tuple(out)
+
+    def to_group(gname, kind, start, stop, filt, sig) -> LayerGroup:
+        ws, ds, sh = sig
+        extra = {k: v for k, v in dict(sh).items() if k not in const}
+        return LayerGroup(
+            name=gname, kind=kind, start=start, stop=stop, weights=list(ws),
+            densities=list(ds) if ds is not None else None, filter=filt, params=extra or None,
+        )  # fmt: skip
+
+    groups: list[LayerGroup] = []
+
+    def emit(slot_key, kind, start, stop, lay):
+        for filt, sig in lay:
+            base = f"{prefix}{kind}" if kind != "blocks" else f"{prefix}blocks_{start}_{stop}"
+            gname = base if filt is None else f"{base}[{filt}]"
+            groups.append(to_group(gname, kind, start, stop, filt, sig))
+
+    if "embed" in by_slot:
+        emit("embed", "embed", None, None, layout(by_slot["embed"], False))
+    blocks = sorted(k for k in by_slot if isinstance(k, int))
+    run_start, run_lay = None, None
+    for b in blocks:
+        # compare layouts on names with the block index removed, so equal blocks merge into one run
+        entries = [(_LAYER_NAME_RE.sub(r"\g<pre>#.\g<suf>", n), sig) for n, sig in by_slot[b]]
+        lay = layout(entries, True)
+        if lay is None:
+            lay_exact = layout(by_slot[b], False)
+            if run_start is not None:
+                emit(None, "blocks", run_start, b, run_lay)
+                run_start = None
+            emit(None, "blocks", b, b + 1, lay_exact)
+            continue
+        if run_start is not None and lay == run_lay and b == prev + 1:  # noqa: F821
+            prev = b
+            continue
+        if run_start is not None:
+            emit(None, "blocks", run_start, prev + 1, run_lay)  # noqa: F821
+        run_start, run_lay, prev = b, lay, b
+    if run_start is not None:
+        emit(None, "blocks", run_start, prev + 1, run_lay)
+    if "head" in by_slot:
+        emit("head", "head", None, None, layout(by_slot["head"], False))
+    return groups, const
+
+
+def _all_filters(gparams: dict, slices: list[dict]) -> list[str]:
+    out: list[str] = []
+    for d in [gparams] + [s["params"] for s in slices] + [e["params"] for s in slices for e in s["sources"]]:
+        for v in d.values():
+            _filters_in(v, out)
+    return out
+
+
+def _plain_groups(resolver, slices, names, sources, needs_base, base_model):
+    """Aligned slices (or `models:`): per-block groups over the recipe's sources."""
+    items = []
+    block_slice: dict[int, tuple[dict, int, int]] = {}
+    for s in slices:
+        a, b = s["sources"][0]["range"]
+        for i in range(a, b):
+            block_slice[i] = (s, i - a, b - a)
+
+    def merged_for(s):
+        if needs_base:
+            sb = s["base"] or base_model
+            ms = [e for e in s["sources"] if e["model"] != sb]
+        else:
+            ms = list(s["sources"])
+        by_model = {e["model"]: e for e in ms}
+        if set(by_model) != set(sources) or len(ms) != len(sources):
+            raise ConfigError(f"{s['where']}.sources: every slice must merge the same models in this form")
+        return [by_model[m] for m in sources]
+
+    for name in names:
+        slot = tensor_slot(name)
+        if slot == "embed":
+            s, t = slices[0], 0.0
+        elif slot == "head":
+            s, t = slices[-1], 0.0
+        else:
+            s, j, n = block_slice[slot]
+            t = _t(j, n)
+        items.append((name, slot, _signature(resolver, s, merged_for(s), name, t)))
+    return _build_groups(items, _all_filters(resolver.gparams, slices))
+
+
+def _slice_groups(resolver, s, merged, names, *, first: bool, last: bool):
+    """Groups of one output slice of a layer-stacking recipe (blocks counted from the slice start)."""
+    n = s["sources"][0]["range"][1] - s["sources"][0]["range"][0]
+    layer_sufs, seen = [], set()
+    for nm in names:
+        m = _LAYER_NAME_RE.match(nm)
+        if m and m.group("suf") not in seen:
+            seen.add(m.group("suf"))
+            layer_sufs.append((m.group("pre"), m.group("suf")))
+    items = []
+    for nm in names:
+        slot = tensor_slot(nm)
+        if (slot == "embed" and first) or (slot == "head" and last):
+            items.append((nm, slot, _signature(resolver, s, merged, nm, 0.0)))
+    for j in range(n):
+        for pre, suf in layer_sufs:
+            nm = f"{pre}{j}.{suf}"
+            items.append((nm, j, _signature(resolver, s, merged, nm, _t(j, n))))
+    return _build_groups(items, _all_filters(resolver.gparams, [s]))
+
+
+# ----------------------------------------------------------------------------------------------
+# building
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    try:
+        return _DTYPES[str(name)]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}") from None
+
+
+class _Models:
+    """State dicts of the models a recipe references, loaded once (adapters relative to the base)."""
+
+    def __init__(self, base: str) -> None:
+        from evomerge.space import resolve_ref
+
+        self._resolve = resolve_ref
+        self.base_ref = base
+        self._cache: dict[str, dict[str, Tensor]] = {}
+
+    def __call__(self, ref: str) -> dict[str, Tensor]:
+        from evomerge.merge.lora import source_state_dict
+        from evomerge.merge.materialize import load_state_dict
+
+        if ref not in self._cache:
+            if ref == self.base_ref:
+                self._cache[ref] = load_state_dict(self._resolve(ref))
+            else:
+                self._cache[ref] = source_state_dict(self._resolve(ref), self(self.base_ref))
+        return self._cache[ref]
+
+
+def _get(sd: dict[str, Tensor], name: str, ref: str) -> Tensor:
+    t = sd.get(name)
+    if t is None and name.endswith("lm_head.weight"):
+        t = sd.get("model.embed_tokens.weight")
+    if t is None:
+        raise ConfigError(f"{ref}: no tensor {name!r}")
+    return t
+
+
+def _apply_op(spec, params: dict, base_t: Tensor, src: list[Tensor], g: LayerGroup, seed: int, name: str) -> Tensor:
+    """One merged tensor through a registered operator, seeded as the Materializer seeds it."""
+    from evomerge.merge.materialize import tensor_generator
+
+    if not base_t.is_floating_point():
+        return base_t.clone()
+    ctx = getattr(spec, "context", None) or frozenset()
+    if ctx:  # operators that need more than elementwise inputs (whole tensor, layer, name...)
+        raise ConfigError(
+            f"method {spec.name!r} with filters, LoRA-adapter sources or slices is not supported yet "
+            f"(its operator needs {sorted(ctx)}); use a plain recipe"
+        )
+    b = base_t.to(torch.float32)
+    for t in src:
+        if t.shape != b.shape:
+            raise ConfigError(f"{name}: shape {tuple(t.shape)} in a source, {tuple(b.shape)} in the base")
+    d = torch.stack([t.to(torch.float32) - b for t in src])
+    k = d.shape[0]
+    w = torch.tensor(g.weights, dtype=torch.float32)
+    dens = torch.tensor(g.densities if g.densities is not None else [1.0] * k, dtype=torch.float32)
+    extra: dict[str, Any] = {}
+    if spec.sparsify == "random" and bool((dens < 1).any()):
+        extra["noise"] = _noise(seed, name, d.shape)
+    elif spec.sparsify not in (None, "magnitude", "random"):
+        raise ConfigError(
+            f"method {spec.name!r} with filters, LoRA-adapter sources or slices is not supported yet; "
+            "use a plain recipe"
+        )
+    return spec.fn(b, d, w, dens, generator=tensor_generator(seed, name), **extra, **params)
+
+
+_NOISE_TABLES: dict[int, Tensor] = {}
+
+
+def _noise(seed: int, name: str, shape: torch.Size) -> Tensor:
+    """The DARE uniforms the Materializer uses for tensor ``name`` (its per-seed table, same offsets)."""
+    from evomerge.merge import materialize as m
+
+    if not hasattr(m, "noise_table"):  # older materializer: one generator per tensor
+        return torch.rand(shape, generator=m.tensor_generator(seed, name), dtype=torch.float32)
+    table = _NOISE_TABLES.get(seed)
+    if table is None:
+        _NOISE_TABLES.clear()
+        table = _NOISE_TABLES[seed] = m.noise_table(seed)
+    k, n = shape[0], math.prod(shape[1:])
+    offs = m.noise_offsets(seed, name, k, n)
+    out = torch.empty((k, n), dtype=torch.float32)
+    blk = m.NOISE_BLOCK
+    for i in range(k):
+        for b in range(-(-n // blk)):
+            s, e = b * blk, min(n, (b + 1) * blk)
+            o = int(offs[i, b])
+            out[i, s:e].copy_(table[o : o + e - s])
+    return out.reshape(shape)
+
+
+def _needs_engine(recipe: Recipe) -> bool:
+    from evomerge.merge.lora import _split_ref, is_lora_adapter
+    from evomerge.space import resolve_ref
+
+    if recipe.slices is not None or recipe.has_overrides:
+        return True
+    return any(is_lora_adapter(resolve_ref(s)) or _split_ref(resolve_ref(s)) for s in recipe.sources)
+
+
+def build_state_dict(
+    recipe: Recipe, *, dtype: torch.dtype = torch.float32, progress: Callable[[str], None] | None = None
+) -> tuple[dict[str, Tensor], Any]:
+    """The merged checkpoint of any recipe (``{name: tensor}``) and its transformers config.
+
+    Ordinary recipes use the :class:`~evomerge.merge.Materializer` (resident sources, the search's
+    path); recipes with group filters/params, LoRA-adapter sources or slices use the per-tensor engine.
+    """
+    from transformers import AutoConfig
+
+    from evomerge.space import resolve_ref
+
+    base_path = resolve_ref(recipe.base)
+    config = AutoConfig.from_pretrained(base_path)
+    if not _needs_engine(recipe):
+        from evomerge.merge import Materializer
+
+        mat = Materializer(base_path, [resolve_ref(s) for s in recipe.sources], dtype=dtype)
+        return mat.merged_state_dict(recipe), config
+    from evomerge.merge.operators import get_operator, resolve_params
+
+    models = _Models(recipe.base)
+    if recipe.slices is None:
+        spec = get_operator(recipe.method)
+        base_sd = models(recipe.base)
+        srcs = [models(s) for s in recipe.sources]
+        out = {}
+        for name, b in base_sd.items():
+            g = recipe.group_for(name)
+            params = resolve_params(spec, recipe.params_for(g))
+            ts = [_get(sd, name, r) for sd, r in zip(srcs, recipe.sources, strict=True)]
+            out[name] = _apply_op(spec, params, b, ts, g, recipe.seed, name).to(dtype)
+        return out, config
+    return _build_sliced(recipe, models, config, dtype), config
+
+
+def _build_sliced(recipe: Recipe, models: _Models, config, dtype: torch.dtype) -> dict[str, Tensor]:
+    from evomerge.merge.operators import get_operator, resolve_params
+
+    passthrough = recipe.method == "passthrough"
+    spec = None if passthrough else get_operator(recipe.method)
+    base_names = list(models(recipe.base).keys())
+    pre = [n for n in base_names if tensor_slot(n) == "embed"]
+    post = [n for n in base_names if tensor_slot(n) == "head"]
+    sufs: list[tuple[str, str]] = []
+    for n in base_names:
+        m = _LAYER_NAME_RE.match(n)
+        if m and m.group("idx") == "0":
+            sufs.append((m.group("pre"), m.group("suf")))
+
+    def merge(sl: LayerSlice, out_name: str, in_names: list[str], slot) -> Tensor:
+        g = sl.group_for(out_name, slot)
+        if passthrough:
+            src = sl.sources[0]
+            t = _get(models(src.model), in_names[0], src.model)
+            w = g.weights[0]
+            return t.clone() if w == 1.0 else (t.to(torch.float32) * w).to(t.dtype)
+        params = resolve_params(spec, recipe.params_for(g, sl))
+        sbase = sl.base or recipe.base
+        entries = list(zip(sl.sources, in_names, strict=True))
+        if spec.needs_base:
+            bi = [i for i, (s, _) in enumerate(entries) if s.model == sbase]
+            if not bi:
+                raise ConfigError(f"slice without its base model {sbase!r} among its sources")
+            base_t = _get(models(sbase), entries[bi[0]][1], sbase)
+            merged = [e for i, e in enumerate(entries) if i != bi[0]]
+        else:
+            base_t = _get(models(entries[0][0].model), entries[0][1], entries[0][0].model)
+            merged = entries
+        ts = [_get(models(s.model), nm, s.model) for s, nm in merged]
+        return (
+            _apply_op(spec, params, base_t, ts, g, recipe.seed, out_name).to(dtype)
+            if base_t.is_floating_point()
+            else base_t.clone()
+        )
+
+    out: dict[str, Tensor] = {}
+    first, last = recipe.slices[0], recipe.slices[-1]
+    for n in pre:
+        out[n] = merge(first, n, [n] * len(first.sources), "embed")
+    L = 0
+    layer_types_src = []
+    for sl in recipe.slices:
+        for j in range(sl.n_layers):
+            for p, suf in sufs:
+                on = f"{p}{L}.{suf}"
+                out[on] = merge(sl, on, [f"{p}{s.start + j}.{suf}" for s in sl.sources], j)
+            layer_types_src.append(sl.sources[0].start + j)
+            L += 1
+    for n in post:
+        out[n] = merge(last, n, [n] * len(last.sources), "head")
+    config.num_hidden_layers = L
+    lt = getattr(config, "layer_types", None)
+    if isinstance(lt, list) and lt:
+        config.layer_types = [lt[i % len(lt)] for i in layer_types_src]
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items()}
+
+
+def _save(sd: dict[str, Tensor], out: Path, max_shard_bytes: int = 5 << 30) -> None:
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in sd.items():
+        nb = t.numel() * t.element_size()
+        if shards[-1] and size + nb > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nb
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    total = 0
+    for i, sh in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(sh, str(out / fname), metadata={"format": "pt"})
+        for n, t in sh.items():
+            weight_map[n] = fname
+            total += t.numel() * t.element_size()
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+
+
+def merge_to_folder(
+    job: MergeJob | Recipe,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: str | None = None,
+) -> Path:
+    """Build ``job``'s recipe and write a Hugging Face folder at ``out_dir``, atomically.
+
+    The folder holds the safetensors, ``config.json``, the tokenizer files of the base (or of
+    ``tokenizer_source``), ``evomerge_recipe.json`` and, for a mergekit input, the YAML as
+    ``mergekit_config.yml``. ``out_dir`` must not exist or be empty unless ``force``.
+    """
+    from evomerge.merge.materialize import TOKENIZER_FILES
+    from evomerge.space import resolve_ref
+
+    if isinstance(job, Recipe):
+        job = MergeJob(recipe=job)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ConfigError(f"{out} exists and is not empty (use --force to replace it)")
+    sd, config = build_state_dict(job.recipe, dtype=compute_dtype)
+    odt = _dtype(out_dtype or job.out_dtype)
+    if odt is None:
+        odt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        odt = _dtype(str(odt).replace("torch.", "")) if odt is not None else None
+    if odt is None:
+        odt = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
+    sd = {k: (v.to(odt) if v.is_floating_point() else v) for k, v in sd.items()}
+    config.dtype = odt
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _save(sd, tmp)
+        config.save_pretrained(str(tmp))
+        tok_dir = Path(resolve_ref(job.tokenizer_source or job.recipe.base).split("+")[0])
+        for fname in TOKENIZER_FILES:
+            f = tok_dir / fname
+            if f.is_file():
+                shutil.copy2(f, tmp / fname)
+        (tmp / "evomerge_recipe.json").write_text(json.dumps(json.loads(job.recipe.canonical_json()), indent=2) + "\n")
+        if job.source_text is not None:
+            (tmp / "mergekit_config.yml").write_text(job.source_text)
+        if out.exists():
+            if out.is_dir():
+                shutil.rmtree(out)
+            else:
+                out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+
+def _gradient(vals: list[float]) -> Any:
+    """A per-block value list as a mergekit setting: scalar, 2-point gradient, or the full list."""
+    if all(_close(v, vals[0]) for v in vals):
+        return vals[0]
+    n = len(vals)
+    if n > 2:
+        lin = [vals[0] + (vals[-1] - vals[0]) * i / (n - 1) for i in range(n)]
+        if all(_close(a, b) for a, b in zip(lin, vals, strict=True)):
+            return [vals[0], vals[-1]]
+    return list(vals)
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    if isinstance(a, list) or isinstance(b, list):
+        return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(map(_close, a, b))
+    return _close(a, b)
+
+
+def _close(a: Any, b: Any) -> bool:
+    if (
+        isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+    ):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def _setting_for(values: dict[str, Any], slots: dict[str, Any], n_layers: int, filters: list[str]) -> Any:
+    """A mergekit setting that evaluates to ``values[name]`` for every tensor name, or raise."""
+    blocks = {n: s for n, s in slots.items() if isinstance(s, int)}
+    conds: list[dict] = []
+    for f in filters:
+        per_block: list[Any] = []
+        ok = True
+        for i in range(n_layers):
+            vs = {values[n] for n, s in blocks.items() if s == i and f in n}
+            if len(vs) > 1:
+                ok = False
+                break
+            per_block.append(vs.pop() if vs else None)
+        if ok and any(v is not None for v in per_block):
+            conds.append({"filter": f, "per_block": per_block})
+    default = []
+    for i in range(n_layers):
+        names = [n for n, s in blocks.items() if s == i and not any(f in n for f in filters)]
+        vs = {values[n] for n in names}
+        if len(vs) > 1:
+            raise ValueError("not expressible")
+        default.append(vs.pop() if vs else None)
+    fill = next((v for v in default if v is not None), None)
+    default = [fill if v is None else v for v in default]
+    for c in conds:
+        c["value"] = _gradient([d if v is None else v for v, d in zip(c.pop("per_block"), default, strict=True)])
+    main = _gradient(default) if default else None
+    conds = [c for c in conds if not _same_setting(c["value"], main)]
+    setting: Any = [*conds, {"value": main}] if conds else main
+    # outside the blocks (t = 0): exact-name conditions in front where the rest gives another value
+    front = []
+    for n, s in slots.items():
+        if isinstance(s, int):
+            continue
+        if main is None or not _close(evaluate_setting(setting, n, 0.0), values[n]):
+            front.append({"filter": n, "value": values[n]})
+    if front:
+        setting = front + (
+            setting if isinstance(setting, list) and setting and isinstance(setting[0], dict) else [{"value": setting}]
+        )
+    for n, s in slots.items():  # verify against mergekit's evaluation
+        t = _t(s, n_layers) if isinstance(s, int) else 0.0
+        if not _close(evaluate_setting(setting, n, t), values[n]):
+            raise ValueError(f"not expressible for {n}")
+    return setting
+
+
+def recipe_to_mergekit(
+    recipe: Recipe, *, tensor_names: list[str] | None = None, notes: list[str] | None = None
+) -> dict | None:
+    """The recipe as a mergekit 0.1.5 config (a dict to dump as YAML), or ``None`` if inexpressible.
+
+    Per-group coefficients become per-layer gradient lists (with exact-name ``filter`` conditions for
+    the embeddings and head when they differ), group filters become ``filter`` conditions, and
+    ``normalize`` / ``rescale`` / ``lambda`` are always written out, since mergekit's defaults differ
+    from evomerge's. ``None`` when: the method has no mergekit counterpart; DARE uses evomerge's
+    default ``rescale: inverse`` (1/density) with some density below 1 (mergekit 0.1.5 only has the L1
+    rescale); a source is the base model itself in a task-vector method; the recipe has slices; or the
+    base checkpoint cannot be read for its tensor names. DARE's masks are drawn by another RNG in
+    mergekit, so such a config matches in distribution, not bit for bit (a line goes to ``notes``).
+    ``tensor_names`` avoids reading the base checkpoint.
+    """
+    from evomerge.merge.operators import get_operator, resolve_params
+    from evomerge.space import resolve_ref
+
+    if recipe.slices is not None:
+        return None
+    try:
+        spec = get_operator(recipe.method)
+    except KeyError:
+        return None
+    mk = spec.mergekit_method
+    if mk not in MERGEKIT_DEFAULTS or mk in ("slerp", "passthrough"):
+        return None
+    if tensor_names is None:
+        try:
+            tensor_names = checkpoint_names(resolve_ref(recipe.base))
+        except Exception:
+            return None
+    task_vector = mk != "linear"
+    if task_vector and any(s == recipe.base for s in recipe.sources):
+        return None
+    slots = {n: tensor_slot(n) for n in tensor_names}
+    blocks = [s for s in slots.values() if isinstance(s, int)]
+    n_layers = max(blocks) + 1 if blocks else 0
+    try:
+        per_tensor = {n: recipe.group_for(n) for n in tensor_names}
+    except KeyError:
+        return None
+    params_of = {n: resolve_params(spec, recipe.params_for(g)) for n, g in per_tensor.items()}
+    filters = []
+    for g in recipe.groups:
+        if g.filter is not None and g.filter not in filters:
+            filters.append(g.filter)
+    shared: dict[str, Any] = {}
+    any_drop = any(g.densities is not None and any(d < 1 for d in g.densities) for g in recipe.groups)
+    try:
+        for key in MERGEKIT_DEFAULTS[mk]:
+            vals = {}
+            for n, p in params_of.items():
+                if key == "rescale":
+                    r = p.get("rescale", False)
+                    if r in ("inverse", "1/density", "inv"):
+                        if spec.sparsify == "random" and any_drop:
+                            return None
+                        r = False
+                    vals[n] = bool(r is True or r == "l1")
+                elif key in p:
+                    vals[n] = p[key]
+                else:
+                    vals[n] = MERGEKIT_DEFAULTS[mk][key]
+            shared[key] = _setting_for(vals, slots, n_layers, filters)
+        extra = set(next(iter(params_of.values()))) - set(MERGEKIT_DEFAULTS[mk])
+        if extra:
+            return None
+        models = []
+        for k, src in enumerate(recipe.sources):
+            mp: dict[str, Any] = {
+                "weight": _setting_for({n: g.weights[k] for n, g in per_tensor.items()}, slots, n_layers, filters)
+            }
+            if "density" in spec.source_genes:
+                mp["density"] = _setting_for(
+                    {n: (g.densities[k] if g.densities is not None else 1.0) for n, g in per_tensor.items()},
+                    slots, n_layers, filters,
+                )  # fmt: skip
+            models.append({"model": src, "parameters": mp})
+    except ValueError:
+        return None
+    cfg: dict[str, Any] = {"merge_method": mk}
+    if task_vector:
+        cfg["base_model"] = recipe.base
+    cfg["models"] = models
+    cfg["parameters"] = shared
+    cfg["dtype"] = "float32"
+    if spec.sparsify == "random" and any_drop and notes is not None:
+        notes.append("DARE masks: mergekit draws them with its own RNG, so this config matches in distribution only")
+    return cfg
+
+
+def dump_mergekit_yaml(cfg: dict) -> str:
+    """YAML text of a mergekit config (number lists in flow style, as mergekit writes them)."""
+    import yaml
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def rep_list(dumper, data):
+        flow = all(isinstance(e, (int, float)) for e in data)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+    _Dumper.add_representer(list, rep_list)
+    return yaml.dump(cfg, Dumper=_Dumper, sort_keys=False)

@@ -1,0 +1,68 @@
+"""``evomerge merge CONFIG --out DIR``: a one-off merge from an evomerge recipe or a mergekit YAML.
+
+Registered in :mod:`evomerge.cli` with ``app.command("merge")(merge_command)``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def merge_command(
+    config: Annotated[Path, typer.Argument(help="an evomerge recipe (.json) or a mergekit YAML")],
+    out: Annotated[Path, typer.Option("--out", help="output folder (must not exist or be empty)")],
+    force: Annotated[bool, typer.Option("--force", help="replace a non-empty output folder")] = False,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype", help="output dtype: float32, float16, bfloat16 [default: the config's, else the base's]"
+        ),
+    ] = None,
+    compute_dtype: Annotated[
+        str,
+        typer.Option(
+            "--compute-dtype", help="dtype the sources are held in while merging (operators compute in float32)"
+        ),
+    ] = "float32",
+    print_yaml: Annotated[
+        bool, typer.Option("--print-mergekit", help="also print the recipe as a mergekit YAML when expressible")
+    ] = False,
+) -> None:
+    """Merge models once from an evomerge recipe or a mergekit YAML and write a Hugging Face folder."""
+    from evomerge.merge.lora import LoraError
+    from evomerge.merge.mergekit_io import (
+        ConfigError,
+        _dtype,
+        dump_mergekit_yaml,
+        load_merge_config,
+        merge_to_folder,
+        recipe_to_mergekit,
+    )
+
+    t0 = time.perf_counter()
+    try:
+        job = load_merge_config(config)
+        cdt = _dtype(compute_dtype)
+        if dtype is not None:
+            _dtype(dtype)
+        path = merge_to_folder(job, out, force=force, compute_dtype=cdt, out_dtype=dtype)
+    except (ConfigError, LoraError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    except (KeyError, FileNotFoundError) as e:  # a missing tensor or file in a source: one line too
+        msg = e.args[0] if e.args else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    for note in job.notes:
+        print(f"note: {note}", file=sys.stderr)
+    r = job.recipe
+    print(f"wrote {path} ({r.method}, {len(r.sources)} source(s), recipe {r.hash()}, {time.perf_counter() - t0:.1f}s)")
+    if print_yaml:
+        cfg = recipe_to_mergekit(r)
+        print(dump_mergekit_yaml(cfg) if cfg is not None else "# not expressible as a mergekit config")

@@ -1,0 +1,255 @@
+"""The demo zoo: a tiny, real, deterministic model family to merge (no model hub needed).
+
+A character-level Llama-style decoder is pretrained on a mixture of synthetic tasks (the *base*),
+then briefly fine-tuned into experts: ``arith`` (two-digit addition) and ``script`` (reversing
+Greek words). The held-out ``cross`` task (addition written in Greek digits) is never trained on.
+See :mod:`evomerge.zoo.tasks` for the tasks and ``search_spaces/demo_tasks/`` for the lm-eval YAMLs.
+
+API: :func:`default_zoo_dir`, :func:`build_zoo`, :func:`resolve_zoo_uri`, :data:`ZOO_MODELS`.
+Builds are cached under ``<root>/v<N>-<fingerprint>``; the fingerprint covers the whole build
+recipe, so a changed recipe builds a new folder beside the old one. A build writes into a
+temporary folder and renames it into place when complete, under a file lock, so a killed build
+never leaves a folder that looks complete and two processes never build the same zoo at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+ZOO_VERSION = 1
+ZOO_PREFIX = "zoo://"
+ZOO_MODELS = ("base", "arith", "script")
+EXPERTS = ("arith", "script")
+COMPLETE = "COMPLETE"
+MANIFEST = "zoo.json"
+
+# The whole build, as data: the fingerprint is a hash of this (and of ZOO_VERSION).
+RECIPE: dict[str, Any] = {
+    "model": {"hidden": 128, "layers": 4, "heads": 4, "intermediate": 384, "max_len": 32},
+    "base": {
+        "mix": {"arith": 0.45, "script": 0.1, "translit": 0.45},
+        "steps": 1500,
+        "lr": 3e-3,
+        "batch": 64,
+        "warmup": 20,
+        "seed": 0,
+        "examples": 60000,
+    },
+    "experts": {
+        "arith": {
+            "mix": {"arith": 1.0},
+            "steps": 300,
+            "lr": 3e-4,
+            "batch": 64,
+            "warmup": 10,
+            "seed": 1,
+            "examples": 20000,
+            "only": None,
+        },
+        "script": {
+            "mix": {"script": 1.0},
+            "steps": 300,
+            "lr": 1e-3,
+            "batch": 64,
+            "warmup": 10,
+            "seed": 2,
+            "examples": 20000,
+            "only": None,
+        },
+    },
+}
+
+
+def default_zoo_dir() -> Path:
+    """``$EVOMERGE_ZOO_DIR``, else ``~/.cache/evomerge/zoo``: the root holding zoo versions."""
+    env = os.environ.get("EVOMERGE_ZOO_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "evomerge" / "zoo"
+
+
+def _recipe(steps_scale: float) -> dict[str, Any]:
+    r = copy.deepcopy(RECIPE)
+    if steps_scale != 1.0:
+        for part in [r["base"], *r["experts"].values()]:
+            part["steps"] = max(2, round(part["steps"] * steps_scale))
+            part["examples"] = max(64, round(part["examples"] * steps_scale))
+            part["warmup"] = min(part["warmup"], max(1, part["steps"] // 2))
+    return r
+
+
+def _task_constants() -> dict[str, Any]:
+    from evomerge.zoo import tasks as T
+
+    return {
+        "alphabet": "".join(T.alphabet()),
+        "arith_max": T.ARITH_MAX,
+        "word": [T.WORD_MIN, T.WORD_MAX],
+        "translit": [T.TRANSLIT_MIN, T.TRANSLIT_MAX],
+        "eval": [T.EVAL_SIZE, T.EVAL_SEED],
+    }
+
+
+def fingerprint(steps_scale: float = 1.0) -> str:
+    """A hash of everything that determines the built weights (recipe, task definitions, version)."""
+    blob = json.dumps({"v": ZOO_VERSION, "recipe": _recipe(steps_scale), "tasks": _task_constants()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def zoo_path(zoo_dir: Path | None = None, *, steps_scale: float = 1.0) -> Path:
+    """Where this zoo version lives (built or not)."""
+    root = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir()
+    return root / f"v{ZOO_VERSION}-{fingerprint(steps_scale)}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file() and all((path / m / "config.json").is_file() for m in ZOO_MODELS)
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_zoo(
+    zoo_dir: Path | None = None,
+    *,
+    force: bool = False,
+    log: Callable[[str], None] | None = print,
+    steps_scale: float = 1.0,
+    evaluate: bool = True,
+) -> Path:
+    """Build the demo zoo (or find it built) and return its folder.
+
+    The folder holds one Hugging Face model folder per name in :data:`ZOO_MODELS` (safetensors,
+    config, generation config, tokenizer), ``zoo.json`` (the recipe and, when ``evaluate``, the
+    greedy exact-match scores of every model on the search split) and a ``COMPLETE`` marker.
+    ``steps_scale`` shrinks every training run (tests use it for a fast build of a different zoo).
+    """
+    say = log or (lambda _m: None)
+    final = zoo_path(zoo_dir, steps_scale=steps_scale)
+    if is_complete(final) and not force:
+        return final
+    with _lock(final.parent / f".{final.name}.lock"):
+        if is_complete(final) and not force:  # another process finished it while we waited
+            return final
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        try:
+            _build_into(tmp, _recipe(steps_scale), say, evaluate)
+            (tmp / COMPLETE).write_text(fingerprint(steps_scale) + "\n")
+            if final.exists():
+                old = final.parent / f".{final.name}.old-{os.getpid()}"
+                final.rename(old)
+                shutil.rmtree(old)
+            tmp.rename(final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        # Leftovers of builds killed before they could clean up.
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _build_into(out: Path, recipe: dict[str, Any], say: Callable[[str], None], evaluate: bool) -> None:
+    import torch
+
+    from evomerge.zoo import tasks as T
+    from evomerge.zoo.modeling import ModelSpec, TrainSpec, greedy_accuracy, make_model, make_tokenizer, train
+
+    t0 = time.monotonic()
+    threads = torch.get_num_threads()
+    # One thread: on a busy 2-core machine two intra-op threads on these tiny matrices can be 10x
+    # slower than one, and a fixed thread count keeps the float reduction order (the weights) the same.
+    torch.set_num_threads(int(os.environ.get("EVOMERGE_ZOO_THREADS", "1")))
+    try:
+        out.mkdir(parents=True)
+        tok = make_tokenizer()
+        spec = ModelSpec(**recipe["model"])
+        evals = {t: T.eval_set(t, "search") for t in T.EVAL_TASKS} if evaluate else {}
+        scores: dict[str, dict[str, float]] = {}
+
+        def fit(model, part: dict[str, Any], name: str) -> None:
+            data = T.mixture(part["mix"], part["examples"], part["seed"])
+            only = tuple(part["only"]) if part.get("only") else None
+            ts = TrainSpec(steps=part["steps"], lr=part["lr"], batch=part["batch"], warmup=part["warmup"], only=only)
+            t = time.monotonic()
+            loss = train(model, tok, data, ts, part["seed"], spec.max_len)
+            msg = f"zoo: {name}: {part['steps']} steps in {time.monotonic() - t:.0f}s, loss {loss:.3f}"
+            if evaluate:
+                scores[name] = {k: round(greedy_accuracy(model, tok, v), 4) for k, v in evals.items()}
+                msg += " | " + " ".join(f"{k} {v:.2f}" for k, v in scores[name].items())
+            say(msg)
+            model.save_pretrained(out / name)
+            tok.save_pretrained(out / name)
+
+        say(f"zoo: building {out.name.split('.tmp-')[0].lstrip('.')} (base + {len(recipe['experts'])} experts)")
+        base = make_model(spec, len(tok), tok, recipe["base"]["seed"])
+        fit(base, recipe["base"], "base")
+        base_state = {k: v.clone() for k, v in base.state_dict().items()}
+        for name, part in recipe["experts"].items():
+            base.load_state_dict(base_state)
+            fit(base, part, name)
+        manifest = {
+            "version": ZOO_VERSION,
+            "models": list(ZOO_MODELS),
+            "recipe": recipe,
+            "spec": asdict(spec),
+            "search_scores": scores,
+            "build_seconds": round(time.monotonic() - t0, 1),
+        }
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        say(f"zoo: done in {time.monotonic() - t0:.0f}s")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def resolve_zoo_uri(uri: str, zoo_dir: Path | None = None) -> Path:
+    """``zoo://NAME`` -> the folder of that zoo model, building the zoo first if needed."""
+    if not uri.startswith(ZOO_PREFIX):
+        raise ValueError(f"not a zoo reference: {uri!r} (expected {ZOO_PREFIX}NAME)")
+    name = uri[len(ZOO_PREFIX) :].strip("/")
+    if name not in ZOO_MODELS:
+        raise ValueError(f"unknown zoo model {name!r}; the zoo has {', '.join(ZOO_MODELS)}")
+    return build_zoo(zoo_dir) / name
+
+
+__all__ = [
+    "ZOO_MODELS",
+    "ZOO_PREFIX",
+    "build_zoo",
+    "default_zoo_dir",
+    "fingerprint",
+    "is_complete",
+    "resolve_zoo_uri",
+    "zoo_path",
+]

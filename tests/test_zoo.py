@@ -1,0 +1,231 @@
+"""The demo zoo: tasks, splits, shipped lm-eval data, tokenizer, cached atomic builds."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from evomerge import zoo
+from evomerge.zoo import tasks as T
+from evomerge.zoo.lmeval_tasks import task_files, task_names
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK_DIR = ROOT / "search_spaces" / "demo_tasks"
+TINY = 0.005  # steps_scale of the test builds: every step runs, each for a couple of updates
+
+
+def test_generators_are_deterministic():
+    for task in T.ALL_TASKS:
+        a = T.generate(task, "train", 50, seed=3)
+        assert a == T.generate(task, "train", 50, seed=3)
+        assert a != T.generate(task, "train", 50, seed=4)
+        assert all(ex.task == task for ex in a)
+    assert T.mixture({"arith": 1, "script": 1}, 100, 0) == T.mixture({"arith": 1, "script": 1}, 100, 0)
+
+
+def test_examples_are_correct():
+    for ex in T.generate("arith", "train", 50):
+        a, b = ex.prompt.rstrip("=").split("+")
+        assert int(ex.target) == int(a) + int(b)
+    for ex in T.generate("cross", "search", 50):
+        plain = ex.prompt.translate(T.FROM_GREEK)
+        a, b = plain.rstrip("=").split("+")
+        assert ex.target.translate(T.FROM_GREEK) == str(int(a) + int(b))
+        assert not set(ex.prompt + ex.target) & set(T.DIGITS)
+    for ex in T.generate("script", "test", 50):
+        assert ex.target == ex.prompt.rstrip(">")[::-1]
+        assert set(ex.target) <= set(T.GREEK)
+
+
+def test_splits_are_disjoint():
+    ev = {(t, s): T.eval_set(t, s) for t in T.EVAL_TASKS for s in ("search", "test")}
+    for (_t, s), exs in ev.items():
+        assert len(exs) == T.EVAL_SIZE[s]
+        assert len({e.prompt for e in exs}) == len(exs)
+    for t in T.EVAL_TASKS:
+        search = {e.prompt for e in ev[(t, "search")]}
+        test = {e.prompt for e in ev[(t, "test")]}
+        assert not search & test
+    # No training prompt of any task is an evaluation problem (cross shares arith's problems).
+    held_out = {e.prompt.translate(T.FROM_GREEK) for exs in ev.values() for e in exs}
+    for t in ("arith", "script", "translit"):
+        train = {e.prompt for e in T.generate(t, "train", 3000, seed=0, unique=False)}
+        assert not train & held_out, t
+    # The cross task is never in any training mixture the zoo uses.
+    parts = [zoo.RECIPE["base"], *zoo.RECIPE["experts"].values()]
+    assert all("cross" not in p["mix"] for p in parts)
+
+
+def test_shipped_task_files_match_the_generator():
+    expected = task_files()
+    for rel, text in expected.items():
+        assert (TASK_DIR / rel).read_text(encoding="utf-8") == text, rel
+    shipped = {p.relative_to(TASK_DIR).as_posix() for p in TASK_DIR.rglob("*") if p.is_file()}
+    assert shipped == set(expected)
+    assert {f"{n}.yaml" for n in task_names()} <= shipped
+
+
+def test_tokenizer_round_trip(tmp_path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from evomerge.zoo.modeling import make_tokenizer
+
+    make_tokenizer().save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    for s in ["12+35=47\n", "αβγδ>δγβα\n", "βγ+δε=εη", "472#εθγ"]:
+        ids = tok(s).input_ids
+        assert ids[0] == tok.bos_token_id and len(ids) == len(s) + 1
+        assert tok.decode(ids, skip_special_tokens=True) == s
+        assert tok.decode(ids[1:]) == s
+    assert tok.unk_token_id is not None and tok.pad_token_id is not None and tok.eos_token_id is not None
+    assert tok("Z").input_ids[1] == tok.unk_token_id
+    assert "\n" in tok.get_vocab()
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    lines: list[str] = []
+    t = time.monotonic()
+    path = zoo.build_zoo(root, steps_scale=TINY, log=lines.append)
+    return root, path, lines, time.monotonic() - t
+
+
+def test_tiny_build_produces_loadable_models(tiny_zoo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, path, lines, _ = tiny_zoo
+    assert path == zoo.zoo_path(root, steps_scale=TINY) and zoo.is_complete(path)
+    assert any("base" in ln for ln in lines) and lines[-1].startswith("zoo: done")
+    manifest = json.loads((path / "zoo.json").read_text())
+    assert set(manifest["search_scores"]) == set(zoo.ZOO_MODELS)
+    shapes = None
+    for name in zoo.ZOO_MODELS:
+        d = path / name
+        assert (d / "model.safetensors").is_file() and (d / "generation_config.json").is_file()
+        model = AutoModelForCausalLM.from_pretrained(d)
+        tok = AutoTokenizer.from_pretrained(d)
+        assert model.config.vocab_size == len(tok)
+        s = {k: v.shape for k, v in model.state_dict().items()}
+        assert shapes is None or s == shapes
+        shapes = s
+    # The experts differ from the base and from each other.
+    from safetensors.torch import load_file
+
+    w = {n: load_file(path / n / "model.safetensors") for n in zoo.ZOO_MODELS}
+    k = "model.layers.0.mlp.down_proj.weight"
+    assert not w["base"][k].equal(w["arith"][k]) and not w["arith"][k].equal(w["script"][k])
+
+
+def test_build_is_deterministic(tiny_zoo, tmp_path):
+    from safetensors.torch import load_file
+
+    _, path, _, _ = tiny_zoo
+    again = zoo.build_zoo(tmp_path, steps_scale=TINY, log=None, evaluate=False)
+    for name in zoo.ZOO_MODELS:
+        a, b = load_file(path / name / "model.safetensors"), load_file(again / name / "model.safetensors")
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
+
+
+def test_cache_reuse_and_force(tiny_zoo):
+    root, path, _, _ = tiny_zoo
+    stamp = (path / "base" / "model.safetensors").stat().st_mtime_ns
+    lines: list[str] = []
+    t = time.monotonic()
+    assert zoo.build_zoo(root, steps_scale=TINY, log=lines.append) == path
+    assert time.monotonic() - t < 0.5 and lines == []
+    assert (path / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert zoo.build_zoo(root, steps_scale=TINY, log=lines.append, force=True, evaluate=False) == path
+    assert lines and zoo.is_complete(path)
+    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == [path.name]
+
+
+def test_killed_build_leaves_no_complete_zoo(tmp_path, monkeypatch):
+    def boom(out, recipe, say, evaluate):
+        out.mkdir(parents=True)
+        (out / "base").mkdir()
+        (out / "base" / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zoo, "_build_into", boom)
+    with pytest.raises(KeyboardInterrupt):
+        zoo.build_zoo(tmp_path, steps_scale=TINY, log=None)
+    final = zoo.zoo_path(tmp_path, steps_scale=TINY)
+    assert not final.exists() and not zoo.is_complete(final)
+    assert [p for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+    # A folder without the COMPLETE marker (say, copied half-way) is not taken for a zoo.
+    for m in zoo.ZOO_MODELS:
+        (final / m).mkdir(parents=True)
+        (final / m / "config.json").write_text("{}")
+    assert not zoo.is_complete(final)
+    # A temp folder left by a dead process is cleaned by the next build.
+    stale = tmp_path / f".{final.name}.tmp-999999999"
+    stale.mkdir()
+    monkeypatch.undo()
+    zoo.build_zoo(tmp_path, steps_scale=TINY, log=None, evaluate=False)
+    assert zoo.is_complete(final) and not stale.exists()
+
+
+def test_default_dir_and_resolve(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_ZOO_DIR", str(tmp_path))
+    assert zoo.default_zoo_dir() == tmp_path
+    monkeypatch.delenv("EVOMERGE_ZOO_DIR")
+    assert zoo.default_zoo_dir() == Path.home() / ".cache" / "evomerge" / "zoo"
+    # A complete zoo at the full-scale path is resolved without building anything.
+    monkeypatch.setenv("EVOMERGE_ZOO_DIR", str(tmp_path))
+    full = zoo.zoo_path()
+    for m in zoo.ZOO_MODELS:
+        (full / m).mkdir(parents=True)
+        (full / m / "config.json").write_text("{}")
+    (full / zoo.COMPLETE).write_text("x\n")
+    assert zoo.resolve_zoo_uri("zoo://arith") == full / "arith"
+    assert zoo.resolve_zoo_uri("zoo://base/") == full / "base"
+    with pytest.raises(ValueError, match="unknown zoo model"):
+        zoo.resolve_zoo_uri("zoo://nope")
+    with pytest.raises(ValueError, match="not a zoo reference"):
+        zoo.resolve_zoo_uri("/some/path")
+
+
+def test_fingerprint_tracks_the_recipe(monkeypatch):
+    fp = zoo.fingerprint()
+    assert fp == zoo.fingerprint() and fp != zoo.fingerprint(TINY)
+    monkeypatch.setitem(zoo.RECIPE["base"], "steps", zoo.RECIPE["base"]["steps"] + 1)
+    assert zoo.fingerprint() != fp
+    monkeypatch.undo()
+    monkeypatch.setattr(T, "WORD_MAX", T.WORD_MAX + 1)
+    assert zoo.fingerprint() != fp
+
+
+def test_lm_eval_runs_the_shipped_yaml_on_a_zoo_model(tiny_zoo, tmp_path, monkeypatch):
+    """The YAMLs load offline and the char tokenizer + HFLM generation path works end to end."""
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(TASK_DIR, tasks)
+    for y in tasks.glob("*.yaml"):  # data paths are relative to the YAML; lm-eval wants them absolute
+        y.write_text(y.read_text().replace("test: data/", f"test: {tasks}/data/"))
+    _, path, _, _ = tiny_zoo
+    model = AutoModelForCausalLM.from_pretrained(path / "arith")
+    tok = AutoTokenizer.from_pretrained(path / "arith")
+    res = simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tok, batch_size=16),
+        tasks=["demo_arith_search", "demo_cross_test"],
+        task_manager=TaskManager(include_defaults=False, include_path=str(tasks)),
+        limit=8,
+        log_samples=True,
+    )
+    for name in ("demo_arith_search", "demo_cross_test"):
+        assert 0.0 <= res["results"][name]["exact_match,none"] <= 1.0
+        assert len(res["samples"][name]) == 8
