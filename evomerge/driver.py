@@ -50,6 +50,10 @@ class DriverStats:
     timings: list[dict] = field(default_factory=list)
 
 
+def _bounded(o) -> bool:
+    return o.kind == "lm_eval" and o.metric.split(",")[0] in BOUNDED_METRICS
+
+
 def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -105,13 +109,17 @@ class Driver:
         self.genome = make_genome(space)
         self.directions = [o.direction for o in space.objectives]
         self.names = [o.name for o in space.objectives]
+        settings = dict(space.algorithm.settings)
+        if space.algorithm.name == "map" and "links" not in settings:
+            # MAP's surrogate needs a link per objective: accuracies live in [0, 1] (sigmoid), others don't.
+            settings["links"] = ["sigmoid" if _bounded(o) else "identity" for o in space.objectives]
         self.algo = make_algorithm(
             space.algorithm.name,
             dim=self.genome.dim,
             directions=self.directions,
             seed=space.seed,
             weights=[o.weight for o in space.objectives],
-            **space.algorithm.settings,
+            **settings,
         )
         self.owner = owner_id()
         self.queue: deque[Job] = deque()
@@ -382,8 +390,7 @@ class Driver:
         st = self.store.get_study(self.study)
         if st.reference_point is not None:
             return np.asarray(st.reference_point, dtype=float)
-        bounded = [o.kind == "lm_eval" and o.metric.split(",")[0] in BOUNDED_METRICS for o in self.space.objectives]
-        if all(bounded):
+        if all(_bounded(o) for o in self.space.objectives):
             ref = frontlib.reference_point_from_bounds([(0.0, 1.0)] * len(self.names), self.directions)
         else:
             ref = frontlib.reference_point(F_min)

@@ -15,17 +15,26 @@ from evomerge.search.base import (
     restore_algorithm,
 )
 from evomerge.search.cmaes import CMAES
+from evomerge.search.m2n2 import M2N2
+from evomerge.search.map import MAP, nested_map_pairs
 from evomerge.search.nsga2 import NSGA2
+from evomerge.search.optuna_samplers import OptunaGP, OptunaNSGA2, OptunaTPE
 from evomerge.search.uniform import RandomSearch
 
 __all__ = [
     "REGISTRY",
     "Algorithm",
     "CMAES",
+    "MAP",
+    "M2N2",
     "NSGA2",
+    "OptunaGP",
+    "OptunaNSGA2",
+    "OptunaTPE",
     "Proposal",
     "RandomSearch",
     "make_algorithm",
+    "nested_map_pairs",
     "normalize_directions",
     "private_global_rng",
     "register",
