@@ -48,7 +48,9 @@ class GroupPlan:
 
 
 def plan_groups(num_layers: int, layer_groups: int | str) -> list[GroupPlan]:
-    """Embeddings, then contiguous block runs as even as possible, then the head."""
+    """Embeddings, then contiguous block runs as even as possible, then the head; or one for all."""
+    if layer_groups == "model":
+        return [GroupPlan("all", "all")]
     n = num_layers if layer_groups == "block" else min(int(layer_groups), num_layers)
     plans = [GroupPlan("embed", "embed")]
     for g in range(n):

@@ -47,12 +47,12 @@ def tensor_slot(name: str) -> str | int:
 
 
 class LayerGroup(BaseModel):
-    """A set of tensors that share one gene set: the embeddings, a run of blocks, or the head."""
+    """A set of tensors that share one gene set: the embeddings, a run of blocks, the head, or all."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    kind: Literal["embed", "blocks", "head"]
+    kind: Literal["embed", "blocks", "head", "all"]
     # Half-open block range [start, stop) for kind == "blocks".
     start: int | None = None
     stop: int | None = None
@@ -73,6 +73,8 @@ class LayerGroup(BaseModel):
         return self
 
     def contains(self, slot: str | int) -> bool:
+        if self.kind == "all":
+            return True
         if isinstance(slot, int):
             return self.kind == "blocks" and self.start <= slot < self.stop  # type: ignore[operator]
         return self.kind == slot

@@ -61,8 +61,9 @@ class Genome(BaseModel):
     type: Literal["parameter_space"] = "parameter_space"
     method: Literal["linear", "task_arithmetic", "ties", "dare", "dare_ties"] = "dare_ties"
     # How many contiguous runs of blocks get their own gene set ("block": one per block). The
-    # embeddings and the head always get one each, so the genome has layer_groups + 2 gene sets.
-    layer_groups: int | Literal["block"] = 1
+    # embeddings and the head get one each, so the genome has layer_groups + 2 gene sets; "model" is
+    # one gene set for every tensor (the coarsest granularity, e.g. for MAP's per-model coefficients).
+    layer_groups: int | Literal["block", "model"] = 1
     # Block count of the base; read from its config.json when the base is a local folder, so only
     # needed for hub models the driver cannot open (dry runs on a laptop for a cluster space).
     num_layers: int | None = Field(default=None, gt=0)
@@ -89,7 +90,7 @@ class Genome(BaseModel):
     @classmethod
     def _groups(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v < 1:
-            raise ValueError("layer_groups must be >= 1 or 'block'")
+            raise ValueError("layer_groups must be >= 1, 'block' or 'model'")
         return v
 
 

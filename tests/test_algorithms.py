@@ -159,7 +159,7 @@ def test_state_is_plain_json_and_restorable_alone(name):
         wrong.load_state_dict(json.loads(text))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LONG_RUN_NAMES)
 def test_failures_do_not_crash(name):
     algo = make(name)
     # whole generations fail, then NaN/inf values, then normal results

@@ -267,6 +267,10 @@ def test_map_is_registered():
 def test_optuna_gp_improves_on_its_startup_points():
     """The GP phase beats the random start-up points on a 1-D quadratic (small: a GP ask costs seconds)."""
     algo = make_algorithm("optuna_gp", dim=1, directions=["minimize"], seed=0, n_startup_trials=5)
+    # Failed trials (None, NaN) among the start-up points must not break the GP phase.
+    for bad in (None, [float("nan")]):
+        (p,) = algo.ask(1)
+        algo.tell([(p.key, bad)])
     values = []
     for _ in range(9):
         (p,) = algo.ask(1)

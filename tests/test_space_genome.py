@@ -124,3 +124,12 @@ def test_hub_base_needs_num_layers(tmp_path: Path) -> None:
     sp = load_space(write(tmp_path, text))
     with pytest.raises(SpaceError, match="genome.num_layers"):
         ParameterSpaceGenome(sp)
+
+
+def test_model_granularity_is_one_gene_set_for_every_tensor(tmp_path: Path) -> None:
+    sp = load_space(write(tmp_path, GOOD.replace("layer_groups: 2", "layer_groups: model")))
+    g = ParameterSpaceGenome(sp)
+    assert g.dim == 2 * 2  # two models x (weight, density)
+    r = g.decode([0.1, 0.2, 0.3, 0.4])
+    for name in ("model.embed_tokens.weight", "model.layers.3.mlp.up_proj.weight", "lm_head.weight"):
+        assert r.group_for(name).name == "all"

@@ -1,0 +1,103 @@
+"""Shared pieces of the search benchmarks: an in-process ask/tell loop over the real evaluation path.
+
+The benchmarks compare algorithms at equal numbers of evaluations, so they skip Ray and the store (whose
+costs do not depend on the algorithm) and call the same MergeWorker a search's actors run. Scores are
+cached by recipe hash across runs: evaluation is deterministic, so a repeated recipe costs nothing and
+still counts as an evaluation of the algorithm that proposed it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evomerge import front as frontlib  # noqa: E402
+from evomerge.driver import worker_config  # noqa: E402
+from evomerge.genome import make_genome  # noqa: E402
+from evomerge.search import make_algorithm  # noqa: E402
+from evomerge.space import SearchSpace, load_space  # noqa: E402
+from evomerge.workers import MergeWorker  # noqa: E402
+
+
+def demo_space(tmp: Path, *, limit: int | None = None, edits: dict[str, str] | None = None) -> SearchSpace:
+    """search_spaces/demo.yaml without its report objectives, optionally with an example limit."""
+    text = (ROOT / "search_spaces" / "demo.yaml").read_text()
+    text = re.sub(r"^report:\n(  .*\n)+", "", text, flags=re.M)
+    text = text.replace("task_paths: [demo_tasks]", f"task_paths: [{ROOT / 'search_spaces' / 'demo_tasks'}]")
+    for old, new in (edits or {}).items():
+        text = re.sub(old, new, text, flags=re.M)
+    if limit:
+        text = text.replace("    metric: exact_match,none\n", f"    metric: exact_match,none\n    limit: {limit}\n")
+    p = tmp / "bench_space.yaml"
+    p.write_text(text)
+    return load_space(p)
+
+
+class Evaluations:
+    """One resident worker plus a result cache keyed by recipe hash."""
+
+    def __init__(self, space: SearchSpace):
+        from evomerge.zoo import build_zoo
+
+        if space.uses_zoo:
+            build_zoo(log=lambda m: print(f"zoo: {m}", file=sys.stderr))
+        self.space = space
+        self.genome = make_genome(space)
+        self.names = [o.name for o in space.objectives]
+        self.worker = MergeWorker(worker_config(space))
+        self.cache: dict[str, tuple[list[float], list[float]]] = {}
+        self.calls = 0
+        self.seconds = 0.0
+
+    def score(self, x: list[float]) -> tuple[list[float] | None, list[float]]:
+        recipe = self.genome.decode(x)
+        h = recipe.hash()
+        if h not in self.cache:
+            t0 = time.perf_counter()
+            res = self.worker.evaluate(0, recipe.canonical_json(), self.names)
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+            if res["error"]:
+                return None, []
+            values = [res["scores"][n] for n in self.names]
+            flat = [v for n in self.names for v in res["samples"][n]]
+            self.cache[h] = (values, flat)
+        return self.cache[h]
+
+
+def run_algorithm(ev: Evaluations, name: str, budget: int, seed: int, **settings) -> list[list[float] | None]:
+    """Values of every evaluation, in the order they were told (generation barriers respected)."""
+    algo = make_algorithm(name, dim=ev.genome.dim, directions=[o.direction for o in ev.space.objectives],
+                          seed=seed, weights=[o.weight for o in ev.space.objectives], **settings)
+    out: list[list[float] | None] = []
+    while len(out) < budget:
+        props = algo.ask(min(8, budget - len(out)))
+        if not props:
+            break
+        results = []
+        for p in props:
+            values, flat = ev.score(p.x)
+            out.append(values)
+            if values is not None and getattr(algo, "uses_samples", False):
+                results.append((p.key, values, flat))
+            else:
+                results.append((p.key, values))
+        algo.tell(results)
+    return out
+
+
+def hv_curve(values: list[list[float] | None], directions: list[str], ref: np.ndarray) -> list[float]:
+    """Hypervolume of everything evaluated so far, after each evaluation."""
+    F = frontlib.to_minimization(values, directions)
+    return [frontlib.hypervolume(F[: i + 1], ref) for i in range(len(F))]
+
+
+def accuracy_reference(n_obj: int, directions: list[str]) -> np.ndarray:
+    return frontlib.reference_point_from_bounds([(0.0, 1.0)] * n_obj, directions)
