@@ -329,7 +329,7 @@ class Driver:
     def _loop(self) -> None:
         from evomerge.progress import SearchProgress
 
-        if self._finished():
+        if self._finished() and not self._report_todo():
             return
         ray = self._start_ray()
         last_renew = time.monotonic()
@@ -354,12 +354,17 @@ class Driver:
         for a in self.actors:
             ray.kill(a)
 
+    def _report_todo(self) -> list:
+        """Front members not yet scored on the report objectives (only once the search is finished)."""
+        names = {o.name for o in self.space.report}
+        if not names or not self._finished():
+            return []
+        return [c for c in self.store.front(self.study) if not names <= set(c.scores)]
+
     def _report_front(self, ray) -> None:
         """Score the final front on the held-out report objectives (never used to steer the search)."""
         names = [o.name for o in self.space.report]
-        if not names or not self._finished():
-            return
-        todo = [c for c in self.store.front(self.study) if not set(names) <= set(c.scores)]
+        todo = self._report_todo()
         if not todo:
             return
         self.console.print(f"scoring the front's {len(todo)} candidates on held-out {', '.join(names)}")

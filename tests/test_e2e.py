@@ -260,3 +260,16 @@ seed: 1
     got = ev.evaluate(model)
     for name, value in best["scores"].items():
         assert got[name].value == pytest.approx(value, abs=1e-12)
+
+
+def test_search_on_postgresql(tiny_zoo: Path, tmp_path: Path, fresh_pg_url: str) -> None:
+    """The cluster setting: the same search with the study in PostgreSQL, then a resume of a done study."""
+    sp = space_file(tmp_path, tiny_zoo, budget=4, algorithm="random")
+    r = run(["search", "--space", str(sp), "--workers", "2", "--storage", fresh_pg_url, "--study", "pg",
+             "--no-progress"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    st = status(tmp_path, fresh_pg_url)["pg"]
+    assert st["complete"] + st["failed"] == 4 and st["state"] == "done"
+    again = run(["resume", "pg", "--storage", fresh_pg_url, "--no-progress"], tmp_path)
+    assert again.returncode == 0 and "Pareto front of pg" in again.stdout
+    assert status(tmp_path, fresh_pg_url)["pg"]["attempts"] == st["attempts"]

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 import time
-import uuid
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
 from evomerge.store import (
     CandidateNotFound,
@@ -34,54 +31,12 @@ TABLES = {"studies", "candidates", "scores", "sample_scores", "checkpoints", "al
 OBJ2 = [{"name": "acc", "direction": "maximize"}, {"name": "size", "direction": "minimize"}]
 
 
-def _pg_admin_url() -> sa.URL:
-    candidates = (
-        [os.environ["EVOMERGE_TEST_POSTGRES"]]
-        if os.environ.get("EVOMERGE_TEST_POSTGRES")
-        else [
-            "postgresql+psycopg://root@127.0.0.1:5432/postgres",
-            "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
-        ]
-    )
-    errors = []
-    for url in candidates:
-        u = make_url(url)
-        if u.drivername == "postgresql":
-            u = u.set(drivername="postgresql+psycopg")
-        eng = sa.create_engine(u)
-        try:
-            with eng.connect() as c:
-                c.execute(sa.text("SELECT 1"))
-            return u
-        except sa.exc.OperationalError as e:
-            errors.append(f"{u.render_as_string(hide_password=True)}: {str(e.orig).strip()}")
-        finally:
-            eng.dispose()
-    pytest.fail("no PostgreSQL server for the store tests (set EVOMERGE_TEST_POSTGRES): " + "; ".join(errors))
-
-
-@pytest.fixture(scope="session")
-def pg_admin_url() -> sa.URL:
-    return _pg_admin_url()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path):
     """A storage URL to an empty database."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'evomerge.db'}"
-        return
-    admin_url = request.getfixturevalue("pg_admin_url")
-    name = f"evomerge_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as c:
-            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        yield admin_url.set(database=name).render_as_string(hide_password=False)
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+        return f"sqlite:///{tmp_path / 'evomerge.db'}"
+    return request.getfixturevalue("fresh_pg_url")
 
 
 @pytest.fixture
