@@ -113,6 +113,12 @@ class Driver:
         if space.algorithm.name == "map" and "links" not in settings:
             # MAP's surrogate needs a link per objective: accuracies live in [0, 1] (sigmoid), others don't.
             settings["links"] = ["sigmoid" if _bounded(o) else "identity" for o in space.objectives]
+        if space.algorithm.name == "m2n2" and hasattr(self.genome, "n_sources"):
+            # M2N2 seeds its archive with each source model alone and splits at layer-group boundaries,
+            # so that a child of recipes is a recipe (per-group coefficients); it needs the layout.
+            settings.setdefault("n_sources", self.genome.n_sources)
+            settings.setdefault("genes_per_source", self.genome.genes_per_source)
+            settings.setdefault("split_granularity", "group")
         self.algo = make_algorithm(
             space.algorithm.name,
             dim=self.genome.dim,
