@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evomerge import front as frontlib  # noqa: E402
-from evomerge.driver import worker_config  # noqa: E402
+from evomerge.driver import algorithm_settings, worker_config  # noqa: E402
 from evomerge.genome import make_genome  # noqa: E402
 from evomerge.search import make_algorithm  # noqa: E402
 from evomerge.space import SearchSpace, load_space  # noqa: E402
@@ -74,8 +74,11 @@ class Evaluations:
 
 def run_algorithm(ev: Evaluations, name: str, budget: int, seed: int, **settings) -> list[list[float] | None]:
     """Values of every evaluation, in the order they were told (generation barriers respected)."""
+    space = ev.space.model_copy(update={"algorithm": ev.space.algorithm.model_copy(
+        update={"name": name, "settings": settings})})
     algo = make_algorithm(name, dim=ev.genome.dim, directions=[o.direction for o in ev.space.objectives],
-                          seed=seed, weights=[o.weight for o in ev.space.objectives], **settings)
+                          seed=seed, weights=[o.weight for o in ev.space.objectives],
+                          **algorithm_settings(space, ev.genome))
     out: list[list[float] | None] = []
     while len(out) < budget:
         props = algo.ask(min(8, budget - len(out)))

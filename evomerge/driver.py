@@ -54,6 +54,21 @@ def _bounded(o) -> bool:
     return o.kind == "lm_eval" and o.metric.split(",")[0] in BOUNDED_METRICS
 
 
+def algorithm_settings(space: SearchSpace, genome) -> dict:
+    """The space's algorithm settings plus what an algorithm needs to know of the genome and metrics."""
+    settings = dict(space.algorithm.settings)
+    if space.algorithm.name == "map" and "links" not in settings:
+        # MAP's surrogate needs a link per objective: accuracies live in [0, 1] (sigmoid), others don't.
+        settings["links"] = ["sigmoid" if _bounded(o) else "identity" for o in space.objectives]
+    if space.algorithm.name == "m2n2" and hasattr(genome, "n_sources"):
+        # M2N2 seeds its archive with each source model alone and splits at layer-group boundaries,
+        # so that a child of recipes is a recipe (per-group coefficients); it needs the layout.
+        settings.setdefault("n_sources", genome.n_sources)
+        settings.setdefault("genes_per_source", genome.genes_per_source)
+        settings.setdefault("split_granularity", "group")
+    return settings
+
+
 def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -109,16 +124,7 @@ class Driver:
         self.genome = make_genome(space)
         self.directions = [o.direction for o in space.objectives]
         self.names = [o.name for o in space.objectives]
-        settings = dict(space.algorithm.settings)
-        if space.algorithm.name == "map" and "links" not in settings:
-            # MAP's surrogate needs a link per objective: accuracies live in [0, 1] (sigmoid), others don't.
-            settings["links"] = ["sigmoid" if _bounded(o) else "identity" for o in space.objectives]
-        if space.algorithm.name == "m2n2" and hasattr(self.genome, "n_sources"):
-            # M2N2 seeds its archive with each source model alone and splits at layer-group boundaries,
-            # so that a child of recipes is a recipe (per-group coefficients); it needs the layout.
-            settings.setdefault("n_sources", self.genome.n_sources)
-            settings.setdefault("genes_per_source", self.genome.genes_per_source)
-            settings.setdefault("split_granularity", "group")
+        settings = algorithm_settings(space, self.genome)
         self.algo = make_algorithm(
             space.algorithm.name,
             dim=self.genome.dim,
