@@ -72,6 +72,11 @@ def _run_driver(space, store, study: str, workers: int, ray_address: str | None,
             pass
     _print_front(store, study)
     s = driver.stats
+    fid = [t["fidelity"] for t in s.timings if "fidelity" in t]
+    if fid:
+        stopped = sum(1 for t in s.timings if t.get("pruned"))
+        err.print(f"multi-fidelity: scored {100 * sum(fid) / len(fid):.0f}% of the examples full evaluations "
+                  f"need; {stopped} of {len(fid)} candidates stopped after the first slice")
     if s.timings:
         mat = sum(t.get("materialize_s", 0.0) for t in s.timings) / len(s.timings)
         ev = sum(t.get("evaluate_s", 0.0) for t in s.timings) / len(s.timings)

@@ -133,6 +133,9 @@ class Driver:
             weights=[o.weight for o in space.objectives],
             **settings,
         )
+        if space.evaluation.multi_fidelity is not None and getattr(self.algo, "uses_samples", False):
+            raise DriverError(f"evaluation.multi_fidelity cannot be used with {space.algorithm.name}: it learns "
+                              "from every example's score, and a stopped candidate has only a slice")
         self.owner = owner_id()
         self.queue: deque[Job] = deque()
         self.inflight: dict = {}  # ObjectRef -> (actor index, Job)
@@ -279,8 +282,19 @@ class Driver:
             i = self.idle.pop()
             job = self.queue.popleft()
             self.store.mark_running(self.study, job.number, worker=f"actor-{i}")
-            ref = self.actors[i].evaluate.remote(job.number, job.recipe_json, self.names)
+            ref = self.actors[i].evaluate.remote(job.number, job.recipe_json, self.names, *self._fidelity_args())
             self.inflight[ref] = (i, job)
+
+    def _fidelity_args(self) -> tuple:
+        """(front, fidelity) for multi-fidelity evaluation: the current front, in objective order."""
+        fid = self.space.evaluation.multi_fidelity
+        if fid is None:
+            return ()
+        F = self.front_values()
+        if len(F) == 0:
+            return (None, None)
+        nd = frontlib.non_dominated(frontlib.to_minimization(F, self.directions))
+        return (F[nd].tolist(), fid.model_dump())
 
     def _handle(self, ray, ref) -> None:
         i, job = self.inflight.pop(ref)

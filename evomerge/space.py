@@ -19,8 +19,11 @@ from pydantic import (
 )
 
 from evomerge.dfs.spec import DataFlowGenomeSpec
+from evomerge.fidelity import MultiFidelity
 
 ZOO_PREFIX = "zoo://"
+# lm-eval metrics whose task score is the mean of per-example scores in [0, 1].
+FIDELITY_METRICS = {"exact_match", "acc", "acc_norm"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -122,6 +125,8 @@ class Evaluation(BaseModel):
     task_paths: list[str] = Field(default_factory=list)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_attempts: int = Field(default=3, ge=1)
+    # Score a slice of each objective first; finish only candidates that can still reach the front.
+    multi_fidelity: MultiFidelity | None = None
 
 
 class SearchSpace(BaseModel):
@@ -158,6 +163,11 @@ class SearchSpace(BaseModel):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"objective names must be unique, repeated: {sorted(dup)}")
+        if self.evaluation.multi_fidelity is not None:
+            for o in self.objectives:
+                if o.kind == "lm_eval" and o.metric.split(",")[0] not in FIDELITY_METRICS:
+                    raise ValueError(f"multi_fidelity needs per-example scores in [0, 1] with a mean "
+                                     f"(exact_match, acc, ...); objective {o.name!r} is {o.metric}")
         if isinstance(self.genome, DataFlowGenomeSpec):
             self.genome.check_models(len(self.models))
         elif self.base_model is None:

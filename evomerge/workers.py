@@ -14,6 +14,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 
 from evomerge.dfs.recipe import recipe_from_json
+from evomerge.fidelity import MultiFidelity, can_reach_front, optimistic_value
 from evomerge.space import Objective
 
 
@@ -81,8 +82,19 @@ class MergeWorker:
     def info(self) -> dict:
         return {"worker": self.name, "startup_s": self.startup_s}
 
-    def evaluate(self, number: int, recipe_json: str, objective_names: list[str] | None = None) -> dict:
-        """Score one candidate; an exception becomes an error string (a deterministic failure)."""
+    def evaluate(
+        self,
+        number: int,
+        recipe_json: str,
+        objective_names: list[str] | None = None,
+        front: list[list[float]] | None = None,
+        fidelity: dict | None = None,
+    ) -> dict:
+        """Score one candidate; an exception becomes an error string (a deterministic failure).
+
+        With ``fidelity`` (a MultiFidelity dict) and the current ``front`` (values of the objectives, in
+        order), a first slice is scored and the rest only when the candidate can still reach the front.
+        """
         res = EvalResult(number=number, worker=self.name)
         try:
             recipe = recipe_from_json(recipe_json)
@@ -92,9 +104,12 @@ class MergeWorker:
             objs = self.objectives
             if objective_names is not None:
                 objs = [o for o in self.objectives if o.name in objective_names]
-            out = self.evaluator.evaluate(self.model, objs)
+            if fidelity is not None and front:
+                out, extra = self._staged(objs, front, MultiFidelity.model_validate(fidelity))
+            else:
+                out, extra = self.evaluator.evaluate(self.model, objs), {}
             t2 = time.perf_counter()
-            res.timings = {"materialize_s": t1 - t0, "evaluate_s": t2 - t1}
+            res.timings = {"materialize_s": t1 - t0, "evaluate_s": t2 - t1, **extra}
             for name, r in out.items():
                 res.scores[name] = float(r.value)
                 res.samples[name] = [float(v) for v in r.samples]
@@ -105,3 +120,28 @@ class MergeWorker:
             tb = traceback.format_exc(limit=3)
             res.error = f"{type(e).__name__}: {e}\n{tb}"
         return res.to_dict()
+
+    def _staged(self, objs: list[Objective], front: list[list[float]], fid: MultiFidelity):
+        """Slice first, then the rest if the optimistic scores are not dominated by the front."""
+        from evomerge.evaluate import ObjectiveResult
+
+        lm = [o for o in objs if o.kind == "lm_eval"]
+        n = {o.name: self.evaluator.num_docs(o) for o in lm}
+        k = max(1, math.ceil(fid.fraction * max(n.values())))
+        first = self.evaluator.evaluate(self.model, objs, window=(0, k))
+        seen = sum(len(first[o.name].samples) for o in lm)
+        full = sum(n.values())
+        optimistic = [
+            optimistic_value(first[o.name].samples, n[o.name], o.direction, fid) if o.kind == "lm_eval"
+            else first[o.name].value
+            for o in objs
+        ]
+        if not can_reach_front(optimistic, front, [o.direction for o in objs]):
+            return first, {"fidelity": seen / full, "pruned": 1.0}
+        todo = [o for o in lm if n[o.name] > k]
+        rest = self.evaluator.evaluate(self.model, todo, window=(k, max(n.values()))) if todo else {}
+        out = dict(first)
+        for o in todo:
+            samples = first[o.name].samples + rest[o.name].samples
+            out[o.name] = ObjectiveResult(float(sum(samples) / len(samples)), samples)
+        return out, {"fidelity": 1.0}

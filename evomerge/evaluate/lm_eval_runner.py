@@ -428,11 +428,23 @@ class Evaluator:
         model.eval()
         return self._lm
 
+    def num_docs(self, objective: Objective) -> int:
+        """How many examples a full evaluation of ``objective`` scores (its limit, or the whole split)."""
+        self.prepare([objective])
+        n = self._slots[objective.task].n_docs
+        return n if objective.limit is None else min(objective.limit, n)
+
     def evaluate(
-        self, model: Any, objectives: Sequence[Objective] | None = None
+        self,
+        model: Any,
+        objectives: Sequence[Objective] | None = None,
+        window: tuple[int, int] | None = None,
     ) -> dict[str, ObjectiveResult]:
         """Scores of ``model`` on ``objectives`` (default: the constructor's), keyed by objective name.
 
+        ``window=(a, b)`` scores only examples ``a <= i < b`` of each objective's documents (clipped to its
+        limit): multi-fidelity evaluation scores a first slice, then the rest, and averages the
+        per-example scores of both (the value is then the task's aggregation over the window).
         NaN / infinite values come back as they are. A metric missing from lm-eval's results raises
         :class:`EvaluationError`.
         """
@@ -441,7 +453,7 @@ class Evaluator:
         lm_objs = [o for o in objs if o.kind == "lm_eval"]
         if lm_objs:
             self.prepare(lm_objs)
-            out.update(self._run_lm_eval(model, lm_objs))
+            out.update(self._run_lm_eval(model, lm_objs, window))
         for o in objs:
             if o.kind == "cost":
                 if o.measure == "params":
@@ -455,7 +467,9 @@ class Evaluator:
                     out[o.name] = ObjectiveResult(float(cost_measure(model, o.measure)), [])
         return {o.name: out[o.name] for o in objs}
 
-    def _run_lm_eval(self, model: Any, objs: list[Objective]) -> dict[str, ObjectiveResult]:
+    def _run_lm_eval(
+        self, model: Any, objs: list[Objective], window: tuple[int, int] | None = None
+    ) -> dict[str, ObjectiveResult]:
         import torch
         from lm_eval.evaluator import evaluate as lm_evaluate
 
@@ -471,11 +485,20 @@ class Evaluator:
             else:
                 cur = n_for[slot.name]
                 n_for[slot.name] = None if cur is None or want is None else max(cur, want)
-        samples = {
-            name: _Indices(range(n))
-            for name, n in n_for.items()
-            if n is not None and n < slot_of[name].n_docs
-        }
+        if window is None:
+            samples = {
+                name: _Indices(range(n))
+                for name, n in n_for.items()
+                if n is not None and n < slot_of[name].n_docs
+            }
+        else:
+            lo, hi = window
+            samples = {
+                name: _Indices(range(lo, min(hi, slot_of[name].n_docs if n is None else n)))
+                for name, n in n_for.items()
+            }
+            if any(len(v) == 0 for v in samples.values()):
+                raise EvaluationError(f"window {window} holds no example of some task")
         tasks = {name: slot_of[name].task for name in n_for}
         for t in tasks.values():
             t.set_fewshot_seed(seed=self.fewshot_seed)
@@ -530,11 +553,14 @@ class Evaluator:
             per = _numbers([s.get(metric) for s in rows])
             n_run = len(rows)
             value = _as_float(task_res[key])
-            if o.limit is not None and o.limit < n_run:
-                rows = rows[: o.limit]
-                per = per[: o.limit] if per else per
+            n_o = slot.n_docs if o.limit is None else min(o.limit, slot.n_docs)
+            if window is not None or n_o < n_run:
+                lo, hi = window or (0, n_o)
+                keep = [i for i, s in enumerate(rows) if lo <= s["doc_id"] < min(hi, n_o)]
+                rows = [rows[i] for i in keep]
+                per = [per[i] for i in keep] if per else per
                 agg = slot.task.aggregation().get(metric)
-                value = _as_float(agg([s.get(metric) for s in rows])) if agg else math.nan
+                value = _as_float(agg([s.get(metric) for s in rows])) if agg and rows else math.nan
             out[o.name] = ObjectiveResult(value, per)
         return out
 
