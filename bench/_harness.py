@@ -55,10 +55,24 @@ class Evaluations:
         self.cache: dict[str, tuple[list[float], list[float]]] = {}
         self.calls = 0
         self.seconds = 0.0
+        self.fidelity: list[float] = []  # per multi-fidelity evaluation: share of the examples scored
 
-    def score(self, x: list[float]) -> tuple[list[float] | None, list[float]]:
+    def score(self, x: list[float], front: list[list[float]] | None = None,
+              fidelity: dict | None = None) -> tuple[list[float] | None, list[float]]:
         recipe = self.genome.decode(x)
         h = recipe.hash()
+        if fidelity is not None and front:
+            # Staged evaluation depends on the front at the time: never cached, share of examples kept.
+            t0 = time.perf_counter()
+            res = self.worker.evaluate(0, recipe.canonical_json(), self.names, front, fidelity)
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+            self.fidelity.append(res["timings"].get("fidelity", 1.0))
+            if res["error"]:
+                return None, []
+            return [res["scores"][n] for n in self.names], []
+        if fidelity is not None:
+            self.fidelity.append(1.0)
         if h not in self.cache:
             t0 = time.perf_counter()
             res = self.worker.evaluate(0, recipe.canonical_json(), self.names)
@@ -72,8 +86,13 @@ class Evaluations:
         return self.cache[h]
 
 
-def run_algorithm(ev: Evaluations, name: str, budget: int, seed: int, **settings) -> list[list[float] | None]:
-    """Values of every evaluation, in the order they were told (generation barriers respected)."""
+def run_algorithm(ev: Evaluations, name: str, budget: int, seed: int, fidelity: dict | None = None,
+                  **settings) -> list[list[float] | None]:
+    """Values of every evaluation, in the order they were told (generation barriers respected).
+
+    With ``fidelity`` (a MultiFidelity dict), each candidate is scored in stages against the front of
+    everything evaluated before its batch, as the driver does at dispatch.
+    """
     space = ev.space.model_copy(update={"algorithm": ev.space.algorithm.model_copy(
         update={"name": name, "settings": settings})})
     algo = make_algorithm(name, dim=ev.genome.dim, directions=[o.direction for o in ev.space.objectives],
@@ -85,8 +104,15 @@ def run_algorithm(ev: Evaluations, name: str, budget: int, seed: int, **settings
         if not props:
             break
         results = []
+        front = None
+        if fidelity is not None:
+            done = [v for v in out if v is not None]
+            if done:
+                dirs = [o.direction for o in ev.space.objectives]
+                F = np.array(done)
+                front = F[frontlib.non_dominated(frontlib.to_minimization(F, dirs))].tolist()
         for p in props:
-            values, flat = ev.score(p.x)
+            values, flat = ev.score(p.x, front, fidelity)
             out.append(values)
             if values is not None and getattr(algo, "uses_samples", False):
                 results.append((p.key, values, flat))
