@@ -378,3 +378,42 @@ def test_lora_delta_equals_merge_and_unload(tmp_path):
     sd, _ = build_state_dict(job.recipe)
     k = "model.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(sd[k], base_sd[k] + 0.5 * delta[k], rtol=0, atol=1e-6)
+
+
+def test_materializer_takes_lora_sources_and_filter_groups(tmp_path):
+    """A LoRA adapter is a source of the resident Materializer (its task vector is B·A·scale), and a
+    recipe group with a tensor-name filter applies to the matching tensors only."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge import Materializer
+    from evomerge.recipe import LayerGroup, Recipe
+
+    base, (expert,) = make_tiny_llama_family(tmp_path, n_experts=1, seed=5, num_hidden_layers=2)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
+    pm = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), cfg)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ad = tmp_path / "adapter"
+    pm.save_pretrained(ad)
+    merged_dir = tmp_path / "merged"
+    pm.merge_and_unload().save_pretrained(merged_dir)
+
+    recipe = Recipe(base=str(base), sources=[str(ad), str(expert)], method="task_arithmetic",
+                    groups=[LayerGroup(name="mlp", kind="all", filter="mlp", weights=[1.0, 0.0]),
+                            LayerGroup(name="rest", kind="all", weights=[0.5, 1.0])])
+    got = Materializer(str(base), [str(ad), str(expert)]).merged_state_dict(recipe)
+    ref_recipe = recipe.model_copy(update={"sources": [str(merged_dir), str(expert)]})
+    want = Materializer(str(base), [str(merged_dir), str(expert)]).merged_state_dict(ref_recipe)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    base_sd, lora_sd = load_state_dict(base), load_state_dict(merged_dir)
+    up = "model.layers.0.mlp.up_proj.weight"  # filter group: the adapter's full delta, no expert
+    torch.testing.assert_close(got[up], lora_sd[up], rtol=1e-5, atol=1e-6)
+    q = "model.layers.1.self_attn.q_proj.weight"  # other tensors: half the adapter, all the expert
+    exp_sd = load_state_dict(expert)
+    torch.testing.assert_close(got[q], base_sd[q] + 0.5 * (lora_sd[q] - base_sd[q]) + (exp_sd[q] - base_sd[q]),
+                               rtol=1e-5, atol=1e-6)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from evomerge.merge import OPERATORS, Materializer, get_operator, resolve_params, tensor_generator
+from evomerge.merge import OPERATORS, Materializer, get_operator, resolve_params
 from evomerge.recipe import LayerGroup, Recipe
 
 try:
@@ -29,7 +30,24 @@ def family(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mat(family):
-    return Materializer(*family)
+    m = Materializer(*family)
+    m.compute_fisher(FISHER_TEXTS)
+    return m
+
+
+FISHER_TEXTS = [[1, 5, 9, 3, 7, 2], [4, 4, 8, 1, 0, 6, 2], [10, 11, 12, 13]]
+_MATS: dict = {}
+
+
+def mat_for(family, mat, method):
+    """The shared 3-source materializer, or a 2-source one for operators that take at most two."""
+    spec = get_operator(method)
+    if spec.max_sources is None or spec.max_sources >= 3:
+        return mat, family
+    fam2 = (family[0], family[1][:2])
+    if "two" not in _MATS:
+        _MATS["two"] = Materializer(*fam2)
+    return _MATS["two"], fam2
 
 
 def recipe(
@@ -43,6 +61,8 @@ def recipe(
     dens=(0.5, 0.7, 0.3),
 ) -> Recipe:
     base, experts = family
+    k = len(experts)
+    embed_w, block_w, head_w, dens = (tuple(x)[:k] for x in (embed_w, block_w, head_w, dens))
     return Recipe(
         base=base,
         sources=experts,
@@ -67,6 +87,7 @@ def recipe(
 
 @pytest.mark.parametrize("method", ALL)
 def test_apply_writes_merged_state_dict(family, mat, method):
+    mat, family = mat_for(family, mat, method)
     r = recipe(family, method)
     sd = mat.merged_state_dict(r)
     model = mat.new_model()
@@ -83,22 +104,23 @@ def test_apply_writes_merged_state_dict(family, mat, method):
 
 @pytest.mark.parametrize("method", ALL)
 def test_matches_pure_operator(family, mat, method):
-    """The fast path (threshold tables, cached noise, chunks) equals the plain operator call."""
+    """The streamed path (chunks, workspace) equals one plain operator call on the whole tensor with
+    the materializer's precomputed inputs (thresholds, draws, ranks, layer, Fisher)."""
+    mat, family = mat_for(family, mat, method)
     r = recipe(family, method, seed=11)
     sd = mat.merged_state_dict(r)
     spec = get_operator(method)
-    params = resolve_params(spec, r.params)
+    chunked = Materializer(*family, chunk=97)
+    if "fisher" in spec.context:
+        chunked.compute_fisher(FISHER_TEXTS)
+    sd2 = chunked.merged_state_dict(r)
     for name in mat.names:
-        g = r.group_for(name)
-        out = spec.fn(
-            mat.base[name],
-            mat.deltas[name],
-            torch.tensor(g.weights),
-            torch.tensor(g.densities),
-            generator=tensor_generator(r.seed, name),
-            **params,
-        )
+        if name in mat.passthrough:
+            continue
+        ctx = mat.context(r, name)
+        out = spec.fn(mat.base[name], mat.deltas[name], **ctx)
         torch.testing.assert_close(sd[name], out, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(sd2[name], out, rtol=0, atol=0, msg=name)
 
 
 def test_reapply_has_no_memory(family, mat):
@@ -115,7 +137,7 @@ def test_reapply_has_no_memory(family, mat):
 def test_dare_reproducible_regardless_of_order_chunk_and_cache(family, mat):
     r = recipe(family, "dare_ties", seed=5)
     ref = mat.merged_state_dict(r)
-    other = Materializer(*family, cache_noise=False, chunk=777)
+    other = Materializer(*family, cache_noise=False, chunk=777, dtype=torch.float32)
     names = list(reversed(other.names))
     for name in names:
         assert torch.equal(other.merged_tensor(r, name), ref[name]), name
@@ -213,3 +235,175 @@ def test_bfloat16_resident(family):
             # bf16 task vectors can flip a near-tie sign election here and there; the bulk agrees
             off = ((v.float() - ref[k]).abs() > 1e-2 + 1e-2 * ref[k].abs()).float().mean().item()
             assert off < 0.01, (k, off)
+
+
+# ---------------------------------------------------------------------------------- new operators
+
+
+def _expert_sd(path):
+    from evomerge.merge import load_state_dict
+
+    return load_state_dict(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_model_passthrough_is_bit_exact(family, tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    base, experts = family
+    src = experts[1]
+    if dtype == torch.bfloat16:  # a bf16 source in a bf16 materializer
+        sd = {k: v.to(dtype) for k, v in _expert_sd(src).items()}
+        (tmp_path / "bf").mkdir()
+        save_file(sd, str(tmp_path / "bf" / "model.safetensors"), metadata={"format": "pt"})
+        (tmp_path / "bf" / "config.json").write_text((Path(src) / "config.json").read_text())
+        src = str(tmp_path / "bf")
+    m = Materializer(base, [experts[0], src], dtype=dtype)
+    r = recipe((base, [experts[0], src]), "passthrough", params={"source": 1})
+    model = m.new_model()
+    m.apply(r, model)
+    want = load_file(str(Path(src) / "model.safetensors"))
+    got = model.state_dict()
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    out = m.save_merged(r, tmp_path / "pt")
+    again = load_file(str(out / "model.safetensors"))
+    for k, v in want.items():
+        assert torch.equal(again[k], v), k
+
+
+def test_group_params_override(family, mat):
+    from types import SimpleNamespace
+
+    spec = get_operator("slerp")
+    params = resolve_params(spec, {})
+    assert Materializer._params(spec, params, SimpleNamespace(name="g", params={"t": 0.2}))["t"] == 0.2
+    with pytest.raises(ValueError, match="per-group"):
+        Materializer._params(spec, params, SimpleNamespace(name="g", params={"eps": 0.2}))
+
+
+def test_slerp_materialized_endpoints(family, mat):
+    m, fam = mat_for(family, mat, "slerp")
+    sd0 = m.merged_state_dict(recipe(fam, "slerp", params={"t": 0.0}))
+    sd1 = m.merged_state_dict(recipe(fam, "slerp", params={"t": 1.0}))
+    e0, e1 = _expert_sd(fam[1][0]), _expert_sd(fam[1][1])
+    for k in sd0:
+        torch.testing.assert_close(sd0[k], e0[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(sd1[k], e1[k], rtol=0, atol=1e-6)
+
+
+def test_lines_uses_the_block_index(family, mat):
+    r = recipe(family, "lines", params={"alpha": 0.0, "beta": 1.0})
+    ta = mat.merged_state_dict(recipe(family, "task_arithmetic"))
+    sd = mat.merged_state_dict(r)
+    e = "model.embed_tokens.weight"
+    assert torch.equal(sd[e], mat.base[e])  # depth 0: alpha = 0
+    n0, n2 = "model.layers.0.mlp.up_proj.weight", f"model.layers.{N_LAYERS - 1}.mlp.up_proj.weight"
+    assert torch.equal(sd[n0], mat.base[n0])
+    torch.testing.assert_close(sd[n2], ta[n2])  # last block: alpha + beta = 1
+    n1 = "model.layers.1.mlp.up_proj.weight"
+    torch.testing.assert_close(sd[n1], mat.base[n1] + 0.5 * (ta[n1] - mat.base[n1]))
+
+
+def test_consensus_k0_materialized_is_its_base(family, mat):
+    for bm in ("task_arithmetic", "ties"):
+        a = mat.merged_state_dict(recipe(family, "consensus", params={"k": 0, "base_method": bm}))
+        b = mat.merged_state_dict(recipe(family, bm))
+        for k in a:
+            assert torch.equal(a[k], b[k]), (bm, k)
+
+
+def test_fisher_pass_and_cache(family, tmp_path):
+    base, experts = family
+    m = Materializer(base, experts[:2])
+    m.compute_fisher(FISHER_TEXTS, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("fisher-*.safetensors"))) == 2
+    for name, f in m._fisher.items():
+        assert f.shape == m.deltas[name].shape and bool((f >= 0).all())
+    assert float(m.fisher("model.layers.0.mlp.up_proj.weight").sum()) > 0
+    m2 = Materializer(base, experts[:2])
+    m2.compute_fisher(FISHER_TEXTS, cache_dir=tmp_path)  # from the cache
+    for name in m._fisher:
+        assert torch.equal(m._fisher[name], m2._fisher[name])
+    # a merge with Fisher weights differs from the plain average and stays between the models
+    r = recipe((base, experts[:2]), "fisher")
+    lin = m.merged_state_dict(recipe((base, experts[:2]), "linear"))
+    sd = m.merged_state_dict(r)
+    n = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(sd[n], lin[n])
+    lo = torch.minimum(m.base[n] + m.deltas[n][0], m.base[n] + m.deltas[n][1])
+    hi = torch.maximum(m.base[n] + m.deltas[n][0], m.base[n] + m.deltas[n][1])
+    assert bool(((sd[n] >= lo - 1e-6) & (sd[n] <= hi + 1e-6)).all())
+    with pytest.raises(RuntimeError, match="compute_fisher"):
+        Materializer(base, experts[:2]).merged_state_dict(r)
+
+
+def test_stacked_layers_load(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, experts = family
+    m = Materializer(base, experts)
+    out = m.save_stacked([(-1, 0, 2), (0, 1, 3)], tmp_path / "stack")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4
+    e0 = _expert_sd(experts[0])
+    sd = model.state_dict()
+    assert torch.equal(sd["model.layers.2.mlp.up_proj.weight"], e0["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(sd["model.layers.1.self_attn.q_proj.weight"], m.base["model.layers.1.self_attn.q_proj.weight"])
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.fixture(scope="module")
+def wide_family(tmp_path_factory):
+    """Tensors larger than the quantile and histogram indexes (vocab 512 x hidden 32)."""
+    root = tmp_path_factory.mktemp("wide")
+    return make_tiny_llama_family(root, n_experts=2, seed=3, num_hidden_layers=1, vocab_size=512)
+
+
+def test_quantile_index_and_della_ranks_are_close(wide_family):
+    from evomerge.merge.operators import della_ranks
+
+    exact = Materializer(*wide_family, trim_index="exact")
+    approx = Materializer(*wide_family, quantile_points=257)
+    name = "model.embed_tokens.weight"
+    n = exact.deltas[name][0].numel()
+    assert n > 4096
+    dens = torch.tensor([0.3, 0.55])
+    te, ta = exact.thresholds(name, dens), approx.thresholds(name, dens)
+    for i in range(2):
+        ke = int((exact.deltas[name][i].abs() >= te[i]).sum())
+        ka = int((exact.deltas[name][i].abs() >= ta[i]).sum())
+        assert ke == int(float(dens[i]) * n) and abs(ka - ke) <= n / 256 + 1
+    r = exact.ranks(name).reshape(2, -1)
+    ref = della_ranks(exact.deltas[name]).reshape(2, -1)
+    assert float((r - ref).abs().max()) < 2e-3
+
+
+def test_noise_is_uniform_and_chunk_independent(wide_family):
+    m = Materializer(*wide_family)
+    name = "model.embed_tokens.weight"
+    u = m.noise(3, name)
+    assert u.shape == m.deltas[name].shape
+    flat = u.reshape(2, -1)
+    assert abs(float(flat.mean()) - 0.5) < 0.01 and float(flat.min()) >= 0 and float(flat.max()) < 1
+    assert float(torch.corrcoef(flat)[0, 1].abs()) < 0.05  # sources draw independently
+    part = m.noise(3, name, 1000, 9000)
+    assert torch.equal(part, flat[:, 1000:9000])
+    assert not torch.equal(m.noise(4, name), u)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare", "dare_ties"])
+def test_fused_kernels_match_eager(family, mat, method):
+    from evomerge.merge import kernels
+
+    if not kernels.available():
+        pytest.skip("torch.compile unavailable here")
+    fused = Materializer(*family, fused=True)
+    other = {"normalize": False} if method == "linear" else {"normalize": True, "lambda": 0.7}
+    for params in ({}, other):
+        r = recipe(family, method, seed=4, params=params)
+        a, b = mat.merged_state_dict(r), fused.merged_state_dict(r)
+        for k in a:
+            off = ((a[k] - b[k]).abs() > 1e-6).float().mean().item()
+            assert off <= 1e-3, (method, params, k, off)  # a near-zero sign election may flip

@@ -1,20 +1,26 @@
 """The materializer: turn a parameter-space :class:`~evomerge.recipe.Recipe` into weights, in memory.
 
-A :class:`Materializer` loads the base and the source models once, keeps the base tensors and the
-stacked task vectors ``tau_t = theta_t - theta0`` resident on its device, and precomputes what does
-not depend on the candidate:
+A :class:`Materializer` loads the base and the source models once (tensor by tensor, so loading never
+holds more than one extra tensor), keeps the base tensors and the stacked task vectors
+``tau_t = theta_t - theta0`` resident on its device, and precomputes what does not depend on the
+candidate:
 
-- for magnitude trims (TIES), per tensor and per source the |tau| sorted in descending order, so the
-  trim at any density is a lookup of the ``k``-th value (no sort, no top-k per candidate);
-- for DARE, the uniform draws of the drop mask for the current seed (drawn once per seed on the CPU
-  generator, so a candidate rebuilds bit for bit on any device, then cached).
+- for magnitude trims (TIES, breadcrumbs), per tensor and source an index of |tau| order statistics,
+  so the trim at any density is a lookup of the ``k``-th value (no sort, no top-k per candidate);
+- for DELLA, per tensor and source a cumulative histogram of |tau|, so an entry's magnitude rank is a
+  table lookup;
+- for DARE and DELLA, one table of uniform draws per seed; a tensor's draws are slices of it.
 
 Per candidate, :meth:`Materializer.apply` streams each tensor in cache-sized chunks through the
-operator and writes the result straight into a preallocated model's parameters with ``copy_``.
+operator (or a fused kernel from :mod:`evomerge.merge.kernels`) and writes the result straight into a
+preallocated model's parameters.
 
-DARE seeding: the mask of tensor ``name`` under ``recipe.seed`` comes from a CPU ``torch.Generator``
-seeded with ``tensor_seed(recipe.seed, name)`` (a hash of both), drawing ``K x shape`` uniforms at
-once; it does not depend on the order tensors are visited, on the device, or on the chunking.
+Random draws: the uniforms of tensor ``name``, source ``t``, under ``recipe.seed`` come in blocks of
+``NOISE_BLOCK`` entries; block ``b`` is the slice of the seed's table (``NOISE_TABLE`` uniforms from a
+CPU generator seeded with ``tensor_seed(seed, "")``) that starts at an offset hashed from (seed, name,
+t, b). The draws are iid U[0,1) within a block, do not depend on the order tensors are visited, on the
+device or on the chunking, and cost no memory per candidate and nothing to draw; across blocks they
+reuse the table at unrelated offsets, which a drop mask cannot tell from fresh draws.
 """
 
 from __future__ import annotations
@@ -27,13 +33,30 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from evomerge.merge.operators import OperatorSpec, Workspace, get_operator, resolve_params, trim_count
+from evomerge.merge.operators import (
+    OperatorSpec,
+    Workspace,
+    _band,
+    get_operator,
+    magnitude_thresholds,
+    resolve_params,
+    trim_count,
+)
 from evomerge.recipe import LayerGroup, Recipe, tensor_slot
 
-__all__ = ["Materializer", "load_state_dict", "tensor_seed", "tensor_generator", "TOKENIZER_FILES"]
+__all__ = [
+    "Materializer",
+    "load_state_dict",
+    "tensor_seed",
+    "tensor_generator",
+    "TOKENIZER_FILES",
+    "NOISE_BLOCK",
+    "NOISE_TABLE",
+]
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -55,6 +78,11 @@ TOKENIZER_FILES = (
 DEFAULT_CHUNK = 1 << 18
 DEFAULT_CHUNK_ACCEL = 1 << 26
 
+NOISE_BLOCK = 1 << 16
+NOISE_TABLE = 1 << 20
+DELLA_BINS = 4096
+_F32 = torch.empty(0, dtype=torch.float32)
+
 
 def tensor_seed(seed: int, name: str) -> int:
     """A 63-bit seed for tensor ``name`` under recipe seed ``seed`` (order- and device-independent)."""
@@ -65,6 +93,95 @@ def tensor_seed(seed: int, name: str) -> int:
 def tensor_generator(seed: int, name: str) -> torch.Generator:
     """The CPU generator DARE uses for tensor ``name``; see :func:`tensor_seed`."""
     return torch.Generator(device="cpu").manual_seed(tensor_seed(seed, name))
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)).astype(np.uint64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def noise_offsets(seed: int, name: str, k: int, numel: int) -> np.ndarray:
+    """``K x n_blocks`` offsets into the seed's noise table for tensor ``name`` (see the module doc)."""
+    nb = max(1, -(-numel // NOISE_BLOCK))
+    idx = np.arange(k * nb, dtype=np.uint64) + np.uint64(tensor_seed(seed, name))
+    return (_splitmix64(idx) % np.uint64(NOISE_TABLE)).astype(np.int64).reshape(k, nb)
+
+
+def noise_table(seed: int) -> Tensor:
+    """The seed's table of uniforms (``NOISE_TABLE + NOISE_BLOCK`` float32, so no slice wraps)."""
+    return torch.rand(NOISE_TABLE + NOISE_BLOCK, generator=tensor_generator(seed, ""), dtype=torch.float32)
+
+
+class _Reader:
+    """Tensors of a Hugging Face model folder, read one at a time (safetensors) or all at once (.bin)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._files: dict[str, Path] = {}
+        self._all: dict[str, Tensor] | None = None
+        p = self.path
+        if p.is_file() and p.suffix == ".safetensors":
+            files = [p]
+        elif (p / "model.safetensors.index.json").is_file():
+            wm = json.loads((p / "model.safetensors.index.json").read_text())["weight_map"]
+            self._files = {k: p / v for k, v in wm.items()}
+            files = []
+        elif (p / "model.safetensors").is_file():
+            files = [p / "model.safetensors"]
+        else:
+            files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
+        if files:
+            from safetensors import safe_open
+
+            for f in files:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        self._files[k] = f
+        if not self._files:
+            self._all = load_state_dict(p)
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, Tensor], path: str | Path) -> _Reader:
+        r = cls.__new__(cls)
+        r.path, r._files, r._all = Path(path), {}, tensors
+        return r
+
+    @classmethod
+    def for_source(cls, path: str | Path, base_path: str | Path) -> _Reader:
+        """A source's tensors; a PEFT LoRA adapter (or mergekit's ``model+adapter``) reads as base + B·A·scale."""
+        from evomerge.merge.lora import is_lora_adapter, source_state_dict
+
+        if is_lora_adapter(path) or ("+" in str(path) and not Path(path).exists()):
+            return cls.from_dict(source_state_dict(path, load_state_dict(base_path)), path)
+        return cls(path)
+
+    def keys(self) -> list[str]:
+        return list(self._all) if self._all is not None else list(self._files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in (self._all if self._all is not None else self._files)
+
+    def get(self, name: str) -> Tensor | None:
+        if self._all is not None:
+            return self._all.get(name)
+        f = self._files.get(name)
+        if f is None:
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as h:
+            return h.get_tensor(name)
+
+    def get_tied(self, name: str) -> Tensor | None:
+        t = self.get(name)
+        if t is None and name.endswith("lm_head.weight"):
+            for cand in ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight"):
+                if cand in self:
+                    return self.get(cand)
+        return t
 
 
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -121,17 +238,21 @@ class Materializer:
         where and in which dtype the base, the task vectors and the models from :meth:`new_model` live.
         The operators compute in float32 whatever ``dtype`` is.
     trim_index:
-        how magnitude trims (TIES) find their threshold: ``"exact"`` keeps the full descending-sorted
-        |tau| per tensor and source (as much memory again as the task vectors; the lookup is exact and
-        matches mergekit's top-k); ``"quantile"`` keeps ``quantile_points`` evenly spaced order
-        statistics and interpolates (kept count off by at most ``numel / quantile_points``);
-        ``"none"`` sorts per candidate (``kthvalue``; slow, no memory). Built lazily on the first recipe
-        that needs it.
+        how magnitude trims (TIES, breadcrumbs) find their threshold. ``"quantile"`` (default) keeps
+        ``quantile_points`` evenly spaced order statistics of |tau| per tensor and source and
+        interpolates between them (exact for tensors of at most ``quantile_points`` entries; otherwise
+        the kept count is off by at most ``numel / quantile_points``, 0.025% of the tensor by default);
+        it costs ~nothing, so resident memory stays (sources + 2) model sizes with the model.
+        ``"exact"`` keeps the full sorted |tau| (one more model size per source; matches mergekit's
+        top-k exactly); ``"none"`` sorts per candidate (``kthvalue``; slow, no memory). Built lazily.
     cache_noise:
-        keep the DARE uniforms of the last seed resident (memory: one float32 per task-vector entry), so
-        candidates sharing a seed draw nothing. Off: each DARE tensor draws afresh (same values).
+        kept for compatibility; random draws come from a per-seed table (see the module doc) and cost
+        no memory per tensor.
     chunk:
         elements per streamed chunk in :meth:`apply` (default 2^18 on CPU, 2^26 elsewhere).
+    fused:
+        use the fused kernels of :mod:`evomerge.merge.kernels` for the hot operators when they apply
+        (``None``: on CPU when ``torch.compile`` works here).
     """
 
     def __init__(
@@ -141,10 +262,11 @@ class Materializer:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         *,
-        trim_index: Literal["exact", "quantile", "none"] = "exact",
+        trim_index: Literal["exact", "quantile", "none"] = "quantile",
         quantile_points: int = 4097,
         cache_noise: bool = True,
         chunk: int | None = None,
+        fused: bool = False,
     ) -> None:
         from transformers import AutoConfig
 
@@ -162,42 +284,67 @@ class Materializer:
         if chunk is None:
             chunk = DEFAULT_CHUNK if self.device.type == "cpu" else DEFAULT_CHUNK_ACCEL
         self.chunk = int(chunk)
+        self.fused = fused
         self.config = AutoConfig.from_pretrained(self.base_path)
+        self.num_layers = int(getattr(self.config, "num_hidden_layers", 0) or 0)
 
-        base_sd = load_state_dict(self.base_path)
-        self.names: list[str] = list(base_sd.keys())
+        base_r = _Reader(self.base_path)
+        self._readers = [_Reader.for_source(p, self.base_path) for p in self.source_paths]
+        self._base_reader = base_r
+        self.names: list[str] = base_r.keys()
         self.base: dict[str, Tensor] = {}
         self.deltas: dict[str, Tensor] = {}  # name -> K x shape (float tensors only)
         self.passthrough: set[str] = set()  # non-float tensors, copied from the base as they are
-        src_sds = [load_state_dict(p) for p in self.source_paths]
+        k = len(self.source_paths)
         for name in self.names:
-            b = base_sd[name]
+            b = base_r.get(name)
             if not b.is_floating_point():
                 self.base[name] = b.to(self.device)
                 self.passthrough.add(name)
                 continue
             b32 = b.to(torch.float32)
-            rows = []
-            for path, sd in zip(self.source_paths, src_sds, strict=True):
-                t = sd.get(name)
-                if t is None:
-                    t = _tied_alias(name, sd)
+            d = torch.empty((k, *b.shape), dtype=dtype, device=self.device)
+            for i, (path, r) in enumerate(zip(self.source_paths, self._readers, strict=True)):
+                t = r.get_tied(name)
                 if t is None:
                     raise KeyError(f"source {path} has no tensor {name!r} (the base has it)")
                 if t.shape != b.shape:
                     raise ValueError(f"{name}: shape {tuple(t.shape)} in {path}, {tuple(b.shape)} in the base")
-                rows.append((t.to(torch.float32) - b32).to(dtype))
+                d[i].copy_(t.to(torch.float32) - b32)
+                del t
             self.base[name] = b.to(device=self.device, dtype=dtype)
-            self.deltas[name] = torch.stack(rows).to(self.device)
-            del rows
-        del base_sd, src_sds
+            self.deltas[name] = d
+            del b, b32
         self.slots: dict[str, str | int] = {n: tensor_slot(n) for n in self.names}
         # name -> (K x P descending |tau| or its quantiles, positions of the quantiles or None)
         self._sorted: dict[str, tuple[Tensor, Tensor | None]] | None = None
-        self._noise_seed: int | None = None
-        self._noise: dict[str, Tensor] = {}
+        self._della: dict[str, tuple[Tensor, Tensor]] | None = None  # name -> (K x BINS cdf, K scale)
+        self._table_seed: int | None = None
+        self._table: Tensor | None = None
+        self._offsets: dict[str, np.ndarray] = {}
+        self._fisher: dict[str, Tensor] | None = None
+        self._fisher_key: str | None = None
         # scratch buffers of the streamed chunks (one materializer serves one thread at a time)
         self._ws = Workspace()
+        self._kernels = None
+
+    def subset(self, indices: list[int]) -> Materializer:
+        """A materializer over some of the sources that shares this one's resident tensors (views, no
+        copy): e.g. a two-model SLERP out of a worker holding three sources."""
+        import copy
+
+        idx = [int(i) for i in indices]
+        sub = copy.copy(self)
+        sub.source_paths = [self.source_paths[i] for i in idx]
+        sub._readers = [self._readers[i] for i in idx]
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            sub.deltas = {n: d[idx[0] : idx[0] + len(idx)] for n, d in self.deltas.items()}
+        else:
+            sub.deltas = {n: d[idx] for n, d in self.deltas.items()}
+        sub._sorted = sub._della = sub._fisher = None
+        sub._offsets = {}
+        sub._ws = Workspace()
+        return sub
 
     # ------------------------------------------------------------------------------------------
     # sizes
@@ -210,81 +357,254 @@ class Materializer:
         """Parameters of the merged model (tied tensors counted once)."""
         return sum(t.numel() for t in self.base.values())
 
+    def model_bytes(self) -> int:
+        """Bytes of one model in the materializer's dtype."""
+        return sum(t.numel() * t.element_size() for t in self.base.values())
+
     def resident_bytes(self) -> int:
-        """Bytes held resident: base, task vectors, sorted-magnitude tables and cached DARE draws."""
+        """Bytes held resident: base, task vectors, magnitude indexes, DELLA histograms, noise table, Fisher."""
         tot = sum(t.numel() * t.element_size() for t in self.base.values())
         tot += sum(t.numel() * t.element_size() for t in self.deltas.values())
         if self._sorted:
             tot += sum(t.numel() * t.element_size() for t, _ in self._sorted.values())
-        tot += sum(t.numel() * t.element_size() for t in self._noise.values())
+        if self._della:
+            tot += sum(a.numel() * a.element_size() for a, _ in self._della.values())
+        if self._table is not None:
+            tot += self._table.numel() * 4
+        if self._fisher:
+            tot += sum(t.numel() * t.element_size() for t in self._fisher.values())
         return tot
 
     # ------------------------------------------------------------------------------------------
     # precomputation
 
     def precompute_magnitudes(self) -> None:
-        """Build the sorted-|tau| tables used by magnitude trims (done lazily on first use)."""
+        """Build the sorted-|tau| index used by magnitude trims (done lazily on first use)."""
         if self._sorted is not None or self.trim_index == "none":
             return
         tables: dict[str, tuple[Tensor, Tensor | None]] = {}
         for name, d in self.deltas.items():
             k = d.shape[0]
-            s = torch.sort(d.reshape(k, -1).abs().to(torch.float32), dim=1, descending=True).values
-            pos = None
-            if self.trim_index == "quantile" and s.shape[1] > self.quantile_points:
-                pos = torch.linspace(0, s.shape[1] - 1, self.quantile_points).round().long()
-                s = s.index_select(1, pos.to(s.device)).contiguous()
-            tables[name] = (s.to(self.dtype).cpu() if self.device.type == "cpu" else s.to(self.dtype), pos)
+            rows, pos = [], None
+            n = d[0].numel()
+            if self.trim_index == "quantile" and n > self.quantile_points:
+                pos = (
+                    torch.linspace(0, n - 1, self.quantile_points, dtype=torch.float64).round().long().clamp_(0, n - 1)
+                )
+            for i in range(k):  # one source at a time: the sort's temporaries stay one tensor large
+                s = torch.sort(d[i].reshape(-1).abs().to(torch.float32), descending=True).values
+                if pos is not None:
+                    s = s.index_select(0, pos.to(s.device)).contiguous()
+                rows.append(s.to(torch.float32 if pos is not None else self.dtype))
+                del s
+            tables[name] = (torch.stack(rows), pos)
         self._sorted = tables
+
+    def _desc_value(self, name: str, i: int, j: int) -> float:
+        """The j-th largest |tau| (0-based) of source i in tensor ``name``, exact or interpolated."""
+        self.precompute_magnitudes()
+        table, pos = self._sorted[name]  # type: ignore[index]
+        if pos is None:
+            return float(table[i, j])
+        hi = int(torch.searchsorted(pos, torch.tensor([j])))
+        hi = min(hi, pos.numel() - 1)
+        if int(pos[hi]) == j or hi == 0:
+            return float(table[i, hi])
+        lo = hi - 1
+        f = (j - int(pos[lo])) / (int(pos[hi]) - int(pos[lo]))
+        return float(table[i, lo]) * (1 - f) + float(table[i, hi]) * f
 
     def thresholds(self, name: str, densities: Tensor) -> Tensor:
         """Per source, the magnitude threshold of a top-density trim of tensor ``name``."""
         d = self.deltas[name]
         k, n = d.shape[0], d[0].numel()
-        out = torch.empty(k, dtype=torch.float32)
         if self.trim_index == "none":
-            from evomerge.merge.operators import magnitude_thresholds
-
             return magnitude_thresholds(d, densities)
-        self.precompute_magnitudes()
-        table, pos = self._sorted[name]  # type: ignore[index]
+        out = torch.empty(k, dtype=torch.float32)
         for i in range(k):
             keep = trim_count(float(densities[i]), n)
             if keep >= n:
                 out[i] = -math.inf
             elif keep == 0:
                 out[i] = math.inf
-            elif pos is None:  # exact: the keep-th largest |tau|
-                out[i] = float(table[i, keep - 1])
-            else:  # quantile table: interpolate between the stored order statistics around keep - 1
-                j = keep - 1
-                hi = int(torch.searchsorted(pos, torch.tensor([j])))
-                hi = min(hi, pos.numel() - 1)
-                if int(pos[hi]) == j or hi == 0:
-                    out[i] = float(table[i, hi])
-                else:
-                    lo = hi - 1
-                    f = (j - int(pos[lo])) / (int(pos[hi]) - int(pos[lo]))
-                    out[i] = float(table[i, lo]) * (1 - f) + float(table[i, hi]) * f
+            else:
+                out[i] = self._desc_value(name, i, keep - 1)
         return out
 
-    def noise(self, seed: int, name: str) -> Tensor:
-        """The DARE uniforms (``K x shape``, float32) of tensor ``name`` under ``seed``."""
-        if self.cache_noise:
-            if self._noise_seed != seed:
-                self._noise = {}
-                self._noise_seed = seed
-            u = self._noise.get(name)
-            if u is None:
-                u = self._draw(seed, name)
-                self._noise[name] = u
-            return u
-        return self._draw(seed, name)
+    def band_thresholds(self, name: str, densities: Tensor, gamma: float) -> Tensor:
+        """Per source, the ``(lo, hi)`` |tau| band of a breadcrumbs trim of tensor ``name``."""
+        d = self.deltas[name]
+        k, n = d.shape[0], d[0].numel()
+        out = torch.empty(k, 2, dtype=torch.float32)
+        for i in range(k):
+            if self.trim_index == "none":
+                flat = d[i].reshape(-1).abs().float()
+                lo, hi = _band(float(densities[i]), gamma, n, lambda j, flat=flat: float(flat.kthvalue(n - j).values))
+            else:
+                lo, hi = _band(float(densities[i]), gamma, n, lambda j, i=i: self._desc_value(name, i, j))
+            out[i, 0], out[i, 1] = lo, hi
+        return out
 
-    def _draw(self, seed: int, name: str) -> Tensor:
-        shape = self.deltas[name].shape
-        u = torch.rand(shape, generator=tensor_generator(seed, name), dtype=torch.float32)
-        return u.to(self.device)
+    def precompute_della(self) -> None:
+        """Cumulative histograms of |tau| per tensor and source (DELLA's rank lookup)."""
+        if self._della is not None:
+            return
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        for name, d in self.deltas.items():
+            k = d.shape[0]
+            n = d[0].numel()
+            cdfs, scales = [], []
+            for i in range(k):
+                a = d[i].reshape(-1).abs().float()
+                vmax = float(a.max()) if n else 0.0
+                if n <= DELLA_BINS or vmax == 0.0:
+                    cdfs.append(torch.zeros(DELLA_BINS))
+                    scales.append(0.0)
+                    continue
+                h = torch.histc(a, bins=DELLA_BINS, min=0.0, max=vmax).double()
+                cum = torch.cumsum(h, 0) - 0.5 * h  # rank of a bin's middle entry
+                cdfs.append(((cum - 0.5) / max(n - 1, 1)).clamp(0, 1).float())
+                scales.append(DELLA_BINS / vmax)
+            out[name] = (torch.stack(cdfs).to(self.device), torch.tensor(scales, dtype=torch.float32))
+        self._della = out
+
+    def ranks(self, name: str, start: int = 0, stop: int | None = None) -> Tensor:
+        """DELLA's normalised |tau| ranks (``K x chunk``, float32) of entries [start, stop) of ``name``.
+
+        Exact (by sort) for tensors of at most ``DELLA_BINS`` entries, otherwise looked up in the
+        cumulative histogram (error below one bin's share of the entries).
+        """
+        from evomerge.merge.operators import della_ranks
+
+        d = self.deltas[name]
+        k, n = d.shape[0], d[0].numel()
+        stop = n if stop is None else stop
+        flat = d.reshape(k, -1)[:, start:stop]
+        if n <= DELLA_BINS:
+            return della_ranks(d).reshape(k, -1)[:, start:stop].contiguous()
+        self.precompute_della()
+        cdf, scale = self._della[name]  # type: ignore[index]
+        idx = (flat.abs().float() * scale.to(flat.device).view(k, 1)).long().clamp_(0, DELLA_BINS - 1)
+        return torch.gather(cdf, 1, idx)
+
+    def _noise_table(self, seed: int) -> Tensor:
+        if self._table_seed != seed or self._table is None:
+            self._table = noise_table(seed).to(self.device)
+            self._table_seed = seed
+            self._offsets = {}
+        return self._table
+
+    def _offsets_of(self, seed: int, name: str) -> Tensor:
+        self._noise_table(seed)
+        offs = self._offsets.get(name)
+        if offs is None:
+            d = self.deltas[name]
+            offs = torch.from_numpy(noise_offsets(seed, name, d.shape[0], d[0].numel())).to(self.device)
+            self._offsets[name] = offs
+        return offs
+
+    def noise(self, seed: int, name: str, start: int = 0, stop: int | None = None, out: Tensor | None = None) -> Tensor:
+        """The uniforms (``K x chunk``, float32) of entries [start, stop) of tensor ``name`` under ``seed``."""
+        table = self._noise_table(seed)
+        d = self.deltas[name]
+        k, n = d.shape[0], d[0].numel()
+        stop = n if stop is None else stop
+        offs = self._offsets_of(seed, name).cpu().numpy()
+        if out is None:
+            out = torch.empty((k, stop - start), dtype=torch.float32, device=self.device)
+        b0, b1 = start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK
+        for i in range(k):
+            for blk in range(b0, b1 + 1):
+                s = max(start, blk * NOISE_BLOCK)
+                e = min(stop, (blk + 1) * NOISE_BLOCK)
+                o = int(offs[i, blk]) + s - blk * NOISE_BLOCK
+                out[i, s - start : e - start].copy_(table[o : o + e - s])
+        return out.reshape(d.shape) if (start, stop) == (0, n) else out
+
+    # ------------------------------------------------------------------------------------------
+    # Fisher information
+
+    def compute_fisher(
+        self,
+        texts: list[str] | list[list[int]],
+        *,
+        max_length: int = 256,
+        cache_dir: str | Path | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        """Diagonal empirical Fisher of every source over ``texts``; kept for the ``fisher`` operator.
+
+        Each text (a string, tokenized with the source's own tokenizer or ``tokenizer``, or a list of
+        token ids) is one example: ``F = mean over texts of (d loss / d theta)^2`` with the causal
+        LM loss of the text. Runs on the materializer's device, one source at a time, in float32.
+        With ``cache_dir``, each source's Fisher is saved there (safetensors, keyed by the source
+        path, the texts and ``max_length``) and reused by later processes. Calling again with the
+        same texts does nothing.
+        """
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForCausalLM
+
+        key = hashlib.sha256(json.dumps([texts, max_length], sort_keys=True).encode()).hexdigest()[:16]
+        if self._fisher is not None and self._fisher_key == key:
+            return
+        per_source: list[dict[str, Tensor]] = []
+        for path in self.source_paths:
+            cfile = None
+            if cache_dir is not None:
+                h = hashlib.sha256(f"{Path(path).resolve()}\x00{key}".encode()).hexdigest()[:16]
+                cfile = Path(cache_dir) / f"fisher-{h}.safetensors"
+                if cfile.is_file():
+                    per_source.append(load_file(str(cfile)))
+                    continue
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device)
+            model.eval()
+            tok = tokenizer
+            if tok is None and any(isinstance(t, str) for t in texts):
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(path)
+            params = dict(model.named_parameters())
+            acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+            count = 0
+            for text in texts:
+                if isinstance(text, str):
+                    ids = tok(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+                else:
+                    ids = torch.tensor([list(text)[:max_length]], dtype=torch.long)
+                if ids.shape[1] < 2:
+                    continue
+                ids = ids.to(self.device)
+                model.zero_grad(set_to_none=True)
+                model(input_ids=ids, labels=ids).loss.backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        acc[n].add_(p.grad.detach().float().pow(2))
+                count += 1
+            if count == 0:
+                raise ValueError("compute_fisher: no text with at least two tokens")
+            fis = {n: (a / count).cpu().contiguous() for n, a in acc.items()}
+            del model, acc, params
+            if cfile is not None:
+                cfile.parent.mkdir(parents=True, exist_ok=True)
+                save_file(fis, str(cfile))
+            per_source.append(fis)
+        out: dict[str, Tensor] = {}
+        for name in self.deltas:
+            rows = []
+            for path, fis in zip(self.source_paths, per_source, strict=True):
+                f = fis.get(name)
+                if f is None:
+                    f = _tied_alias(name, fis)
+                if f is None:
+                    raise KeyError(f"no Fisher for tensor {name!r} of {path}")
+                rows.append(f.to(self.dtype))
+            out[name] = torch.stack(rows).to(self.device)
+        self._fisher, self._fisher_key = out, key
+
+    def fisher(self, name: str) -> Tensor:
+        if self._fisher is None:
+            raise RuntimeError("the fisher operator needs Materializer.compute_fisher(texts) first")
+        return self._fisher[name]
 
     # ------------------------------------------------------------------------------------------
     # merging
@@ -292,82 +612,180 @@ class Materializer:
     def _check(self, recipe: Recipe) -> tuple[OperatorSpec, dict[str, Any]]:
         if recipe.kind != "parameter_space":
             raise ValueError(f"the materializer builds parameter-space recipes, not {recipe.kind!r}")
+        spec, params = self._check_light(recipe)
+        for name in self.names:  # every tensor must be covered (fail before writing anything)
+            self._params(spec, params, self._group(recipe, name))
+        return spec, params
+
+    def _check_light(self, recipe: Recipe) -> tuple[OperatorSpec, dict[str, Any]]:
         if len(recipe.sources) != self.n_sources:
             raise ValueError(f"recipe has {len(recipe.sources)} sources, the materializer holds {self.n_sources}")
         spec = get_operator(recipe.method)
-        params = resolve_params(spec, recipe.params)
-        for name in self.names:  # every tensor must be covered (fail before writing anything)
-            self._group(recipe, name)
-        return spec, params
+        spec.check_sources(self.n_sources)
+        return spec, resolve_params(spec, recipe.params)
 
     def _group(self, recipe: Recipe, name: str) -> LayerGroup:
         slot = self.slots[name]
         for g in recipe.groups:
-            if g.contains(slot):
+            if g.matches(name, slot):  # block range, and the group's tensor-name filter if any
                 return g
         raise KeyError(f"no layer group of the recipe covers tensor {name!r} (slot {slot!r})")
 
-    def _chunkable(self, spec: OperatorSpec, params: dict[str, Any]) -> bool:
-        # every operator is elementwise once thresholds and noise are given, except DARE's L1 rescale
-        if spec.sparsify == "random":
-            r = params.get("rescale")
-            return not (r is True or r == "l1")
-        return True
+    @staticmethod
+    def _params(spec: OperatorSpec, params: dict[str, Any], g: LayerGroup) -> dict[str, Any]:
+        """Method params with the group's overrides (genes such as SLERP's ``t``)."""
+        gp = getattr(g, "params", None) or {}
+        if not gp:
+            return params
+        bad = set(gp) - set(spec.group_params)
+        if bad:
+            raise ValueError(
+                f"group {g.name!r}: method {spec.name!r} takes no per-group {sorted(bad)} "
+                f"(per-group params: {list(spec.group_params)})"
+            )
+        return {**params, **gp}
 
-    def _merge_chunks(
+    def _inputs(
         self, recipe: Recipe, spec: OperatorSpec, params: dict[str, Any], name: str
-    ) -> Iterator[tuple[int, int, Tensor]]:
-        """Yield ``(start, stop, merged_flat_chunk)`` for tensor ``name`` (float32 chunks)."""
+    ) -> tuple[dict[str, Any], Tensor, Tensor, str | None, frozenset[str], dict[str, Any]]:
         g = self._group(recipe, name)
-        base = self.base[name]
-        d = self.deltas[name]
-        k = d.shape[0]
+        params = self._params(spec, params, g)
+        k = self.n_sources
         w = torch.tensor(g.weights, dtype=torch.float32, device=self.device)
         dens = torch.tensor(
             g.densities if g.densities is not None else [1.0] * k, dtype=torch.float32, device=self.device
         )
-        thr = noise = None
-        if spec.sparsify == "magnitude":
-            thr = self.thresholds(name, dens).to(self.device)
-        elif spec.sparsify == "random" and bool((dens < 1).any()):
-            noise = self.noise(recipe.seed, name)
+        sp, ctx = spec.resolved(params)
+        extra: dict[str, Any] = {}
+        if sp == "magnitude":
+            extra["thresholds"] = self.thresholds(name, dens).to(self.device)
+        elif sp == "outliers":
+            gamma = params.get("gamma", (params.get("base_params") or {}).get("gamma", 0.01))
+            extra["thresholds"] = self.band_thresholds(name, dens, float(gamma)).to(self.device)
+        if "layer" in ctx:
+            extra["layer"] = self.slots[name]
+            extra["num_layers"] = self.num_layers
+        if "name" in ctx:
+            extra["name"] = name
+        return params, w, dens, sp, ctx, extra
+
+    def context(self, recipe: Recipe, name: str) -> dict[str, Any]:
+        """Everything the materializer passes the operator for the whole tensor ``name`` (weights,
+        densities, thresholds, draws, ranks, layer, Fisher...): ``spec.fn(base, deltas, **context)``
+        gives what :meth:`merged_tensor` gives (the reference for the streamed and fused paths)."""
+        spec, params = self._check_light(recipe)
+        params, w, dens, sp, ctx, extra = self._inputs(recipe, spec, params, name)
+        if sp in ("random", "della") and bool((dens < 1).any()):
+            extra["noise"] = self.noise(recipe.seed, name)
+            if sp == "della":
+                extra["ranks"] = self.ranks(name).reshape(self.deltas[name].shape)
+        if "fisher" in ctx:
+            extra["fisher"] = self.fisher(name)
+        if "source_tensor" in ctx:
+            extra["source_tensor"] = self._source_tensor(params, name)
+        return {"weights": w, "densities": dens, **extra, **params}
+
+    def _source_tensor(self, params: dict[str, Any], name: str) -> Tensor:
+        src = int(params.get("source", 0))
+        if src < 0:
+            return self.base[name]
+        if src >= self.n_sources:
+            raise ValueError(f"passthrough source {src} out of range for {self.n_sources} sources")
+        t = self._readers[src].get_tied(name)
+        return t.to(self.device)
+
+    def _chunkable(self, sp: str | None, ctx: frozenset[str], params: dict[str, Any]) -> bool:
+        if ctx & {"whole", "source_tensor"}:
+            return False
+        if sp in ("random", "della"):
+            r = params.get("rescale", (params.get("base_params") or {}).get("rescale"))
+            return not (r is True or r == "l1")
+        return True
+
+    def _merge_chunks(
+        self, recipe: Recipe, spec: OperatorSpec, params: dict[str, Any], name: str, out_flat: Tensor | None = None
+    ) -> Iterator[tuple[int, int, Tensor]]:
+        """Yield ``(start, stop, merged_flat_chunk)`` for tensor ``name``. With ``out_flat`` (the
+        flat target, materializer dtype) a fused kernel writes into it and yields views of it."""
+        params, w, dens, sp, ctx, extra = self._inputs(recipe, spec, params, name)
+        base = self.base[name]
+        d = self.deltas[name]
+        k = d.shape[0]
         n = base.numel()
+        draws = sp in ("random", "della") and bool((dens < 1).any())
+        if not self._chunkable(sp, ctx, params):
+            if draws:
+                extra["noise"] = self.noise(recipe.seed, name)
+                if sp == "della":
+                    extra["ranks"] = self.ranks(name).reshape(d.shape)
+            if "fisher" in ctx:
+                extra["fisher"] = self.fisher(name)
+            if "source_tensor" in ctx:
+                extra["source_tensor"] = self._source_tensor(params, name)
+            out = spec.fn(base.to(torch.float32), d.to(torch.float32), w, dens, **extra, **params)
+            yield 0, n, out.reshape(-1)
+            return
+        kern = self._kernel(spec, sp, ctx, params)
         bflat = base.reshape(-1)
         dflat = d.reshape(k, -1)
-        nflat = noise.reshape(k, -1) if noise is not None else None
-        step = self.chunk if self._chunkable(spec, params) else n
+        fflat = self.fisher(name).reshape(k, -1) if "fisher" in ctx else None
+        step = self.chunk
+        if kern is not None:
+            step = n  # one fused pass over the whole tensor; draws are gathered in the kernel
+            if draws:
+                extra["noise_table"] = self._noise_table(recipe.seed)
+                extra["noise_offsets"] = self._offsets_of(recipe.seed, name)
         for s in range(0, n, max(step, 1)):
             e = min(n, s + step)
+            if draws and kern is None:
+                extra["noise"] = self.noise(
+                    recipe.seed, name, s, e, out=self._ws.get("noise", (k, e - s), _F32)
+                ).reshape(k, e - s)
+                if sp == "della":
+                    extra["ranks"] = self.ranks(name, s, e)
+            if fflat is not None:
+                extra["fisher"] = fflat[:, s:e]
+            if kern is not None:
+                tgt = (
+                    out_flat[s:e] if out_flat is not None else torch.empty(e - s, dtype=self.dtype, device=self.device)
+                )
+                yield s, e, kern(tgt, bflat[s:e], dflat[:, s:e], w, dens, extra)
+                continue
             out = spec.fn(
                 bflat[s:e].to(torch.float32),
                 dflat[:, s:e].to(torch.float32),
                 w,
                 dens,
-                thresholds=thr,
-                noise=nflat[:, s:e] if nflat is not None else None,
-                workspace=self._ws if step == self.chunk else None,
+                workspace=self._ws,
+                **extra,
                 **params,
             )
             yield s, e, out
+
+    def _kernel(self, spec, sp, ctx, params):
+        if not self.fused:
+            return None
+        from evomerge.merge import kernels
+
+        return kernels.for_operator(spec.name, params, self.device)
+
+    @staticmethod
+    def _put(dst: Tensor, chunk: Tensor) -> None:
+        if chunk.data_ptr() != dst.data_ptr() or chunk.dtype != dst.dtype:
+            dst.copy_(chunk)
 
     def merged_tensor(self, recipe: Recipe, name: str) -> Tensor:
         """One merged tensor (the materializer's dtype and device)."""
         spec, params = self._check_light(recipe)
         return self._merged(recipe, spec, params, name)
 
-    def _check_light(self, recipe: Recipe) -> tuple[OperatorSpec, dict[str, Any]]:
-        if len(recipe.sources) != self.n_sources:
-            raise ValueError(f"recipe has {len(recipe.sources)} sources, the materializer holds {self.n_sources}")
-        spec = get_operator(recipe.method)
-        return spec, resolve_params(spec, recipe.params)
-
     def _merged(self, recipe: Recipe, spec: OperatorSpec, params: dict[str, Any], name: str) -> Tensor:
         base = self.base[name]
         if name in self.passthrough:
             return base.clone()
         out = torch.empty(base.numel(), dtype=self.dtype, device=self.device)
-        for s, e, chunk in self._merge_chunks(recipe, spec, params, name):
-            out[s:e].copy_(chunk)
+        for s, e, chunk in self._merge_chunks(recipe, spec, params, name, out):
+            self._put(out[s:e], chunk)
         return out.reshape(base.shape)
 
     @torch.no_grad()
@@ -409,8 +827,10 @@ class Materializer:
                 tgt.copy_(self.base[name])
                 continue
             flat = tgt.view(-1)
-            for s, e, chunk in self._merge_chunks(recipe, spec, params, name):
-                flat[s:e].copy_(chunk)
+            for s, e, chunk in self._merge_chunks(
+                recipe, spec, params, name, flat if flat.dtype == self.dtype else None
+            ):
+                self._put(flat[s:e], chunk)
 
     @torch.no_grad()
     def load_base(self, model: torch.nn.Module) -> None:
@@ -475,4 +895,53 @@ class Materializer:
                 shutil.copy2(f, out / fname)
         if write_recipe:
             (out / "evomerge_recipe.json").write_text(recipe.model_dump_json(indent=2) + "\n")
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # layer stacking (passthrough with slices)
+
+    def stacked_state_dict(self, slices: list[tuple[int, int, int]]) -> tuple[dict[str, Tensor], int]:
+        """A deeper (or shallower) model made of block ranges: ``slices`` lists ``(source, start, stop)``
+        (``source`` -1 for the base), and the blocks are renumbered in order. Embeddings, final norm
+        and head come from the base. Tensors are read as stored (bit-exact copies). Returns the state
+        dict and the new block count."""
+        import re
+
+        pat = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
+        out: dict[str, Tensor] = {}
+        for name in self.names:
+            if not isinstance(self.slots[name], int):
+                out[name] = self._base_reader.get(name)
+        idx = 0
+        for src, start, stop in slices:
+            reader = self._base_reader if src < 0 else self._readers[src]
+            if not 0 <= start < stop <= self.num_layers:
+                raise ValueError(f"slice ({src}, {start}, {stop}) outside the {self.num_layers} blocks")
+            for layer in range(start, stop):
+                for name in self.names:
+                    if self.slots[name] != layer:
+                        continue
+                    m = pat.match(name)
+                    out[f"{m.group(1)}{idx}{m.group(3)}"] = reader.get(name)
+                idx += 1
+        return out, idx
+
+    def save_stacked(self, slices: list[tuple[int, int, int]], out_dir: str | Path) -> Path:
+        """Write :meth:`stacked_state_dict` as a Hugging Face folder (config's block count updated)."""
+        from safetensors.torch import save_file
+
+        sd, n = self.stacked_state_dict(slices)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = json.loads((Path(self.base_path) / "config.json").read_text())
+        cfg["num_hidden_layers"] = n
+        if isinstance(cfg.get("layer_types"), list) and cfg["layer_types"]:
+            cfg["layer_types"] = [cfg["layer_types"][0]] * n
+        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+        src = Path(self.base_path)
+        for fname in TOKENIZER_FILES:
+            f = src / fname
+            if f.is_file() and not (out / fname).exists():
+                shutil.copy2(f, out / fname)
         return out

@@ -19,6 +19,11 @@ of source ``t``, ``w_t`` its weight and ``d_t`` its density. Every operator has 
   operator's :class:`OperatorSpec`.
 - ``workspace``: an optional :class:`Workspace` of scratch buffers (the materializer's hot loop); the
   result may then live in the workspace.
+- context an operator declares in its spec (:data:`CONTEXTS`): ``layer`` / ``num_layers`` (LiNeS,
+  WIDEN), ``name``, ``fisher`` (``K x shape`` diagonal Fisher), ``source_tensor`` (passthrough), and
+  ``ranks`` (DELLA's |tau| ranks, precomputed like ``thresholds``). Operators marked ``whole`` need
+  the whole tensor (SVD, norms, sorts); the others are elementwise given these inputs and stream in
+  chunks.
 
 The result has the base's dtype and shape; the arithmetic is done in float32 (float64 stays float64).
 
@@ -54,13 +59,31 @@ __all__ = [
     "ties",
     "dare",
     "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "slerp",
+    "model_stock",
+    "lines",
+    "consensus",
+    "pcb",
+    "widen",
+    "tsv_m",
+    "passthrough",
+    "fisher",
+    "breadcrumb_thresholds",
+    "della_ranks",
+    "della_keep_prob",
+    "lines_scale",
+    "CONTEXTS",
     "magnitude_thresholds",
     "trim_count",
     "resolve_params",
     "Workspace",
 ]
 
-Sparsify = Literal["magnitude", "random"] | None
+Sparsify = Literal["magnitude", "outliers", "random", "della"] | None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,8 +121,10 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
 def trim_count(density: float, numel: int) -> int:
     """How many entries a magnitude trim keeps: mergekit's ``max(1, int(density * numel))``.
 
-    Density >= 1 keeps every entry, density <= 0 keeps none.
+    Density >= 1 keeps every entry, density <= 0 keeps none. The density is rounded to 7 decimals first,
+    so a float32 gene of 0.95 (0.94999999) counts like mergekit's Python float 0.95.
     """
+    density = round(float(density), 7)
     if numel == 0 or density <= 0:
         return 0
     if density >= 1:
@@ -454,7 +479,631 @@ def dare_ties(
 
 
 # --------------------------------------------------------------------------------------------------
+# more sparsifications: breadcrumbs (magnitude band) and DELLA (magnitude-ranked random drop)
+
+
+def breadcrumb_thresholds(deltas: Tensor, densities: Tensor, gamma: float) -> Tensor:
+    """Per source, ``(lo, hi)``: the |tau| band that mergekit's ``magnitude_outliers`` keeps.
+
+    mergekit drops the ``int(gamma * n)`` largest entries (fewer when that would leave less than the
+    target), then the smallest, keeping ``int(density * n)`` entries: in descending order of |tau| the
+    kept ranks are ``[h, h + int(density * n))`` with ``h = min(int(gamma * n), n - int(density * n))``.
+    An entry is kept when ``lo <= |tau| <= hi``. Density >= 1 keeps everything (mergekit returns the
+    tensor untouched, outliers included); a target of 0 keeps nothing.
+    """
+    k = deltas.shape[0]
+    out = torch.empty(k, 2, dtype=torch.float32)
+    for i in range(k):
+        flat = deltas[i].reshape(-1).abs().float()
+        n = flat.numel()
+        lo, hi = _band(
+            float(densities[i]), float(gamma), n, lambda j, flat=flat, n=n: float(flat.kthvalue(n - j).values)
+        )
+        out[i, 0], out[i, 1] = lo, hi
+    return out
+
+
+def _band(density: float, gamma: float, n: int, desc_value: Callable[[int], float]) -> tuple[float, float]:
+    """``(lo, hi)`` of a breadcrumbs band given ``desc_value(j)``, the j-th largest |tau| (0-based)."""
+    density, gamma = round(float(density), 7), round(float(gamma), 7)  # float32 genes count like mergekit's floats
+    if density >= 1 or n == 0:
+        return -math.inf, math.inf
+    target = int(density * n)
+    if target <= 0:
+        return math.inf, math.inf
+    h = min(int(gamma * n), n - target)
+    lo = desc_value(h + target - 1)
+    hi = desc_value(h) if h > 0 else math.inf
+    return lo, hi
+
+
+def _band_mask(d: Tensor, thresholds: Tensor, out: Tensor) -> Tensor:
+    thr = thresholds.to(d.device, d.dtype).reshape(-1, 2)
+    a = d.abs()
+    lo = _bcast(thr[:, 0].contiguous(), d)
+    hi = _bcast(thr[:, 1].contiguous(), d)
+    return out.copy_((a >= lo) & (a <= hi))
+
+
+def della_ranks(deltas: Tensor) -> Tensor:
+    """Per source, the normalised ascending rank of |tau| within the tensor, in [0, 1] (exact, by sort)."""
+    k = deltas.shape[0]
+    flat = deltas.reshape(k, -1).abs().float()
+    n = flat.shape[1]
+    order = torch.argsort(flat, dim=1, stable=True)
+    ranks = torch.empty_like(flat)
+    ranks.scatter_(1, order, torch.arange(n, dtype=torch.float32).expand(k, n).contiguous())
+    if n > 1:
+        ranks.div_(n - 1)
+    return ranks.reshape(deltas.shape)
+
+
+def della_keep_prob(ranks: Tensor, dens: Tensor, epsilon: float) -> Tensor:
+    """DELLA's keep probability ``density - eps + 2 eps * rank`` (clamped to [0, 1]); 1 where density >= 1,
+    0 where density <= 0 (as mergekit)."""
+    dn = _bcast(dens.to(ranks.device, torch.float32), ranks)
+    p = (dn - epsilon + 2.0 * epsilon * ranks.float()).clamp_(0.0, 1.0)
+    p = torch.where(dn <= 0, torch.zeros_like(p), p)
+    return torch.where(dn >= 1, torch.ones_like(p), p)
+
+
+def _della_sparsify(d, dens, epsilon, ranks, generator, noise, rescale) -> tuple[Tensor, Tensor]:
+    k = d.shape[0]
+    mode = _rescale_mode(rescale)
+    ones = torch.ones(k, dtype=d.dtype, device=d.device)
+    if not bool((dens < 1).any()):
+        return d, ones
+    if ranks is None:
+        ranks = della_ranks(d)
+    if noise is None:
+        noise = torch.rand(d.shape, generator=generator, device=d.device, dtype=torch.float32)
+    p = della_keep_prob(ranks.to(d.device), dens, epsilon).to(d.dtype)
+    keep = (noise.to(d.device, d.dtype) < p).to(d.dtype)
+    masked = d * keep
+    if mode == "inverse":  # the paper's per-entry rescale 1/p_keep
+        masked = masked / torch.where(keep > 0, p, torch.ones_like(p))
+        return masked, ones
+    if mode == "none":
+        return masked, ones
+    before = d.reshape(k, -1).abs().sum(1)
+    after = masked.reshape(k, -1).abs().sum(1)
+    ok = (before >= 1e-7) & (after >= 1e-7) & (dens < 1).to(d.device)
+    return masked, torch.where(ok, before / after.clamp_min(1e-30), torch.ones_like(before))
+
+
+# --------------------------------------------------------------------------------------------------
+# breadcrumbs, DELLA
+
+
+def breadcrumbs(
+    base, deltas, weights, densities=None, *, thresholds=None, workspace=None, normalize=False, gamma=0.01, **params
+) -> Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2023) as mergekit 0.1.5's ``breadcrumbs``.
+
+    Per tensor and source, drop the ``gamma`` fraction of largest |tau| (outliers) and then the smallest,
+    so that ``density`` of the entries remain (see :func:`breadcrumb_thresholds`), then task arithmetic
+    (``normalize`` false, ``lambda``), no rescale. ``gamma`` is method-wide here (mergekit allows it per
+    model); a band is selected by two thresholds, so exact ties of |tau| at a band edge are all kept.
+    """
+    b, d, w, dens = _prep(base, deltas, weights, densities)
+    if d.shape[0]:
+        if thresholds is None:
+            thresholds = breadcrumb_thresholds(d, dens, float(gamma))
+        d = _band_mask(d, thresholds, torch.empty_like(d)).mul_(d)
+    out = _ta_combine(b, d, w, bool(normalize), float(params.get("lambda", 1.0)))
+    return _finish(out, base, None)
+
+
+def breadcrumbs_ties(
+    base, deltas, weights, densities=None, *, thresholds=None, workspace=None, normalize=False, gamma=0.01, **params
+) -> Tensor:
+    """Breadcrumbs sparsification, then TIES sign election and disjoint merge (mergekit's
+    ``breadcrumbs_ties``; default ``normalize: false`` as mergekit)."""
+    b, d, w, dens = _prep(base, deltas, weights, densities)
+    if d.shape[0] == 0:
+        return base.clone()
+    if thresholds is None:
+        thresholds = breadcrumb_thresholds(d, dens, float(gamma))
+    wd = _band_mask(d, thresholds, torch.empty_like(d)).mul_(d).mul_(_bcast(w, d))
+    out = _ties_combine(b, wd, w, bool(normalize), float(params.get("lambda", 1.0)), None)
+    return _finish(out, base, None)
+
+
+def della(
+    base,
+    deltas,
+    weights,
+    densities=None,
+    *,
+    generator=None,
+    noise=None,
+    ranks=None,
+    workspace=None,
+    normalize=True,
+    rescale="inverse",
+    epsilon=0.15,
+    **params,
+) -> Tensor:
+    """DELLA-merging (Deep et al. 2024): MagPrune drop, rescale, TIES election, disjoint merge
+    (mergekit's ``della``).
+
+    MagPrune keeps entry ``i`` with probability ``density - epsilon + 2 epsilon r_i`` where ``r_i`` in
+    [0, 1] is the normalised rank of |tau_i| (smallest 0, largest 1). Conventions, and why:
+
+    - ranks are taken within the whole tensor (as TIES trims per tensor); mergekit 0.1.5 ranks within
+      each row of a matrix. For the materializer a per-tensor rank is a lookup in a precomputed
+      cumulative histogram of |tau| (``ranks`` given), with no per-candidate sort.
+    - ``rescale: inverse`` (default) multiplies each kept entry by ``1/p_i``, the paper's rule
+      (unbiased per entry, streaming); ``l1`` is mergekit's ``rescale: true`` (match the L1 norm);
+      ``none``.
+    - probabilities are clamped to [0, 1] rather than rejecting ``density +- epsilon`` outside (0, 1)
+      as mergekit does, so every point of a search space is valid.
+
+    The drop draws ``u ~ U[0,1)`` per entry (``noise``, or from ``generator``): keep when ``u < p``.
+    """
+    b, d, w, dens = _prep(base, deltas, weights, densities)
+    if d.shape[0] == 0:
+        return base.clone()
+    d, scale = _della_sparsify(d, dens, float(epsilon), ranks, generator, noise, rescale)
+    wd = d * _bcast(w * scale, d)
+    out = _ties_combine(b, wd, w, bool(normalize), float(params.get("lambda", 1.0)), None)
+    return _finish(out, base, None)
+
+
+def della_linear(
+    base,
+    deltas,
+    weights,
+    densities=None,
+    *,
+    generator=None,
+    noise=None,
+    ranks=None,
+    workspace=None,
+    normalize=False,
+    rescale="inverse",
+    epsilon=0.15,
+    **params,
+) -> Tensor:
+    """DELLA's MagPrune drop and rescale, then task arithmetic (mergekit's ``della_linear``)."""
+    b, d, w, dens = _prep(base, deltas, weights, densities)
+    if d.shape[0]:
+        d, scale = _della_sparsify(d, dens, float(epsilon), ranks, generator, noise, rescale)
+        w = w * scale
+    out = _ta_combine(b, d, w, bool(normalize), float(params.get("lambda", 1.0)))
+    return _finish(out, base, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# SLERP, model stock
+
+
+def _slerp_pair(a: Tensor, c: Tensor, t: float, per_row: bool, dot_threshold: float, eps: float) -> Tensor:
+    shape = a.shape
+    if per_row and a.dim() >= 1:
+        A, C = a.reshape(shape[0], -1), c.reshape(shape[0], -1)
+    else:
+        A, C = a.reshape(1, -1), c.reshape(1, -1)
+    if A.shape[1] == 0:
+        return a.clone()
+    na = torch.linalg.vector_norm(A, dim=1, keepdim=True)
+    nc = torch.linalg.vector_norm(C, dim=1, keepdim=True)
+    na = torch.where(na > eps, na, torch.ones_like(na))
+    nc = torch.where(nc > eps, nc, torch.ones_like(nc))
+    dot = ((A / na) * (C / nc)).sum(dim=1, keepdim=True).clamp(-1, 1)
+    lin = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(lin, torch.zeros_like(dot), dot))
+    st = torch.sin(theta)
+    st = torch.where(lin, torch.ones_like(st), st)
+    ca = torch.where(lin, torch.full_like(dot, 1 - t), torch.sin((1 - t) * theta) / st)
+    cc = torch.where(lin, torch.full_like(dot, t), torch.sin(t * theta) / st)
+    return (ca * A + cc * C).reshape(shape)
+
+
+def slerp(
+    base,
+    deltas,
+    weights=None,
+    densities=None,
+    *,
+    t: float = 0.5,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+    per_row: bool = False,
+    workspace=None,
+    **_: Any,
+) -> Tensor:
+    """Spherical interpolation of two models: ``t = 0`` gives the first, ``t = 1`` the second.
+
+    With one source the two models are the base (t = 0) and the source (t = 1), as mergekit's
+    ``slerp`` with ``base_model`` and one other model; with two sources they are source 0 and source 1
+    (the base is only the origin of the task vectors). Weights and densities are not used; ``t`` is the
+    gene (a layer group may override it).
+
+    Convention: as mergekit 0.1.5 (whose kernel's leading axis is a batch of whole tensors, checked
+    tensor by tensor in the parity tests), the angle is that of the two whole flattened tensors;
+    ``per_row: true`` takes one angle per row of the leading (output) axis instead. When the normalised
+    dot product exceeds ``dot_threshold`` in magnitude (nearly colinear or antipodal) it falls back to
+    linear interpolation. Endpoints are returned exactly (t = 0 and t = 1 return the end models).
+    """
+    b, d, _, _ = _prep(base, deltas, None, None)
+    k = d.shape[0]
+    if k == 1:
+        a, c = b, b + d[0]
+    elif k == 2:
+        a, c = b + d[0], b + d[1]
+    else:
+        raise ValueError(f"slerp interpolates two models (the base and one source, or two sources), got {k} sources")
+    t = float(t)
+    if t == 0:
+        out = a
+    elif t == 1:
+        out = c
+    else:
+        out = _slerp_pair(a, c, t, bool(per_row), float(dot_threshold), float(eps))
+    return _finish(out, base, None)
+
+
+def model_stock(
+    base, deltas, weights=None, densities=None, *, filter_wise: bool = False, workspace=None, **_
+) -> Tensor:
+    """Model Stock (Jang et al. 2024) as mergekit 0.1.5's ``model_stock``.
+
+    With ``k >= 2`` fine-tuned models, ``cos`` is the mean over pairs of the cosine between their task
+    vectors (per tensor, or per row with ``filter_wise``), ``t = k cos / (1 + (k - 1) cos)``, and the
+    result is ``t * mean(theta_t) + (1 - t) * theta0 = theta0 + t * mean(tau_t)``. Where the denominator
+    vanishes (|.| < 1e-6) the base is kept (t = 0), as mergekit. Weights and densities are not used.
+    """
+    b, d, _, _ = _prep(base, deltas, None, None)
+    k = d.shape[0]
+    if k < 2:
+        raise ValueError("model_stock needs at least two source models")
+    if filter_wise and b.dim() >= 1:
+        rows = d.reshape(k, b.shape[0] if b.dim() >= 2 else 1, -1)
+    else:
+        rows = d.reshape(k, 1, -1)
+    norms = torch.linalg.vector_norm(rows, dim=-1)
+    cos = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            c = (rows[i] * rows[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)
+            cos.append(c.clamp(-1, 1))
+    cos_t = torch.stack(cos).mean(0).unsqueeze(-1)
+    den = 1 + (k - 1) * cos_t
+    sing = den.abs() < 1e-6
+    tt = torch.where(sing, torch.zeros_like(cos_t), k * cos_t / torch.where(sing, torch.ones_like(den), den))
+    avg = rows.mean(0)
+    out = b + (tt * avg).reshape(b.shape)
+    return _finish(out, base, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# operators over a base merge: LiNeS, Consensus / TALL masks
+
+
+def _base_merge(base_method: str, base_params, base, deltas, weights, densities, kw) -> Tensor:
+    spec = get_operator(base_method)
+    if spec.name in ("lines", "consensus"):
+        raise ValueError(f"base_method {base_method!r} cannot itself wrap a base merge")
+    passed = {
+        key: kw[key] for key in ("generator", "thresholds", "noise", "ranks", "fisher") if kw.get(key) is not None
+    }
+    return spec.fn(base, deltas, weights, densities, **passed, **resolve_params(spec, base_params))
+
+
+def lines_scale(layer: int | str | None, num_layers: int | None, alpha: float, beta: float) -> float:
+    """LiNeS coefficient of a tensor: alpha + beta * l / (L - 1) for block l of L; the embeddings take
+    alpha (depth 0) and the tensors after the blocks (final norm, head) alpha + beta (depth 1)."""
+    if isinstance(layer, int) and not isinstance(layer, bool):
+        if num_layers is None or num_layers <= 1:
+            return float(alpha)
+        return float(alpha) + float(beta) * layer / (num_layers - 1)
+    if layer == "head":
+        return float(alpha) + float(beta)
+    return float(alpha)
+
+
+def lines(
+    base,
+    deltas,
+    weights,
+    densities=None,
+    *,
+    layer=None,
+    num_layers=None,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    base_method: str = "task_arithmetic",
+    base_params: dict | None = None,
+    workspace=None,
+    **kw: Any,
+) -> Tensor:
+    """LiNeS (Wang et al. 2024): scale the merged task vector of block ``l`` by ``alpha + beta l/(L-1)``.
+
+    The merged task vector is that of ``base_method`` (any operator that does not itself wrap one) with
+    ``base_params``; shallow blocks keep less of it than deep ones when ``beta > 0``, which protects
+    the base model's general features. Needs the block index: the materializer passes ``layer`` (block
+    index, ``"embed"`` or ``"head"``) and ``num_layers``. With alpha = 1, beta = 0 (the defaults) the
+    result is the base merge exactly.
+    """
+    merged = _base_merge(base_method, base_params, base, deltas, weights, densities, kw)
+    s = lines_scale(layer, num_layers, alpha, beta)
+    if s == 1.0:
+        return merged
+    dt = _work_dtype(base)
+    b = base.to(dt)
+    return _finish(b + s * (merged.to(dt) - b), base, None)
+
+
+def consensus(
+    base,
+    deltas,
+    weights,
+    densities=None,
+    *,
+    k: int = 2,
+    mask_lambda: float | Sequence[float] = 0.4,
+    base_method: str = "task_arithmetic",
+    base_params: dict | None = None,
+    workspace=None,
+    **kw: Any,
+) -> Tensor:
+    """Consensus merging with TALL masks (Wang et al. 2024, "Localizing Task Information...").
+
+    ``tau_MTL = sum_t tau_t`` (unweighted, as the paper); source t's TALL mask is
+    ``|tau_t| >= lambda_t |tau_MTL - tau_t|`` (``mask_lambda``: one value or one per source); entries
+    where at least ``k`` masks are set keep the ``base_method`` merge, the others fall back to the base.
+    ``k <= 0`` returns the base merge exactly. Elementwise, so it streams in chunks like its base merge.
+    """
+    merged = _base_merge(base_method, base_params, base, deltas, weights, densities, kw)
+    if int(k) <= 0:
+        return merged
+    dt = _work_dtype(base)
+    d = _stack(deltas, base, dt)
+    kk = d.shape[0]
+    lam = _vec(
+        mask_lambda if isinstance(mask_lambda, (list, tuple, Tensor)) else [float(mask_lambda)] * kk,
+        kk,
+        dt,
+        d.device,
+        0.4,
+    )
+    mtl = d.sum(0)
+    count = (d.abs() >= _bcast(lam, d) * (mtl - d).abs()).sum(0)
+    return torch.where(count >= int(k), merged, base.to(merged.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# PCB, WIDEN, TSV-M
+
+
+def _minmax(x: Tensor, dim: int) -> Tensor:
+    lo = x.amin(dim=dim, keepdim=True)
+    hi = x.amax(dim=dim, keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def _clamp_quantile(x: Tensor, lo_ratio: Tensor | float, hi_ratio: float) -> Tensor:
+    """Clamp each row of ``x`` (K x n) to its sorted values at ``int(n lo_ratio)`` and
+    ``int(n (1 - hi_ratio)) - 1`` (the PCB reference code's ``clamp``)."""
+    k, n = x.shape
+    s = torch.sort(x, dim=1).values
+    lo_r = torch.as_tensor(lo_ratio, dtype=torch.float64).reshape(-1).expand(k)
+    lo_i = torch.tensor([min(n - 1, max(0, int(n * float(r)))) for r in lo_r])
+    hi_i = min(n - 1, max(0, int(n * (1 - hi_ratio)) - 1))
+    lo = s.gather(1, lo_i.view(k, 1).to(s.device))
+    hi = s[:, hi_i : hi_i + 1]
+    return torch.minimum(torch.maximum(x, lo), torch.maximum(hi, lo))
+
+
+def pcb(base, deltas, weights, densities=None, *, workspace=None, outlier: float = 1e-4, **params: Any) -> Tensor:
+    """PCB-merging (Du et al. 2024, parameter competition balancing), per tensor.
+
+    After the authors' reference code, on the flattened tensor with task vectors ``tau_t`` (scaled by
+    their weights): clip each source's |tau| at its ``outlier`` quantiles; intra-balancing
+    ``exp(K * minmax(|tau_t|)^2)``; inter-balancing ``tanh(tau_t * sum_s tau_s)``; their product is the
+    score; scores below each source's ``1 - density`` quantile are raised to it and min-max normalised
+    (so the bottom ``1 - density`` get 0: the drop); the merge is the score-weighted mean of the clipped
+    task vectors, scaled by ``lambda``. The reference code ranks over the whole model at once and uses
+    one ratio for all tasks; evomerge works per tensor and takes the ratio per source (the density
+    gene). Min-max divisions by zero give 0 (the reference would give NaN).
+    """
+    b, d, w, dens = _prep(base, deltas, weights, densities)
+    k = d.shape[0]
+    if k == 0 or b.numel() == 0:
+        return base.clone()
+    x = d.reshape(k, -1) * w.view(k, 1)
+    ab = _clamp_quantile(x.abs(), float(outlier), float(outlier))
+    clipped = torch.sign(x) * ab
+    self_pcb = torch.exp(k * _minmax(ab, 1) ** 2)
+    cross = torch.tanh(x * x.sum(0, keepdim=True))
+    score = self_pcb * cross
+    scale = _minmax(_clamp_quantile(score, (1 - dens.clamp(0, 1)).tolist(), 0.0), 1)
+    merged = (clipped * scale).sum(0) / scale.sum(0).clamp(min=1e-12)
+    out = b + float(params.get("lambda", 1.0)) * merged.reshape(b.shape)
+    return _finish(out, base, None)
+
+
+def _rank_significance(x: Tensor) -> Tensor:
+    """Per row of ``x`` (K x n): position / n of each entry in ascending stable order (WIDEN's rank)."""
+    k, n = x.shape
+    order = torch.argsort(x, dim=1, stable=True)
+    pos = (torch.arange(n, dtype=x.dtype, device=x.device) / n).expand(k, n).contiguous()
+    return torch.zeros_like(x).scatter_(1, order, pos)
+
+
+def _widen_scores(sig: Tensor, ratio: float, calibration: float) -> Tensor:
+    scores = torch.softmax(sig, dim=0)
+    mask = sig > sig.mean(dim=1, keepdim=True) * ratio
+    return torch.where(mask, torch.full_like(scores, calibration), scores)
+
+
+def widen(
+    base,
+    deltas,
+    weights,
+    densities=None,
+    *,
+    layer=None,
+    name: str | None = None,
+    workspace=None,
+    above_average_ratio: float = 1.0,
+    calibration: float = 1.0,
+    **_: Any,
+) -> Tensor:
+    """WIDEN (Yu et al. 2024, weight disentanglement), after the authors' MergeLLM code.
+
+    For a matrix (``out x in``; the token embedding is transposed first so its columns are tokens):
+    per column, the magnitude change ``|‖W_t‖ - ‖W_0‖|`` and the direction change
+    ``1 - cos(W_t, W_0)`` of each source; each is ranked within the source (position / n); importance
+    scores are the softmax over sources of the ranks, set to ``calibration`` where a rank exceeds
+    ``above_average_ratio`` times the source's mean rank; the merge adds ``sum_t w_t s_t tau_t`` with
+    ``s_t`` the mean of the magnitude and direction scores, per column. Vectors (norms, biases) use
+    ``|tau_t|`` itself as the significance, elementwise. Weights (1 in the paper) scale each source.
+    """
+    b, d, w, _ = _prep(base, deltas, weights, None)
+    k = d.shape[0]
+    if k == 0:
+        return base.clone()
+    ratio, cal = float(above_average_ratio), float(calibration)
+    if b.dim() == 2:
+        transpose = layer == "embed" or (name is not None and "embed" in name)
+        B = b.t() if transpose else b
+        D = d.transpose(1, 2) if transpose else d
+        T = B.unsqueeze(0) + D
+        m0 = torch.linalg.vector_norm(B, dim=0)
+        mt = torch.linalg.vector_norm(T, dim=1)
+        dm = (mt - m0).abs()
+        dd = 1.0 - torch.cosine_similarity(T, B.unsqueeze(0).expand_as(T), dim=1)
+        s = 0.5 * (
+            _widen_scores(_rank_significance(dm), ratio, cal) + _widen_scores(_rank_significance(dd), ratio, cal)
+        )
+        merged = (D * (s * w.view(k, 1)).unsqueeze(1)).sum(0)
+        out = B + merged
+        out = out.t() if transpose else out
+    else:
+        flat = d.reshape(k, -1)
+        s = _widen_scores(flat.abs(), ratio, cal)
+        out = b + (flat * s * w.view(k, 1)).sum(0).reshape(b.shape)
+    return _finish(out.contiguous(), base, None)
+
+
+def _orthogonalise(m: Tensor) -> Tensor:
+    p, _, qh = torch.linalg.svd(m, full_matrices=False)
+    return p @ qh
+
+
+def tsv_m(
+    base, deltas, weights, densities=None, *, fraction: float | None = None, alpha: float = 1.0, workspace=None, **_
+) -> Tensor:
+    """TSV-Merge (Gargiulo et al. 2025, task singular vectors), per 2-D tensor.
+
+    Each weighted task vector ``w_t tau_t = U_t S_t V_t^T`` keeps its top ``fraction`` of singular
+    components (default 1/K, the paper's choice; at least one); the kept ``U``'s are concatenated and
+    orthogonalised (``U = P S Q^T -> P Q^T``), the ``V``'s likewise, and the merged task vector is
+    ``U_perp diag(S) V_perp^T``, scaled by ``alpha``. Other tensors (norms, biases) average the
+    weighted task vectors, as the reference code does.
+    """
+    b, d, w, _ = _prep(base, deltas, weights, None)
+    k = d.shape[0]
+    if k == 0:
+        return base.clone()
+    wd = d * _bcast(w, d)
+    if b.dim() == 2 and min(b.shape) > 0:
+        r_all = min(b.shape)
+        frac = (1.0 / k) if fraction is None else float(fraction)
+        r = max(1, min(r_all, int(frac * r_all)))
+        us, ss, vs = [], [], []
+        for i in range(k):
+            u, s, vh = torch.linalg.svd(wd[i], full_matrices=False)
+            us.append(u[:, :r])
+            ss.append(s[:r])
+            vs.append(vh[:r].t())
+        U, S, V = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
+        merged = (_orthogonalise(U) * S) @ _orthogonalise(V).t()
+    else:
+        merged = wd.mean(0)
+    out = b + float(alpha) * merged
+    return _finish(out, base, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# passthrough, Fisher
+
+
+def passthrough(
+    base,
+    deltas,
+    weights=None,
+    densities=None,
+    *,
+    source: int = 0,
+    scale: float = 1.0,
+    source_tensor: Tensor | None = None,
+    workspace=None,
+    **_: Any,
+) -> Tensor:
+    """One model's tensor as it is (times ``scale``): ``source`` indexes the sources, ``-1`` the base.
+
+    A layer group may override ``source`` (and ``scale``), so a recipe can take each block from a
+    different model (a frankenmerge at the base's depth; to stack layers into a deeper model use
+    :meth:`Materializer.stacked_state_dict`). The materializer passes ``source_tensor``, the tensor
+    read from the source's checkpoint, so a passthrough of a whole model is bit-exact; without it the
+    result is ``theta0 + tau_source`` (float round-off of the task vector).
+    """
+    src = int(source)
+    if source_tensor is not None:
+        out = source_tensor.to(base.device)
+    elif src < 0:
+        out = base
+    else:
+        d = _stack(deltas, base, _work_dtype(base))
+        if not 0 <= src < d.shape[0]:
+            raise ValueError(f"passthrough source {src} out of range for {d.shape[0]} sources")
+        out = base.to(d.dtype) + d[src]
+    if float(scale) != 1.0:
+        out = out.to(_work_dtype(base)) * float(scale)
+    return torch.empty_like(base).copy_(out)
+
+
+def fisher(
+    base,
+    deltas,
+    weights,
+    densities=None,
+    *,
+    fisher: Tensor | Sequence[Tensor] | None = None,
+    fisher_floor: float = 1e-12,
+    workspace=None,
+    **params: Any,
+) -> Tensor:
+    """Fisher-weighted averaging (Matena & Raffel 2022): ``sum_t w_t F_t theta_t / sum_t w_t F_t``.
+
+    ``F_t`` is source t's diagonal Fisher (``K x shape``; the materializer computes and caches it with
+    :meth:`Materializer.compute_fisher`), plus ``fisher_floor`` so an entry no source's data touched
+    becomes the plain weighted average. Written as ``theta0 + sum w F tau / sum w F``; a zero divisor
+    becomes 1 (base kept). Without ``fisher`` it is the weighted average (``linear``).
+    """
+    b, d, w, _ = _prep(base, deltas, weights, None)
+    k = d.shape[0]
+    if k == 0:
+        return base.clone()
+    F = torch.ones_like(d) if fisher is None else _stack(fisher, base, d.dtype)
+    wf = (F + float(fisher_floor)) * _bcast(w, d)
+    den = wf.sum(0)
+    den = torch.where(den == 0, torch.ones_like(den), den)
+    out = b + (wf * d).sum(0) / den
+    return _finish(out, base, None)
+
+
+# --------------------------------------------------------------------------------------------------
 # registry
+
+#: what an operator can ask the materializer for, beyond base, task vectors, weights and densities:
+#: ``layer`` (``layer``: block index / "embed" / "head", and ``num_layers``), ``name`` (the tensor's
+#: checkpoint name), ``whole`` (the whole tensor at once: no chunked streaming), ``fisher`` (``K x
+#: shape`` diagonal Fisher of each source), ``source_tensor`` (the selected source's tensor as stored).
+CONTEXTS = frozenset({"layer", "name", "whole", "fisher", "source_tensor"})
 
 
 @dataclass(frozen=True)
@@ -463,10 +1112,15 @@ class OperatorSpec:
 
     ``source_genes``: per-source genes read from each LayerGroup (``weight``, ``density``).
     ``params``: method-wide parameters and their defaults (``Recipe.params`` overrides them).
-    ``needs_base``: whether the operator needs a base model (every operator here works on task vectors
-    relative to a base; ``linear`` only uses it as an origin and its result does not depend on it).
-    ``sparsify``: what the materializer should precompute: ``magnitude`` (sorted |tau| tables for
-    threshold lookups), ``random`` (uniform draws for the DARE mask), or ``None``.
+    ``group_params``: the params a layer group may override (genes per group, e.g. SLERP's ``t``);
+    the materializer reads them from a group's ``params`` mapping when the recipe's groups carry one.
+    ``needs_base``: whether the operator needs a base model (``linear`` only uses it as an origin).
+    ``sparsify``: what the materializer precomputes per tensor: ``magnitude`` (top-k threshold from a
+    sorted-|tau| index), ``outliers`` (a breadcrumbs band, same index), ``random`` (uniform draws for
+    a DARE mask), ``della`` (uniform draws and |tau| ranks from a cumulative histogram), or ``None``.
+    Operators that wrap a base merge (``base_method`` param) take that method's needs.
+    ``context``: extra inputs (see :data:`CONTEXTS`).
+    ``min_sources`` / ``max_sources``: how many source models the operator takes.
     ``mergekit_method``: the mergekit 0.1.5 method with the same semantics, for export/import.
     """
 
@@ -475,9 +1129,36 @@ class OperatorSpec:
     source_genes: tuple[str, ...]
     params: dict[str, Any] = field(default_factory=dict)
     needs_base: bool = True
-    sparsify: Sparsify = None
+    sparsify: str | None = None
     mergekit_method: str | None = None
     description: str = ""
+    group_params: tuple[str, ...] = ()
+    context: frozenset[str] = frozenset()
+    min_sources: int = 1
+    max_sources: int | None = None
+
+    def __post_init__(self) -> None:
+        bad = set(self.context) - CONTEXTS
+        if bad:
+            raise ValueError(f"{self.name}: unknown context {sorted(bad)}")
+        if self.sparsify not in (None, "magnitude", "outliers", "random", "della"):
+            raise ValueError(f"{self.name}: unknown sparsify {self.sparsify!r}")
+
+    def resolved(self, params: dict[str, Any]) -> tuple[str | None, frozenset[str]]:
+        """``(sparsify, context)`` for these params: a wrapper adds its base method's needs."""
+        sp, ctx = self.sparsify, set(self.context)
+        bm = params.get("base_method") if "base_method" in self.params else None
+        if bm is not None:
+            inner = get_operator(bm)
+            isp, ictx = inner.resolved(resolve_params(inner, params.get("base_params")))
+            sp = sp or isp
+            ctx |= ictx
+        return sp, frozenset(ctx)
+
+    def check_sources(self, k: int) -> None:
+        if k < self.min_sources or (self.max_sources is not None and k > self.max_sources):
+            hi = "" if self.max_sources is None else f" and at most {self.max_sources}"
+            raise ValueError(f"method {self.name!r} takes at least {self.min_sources}{hi} source models, got {k}")
 
 
 OPERATORS: dict[str, OperatorSpec] = {}
@@ -490,7 +1171,9 @@ def register(spec: OperatorSpec) -> OperatorSpec:
     return spec
 
 
-register(
+_WRAP = {"base_method": "task_arithmetic", "base_params": {}}
+
+for _spec in (
     OperatorSpec(
         "linear",
         linear,
@@ -499,9 +1182,7 @@ register(
         needs_base=False,
         mergekit_method="linear",
         description="weighted average of the source models",
-    )
-)
-register(
+    ),
     OperatorSpec(
         "task_arithmetic",
         task_arithmetic,
@@ -509,9 +1190,7 @@ register(
         {"lambda": 1.0, "normalize": False},
         mergekit_method="task_arithmetic",
         description="theta0 + lambda sum w_t tau_t",
-    )
-)
-register(
+    ),
     OperatorSpec(
         "ties",
         ties,
@@ -520,9 +1199,7 @@ register(
         sparsify="magnitude",
         mergekit_method="ties",
         description="magnitude trim, sign election, disjoint merge",
-    )
-)
-register(
+    ),
     OperatorSpec(
         "dare",
         dare,
@@ -531,9 +1208,7 @@ register(
         sparsify="random",
         mergekit_method="dare_linear",
         description="random drop and rescale, then task arithmetic",
-    )
-)
-register(
+    ),
     OperatorSpec(
         "dare_ties",
         dare_ties,
@@ -542,11 +1217,130 @@ register(
         sparsify="random",
         mergekit_method="dare_ties",
         description="random drop and rescale, then TIES election and merge",
-    )
-)
+    ),
+    OperatorSpec(
+        "breadcrumbs",
+        breadcrumbs,
+        ("weight", "density"),
+        {"lambda": 1.0, "normalize": False, "gamma": 0.01},
+        sparsify="outliers",
+        mergekit_method="breadcrumbs",
+        description="drop largest gamma and smallest |tau|, task arithmetic",
+    ),
+    OperatorSpec(
+        "breadcrumbs_ties",
+        breadcrumbs_ties,
+        ("weight", "density"),
+        {"lambda": 1.0, "normalize": False, "gamma": 0.01},
+        sparsify="outliers",
+        mergekit_method="breadcrumbs_ties",
+        description="breadcrumbs band, then TIES election and merge",
+    ),
+    OperatorSpec(
+        "della",
+        della,
+        ("weight", "density"),
+        {"lambda": 1.0, "normalize": True, "rescale": "inverse", "epsilon": 0.15},
+        sparsify="della",
+        mergekit_method="della",
+        description="magnitude-ranked random drop, TIES election and merge",
+    ),
+    OperatorSpec(
+        "della_linear",
+        della_linear,
+        ("weight", "density"),
+        {"lambda": 1.0, "normalize": False, "rescale": "inverse", "epsilon": 0.15},
+        sparsify="della",
+        mergekit_method="della_linear",
+        description="magnitude-ranked random drop, task arithmetic",
+    ),
+    OperatorSpec(
+        "slerp",
+        slerp,
+        (),
+        {"t": 0.5, "dot_threshold": 0.9995, "eps": 1e-8, "per_row": False},
+        group_params=("t",),
+        context=frozenset({"whole"}),
+        min_sources=1,
+        max_sources=2,
+        mergekit_method="slerp",
+        description="spherical interpolation of two models",
+    ),
+    OperatorSpec(
+        "model_stock",
+        model_stock,
+        (),
+        {"filter_wise": False},
+        context=frozenset({"whole"}),
+        min_sources=2,
+        mergekit_method="model_stock",
+        description="average moved towards the base by the task vectors' angle",
+    ),
+    OperatorSpec(
+        "lines",
+        lines,
+        ("weight", "density"),
+        {"alpha": 1.0, "beta": 0.0, **_WRAP},
+        group_params=("alpha", "beta"),
+        context=frozenset({"layer"}),
+        description="base merge with the task vector scaled linearly with depth",
+    ),
+    OperatorSpec(
+        "consensus",
+        consensus,
+        ("weight", "density"),
+        {"k": 2, "mask_lambda": 0.4, **_WRAP},
+        group_params=("k",),
+        description="base merge kept where >= k TALL masks agree",
+    ),
+    OperatorSpec(
+        "pcb",
+        pcb,
+        ("weight", "density"),
+        {"lambda": 1.0, "outlier": 1e-4},
+        context=frozenset({"whole"}),
+        description="parameter competition balancing",
+    ),
+    OperatorSpec(
+        "widen",
+        widen,
+        ("weight",),
+        {"above_average_ratio": 1.0, "calibration": 1.0},
+        context=frozenset({"whole", "layer", "name"}),
+        description="weight disentanglement merge",
+    ),
+    OperatorSpec(
+        "tsv_m",
+        tsv_m,
+        ("weight",),
+        {"fraction": None, "alpha": 1.0},
+        context=frozenset({"whole"}),
+        description="task singular vectors, orthogonalised",
+    ),
+    OperatorSpec(
+        "passthrough",
+        passthrough,
+        (),
+        {"source": 0, "scale": 1.0},
+        group_params=("source", "scale"),
+        context=frozenset({"source_tensor"}),
+        mergekit_method="passthrough",
+        description="one model's tensors as they are",
+    ),
+    OperatorSpec(
+        "fisher",
+        fisher,
+        ("weight",),
+        {"fisher_floor": 1e-12},
+        context=frozenset({"fisher"}),
+        description="Fisher-weighted average (needs Materializer.compute_fisher)",
+    ),
+):
+    register(_spec)
+del _spec
 
 #: mergekit method names accepted as aliases of evomerge operators.
-ALIASES: dict[str, str] = {"dare_linear": "dare", "model_soup": "linear"}
+ALIASES: dict[str, str] = {"dare_linear": "dare", "model_soup": "linear", "tsv": "tsv_m", "fisher_merging": "fisher"}
 
 
 def get_operator(name: str) -> OperatorSpec:

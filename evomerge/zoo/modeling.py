@@ -112,6 +112,8 @@ class TrainSpec:
     # Low-rank fine-tuning: train rank-r adapters on every block linear, merged back into the weights.
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    # Per-tensor learning-rate multipliers: (name substring, factor); the first match applies.
+    lr_mult: tuple[tuple[str, float], ...] | None = None
 
 
 class _LoRA(torch.nn.Module):
@@ -161,7 +163,16 @@ def train(
     )
     for _n, p in model.named_parameters():
         p.requires_grad_(any(p is q for q in params))
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
+    if spec.lr_mult and not lora:
+        names = {id(p): n for n, p in model.named_parameters()}
+        buckets: dict[float, list] = {}
+        for p in params:
+            f = next((f for sub, f in spec.lr_mult if sub in names[id(p)]), 1.0)
+            buckets.setdefault(f, []).append(p)
+        groups = [{"params": ps, "lr": spec.lr * f} for f, ps in buckets.items()]
+    else:
+        groups = [{"params": params, "lr": spec.lr}]
+    opt = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
 
     def lr_at(step: int) -> float:
         if step < spec.warmup:
