@@ -47,7 +47,7 @@ class Evaluations:
         from evomerge.zoo import build_zoo
 
         if space.uses_zoo:
-            build_zoo(log=lambda m: print(f"zoo: {m}", file=sys.stderr))
+            build_zoo(log=lambda m: print(m, file=sys.stderr))
         self.space = space
         self.genome = make_genome(space)
         self.names = [o.name for o in space.objectives]

@@ -90,7 +90,7 @@ def _ensure_zoo(space) -> None:
     if space.uses_zoo:
         from evomerge.zoo import build_zoo
 
-        build_zoo(log=lambda m: err.print(f"[dim]zoo:[/dim] {m}"))
+        build_zoo(log=lambda m: err.print(m, markup=False, highlight=False))
 
 
 @app.command()
@@ -257,7 +257,7 @@ def zoo_build(force: Annotated[bool, typer.Option(help="rebuild even if cached")
     """Build (or reuse) the demo zoo: a tiny base model and experts trained here."""
     from evomerge.zoo import build_zoo
 
-    path = build_zoo(force=force, log=lambda m: err.print(f"[dim]zoo:[/dim] {m}"))
+    path = build_zoo(force=force, log=lambda m: err.print(m, markup=False, highlight=False))
     out.print(str(path))
 
 

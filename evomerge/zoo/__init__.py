@@ -216,6 +216,9 @@ def _build_into(out: Path, recipe: dict[str, Any], say: Callable[[str], None], e
                 scores[name] = {k: round(greedy_accuracy(model, tok, v), 4) for k, v in evals.items()}
                 msg += " | " + " ".join(f"{k} {v:.2f}" for k, v in scores[name].items())
             say(msg)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # "Writing model shards" bars would bury the zoo's own lines
             model.save_pretrained(out / name)
             tok.save_pretrained(out / name)
 
