@@ -229,14 +229,13 @@ class Driver:
     def _from_cache(self, cand) -> bool:
         """Same recipe as a finished candidate: reuse its scores instead of evaluating again."""
         hit = self.store.find_by_hash(self.study, cand.recipe_hash)
-        if hit is None or hit.number == cand.number:
-            return False
+        if hit is None or hit.number == cand.number or (hit.timings or {}).get("pruned"):
+            return False  # a multi-fidelity stop holds slice scores only: evaluate this one in full
+        scores = {n: hit.scores[n] for n in self.names}  # not the held-out report scores of a front member
         samples = {n: self.store.sample_scores(self.study, hit.number).get(n, []) for n in self.names}
         self.store.mark_running(self.study, cand.number, worker="cache")
-        self.store.complete_candidate(
-            self.study, cand.number, hit.scores, samples, {"cached_from": float(hit.number)}
-        )
-        self._tell(int(cand.proposal_key), self._values(hit.scores), samples)
+        self.store.complete_candidate(self.study, cand.number, scores, samples, {"cached_from": float(hit.number)})
+        self._tell(int(cand.proposal_key), self._values(scores), samples)
         return True
 
     # -- workers ----------------------------------------------------------------------------
