@@ -86,6 +86,25 @@ def _run_driver(space, store, study: str, workers: int, ray_address: str | None,
         )
 
 
+def _check_algorithm(sp, path: Path, genome=None) -> None:
+    """Build the space's algorithm once, so a bad name or setting fails before any study exists."""
+    from evomerge.driver import algorithm_settings
+    from evomerge.search import REGISTRY, make_algorithm
+
+    if sp.algorithm.name not in REGISTRY:
+        raise UserError(f"{path}: field 'algorithm.name': unknown algorithm {sp.algorithm.name!r} "
+                        f"(known: {', '.join(sorted(REGISTRY))})")
+    if genome is None:
+        from evomerge.genome import make_genome
+
+        genome = make_genome(sp)
+    try:
+        make_algorithm(sp.algorithm.name, dim=genome.dim, directions=[o.direction for o in sp.objectives],
+                       seed=sp.seed, weights=[o.weight for o in sp.objectives], **algorithm_settings(sp, genome))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: field 'algorithm.settings': {str(e).splitlines()[0]}") from None
+
+
 def _ensure_zoo(space) -> None:
     if space.uses_zoo:
         from evomerge.zoo import build_zoo
@@ -124,6 +143,7 @@ def search(
         return
     _ensure_zoo(sp)
     genome = make_genome(sp)  # checks the models now, before a study is created
+    _check_algorithm(sp, space, genome)
     store = _store(storage or sp.storage)
     name = study or store.free_study_name(sp.name)
     if store.has_study(name):
@@ -241,13 +261,10 @@ def export(
 @app.command()
 def validate(space: Annotated[Path, typer.Option("--space", help="search space YAML")]) -> None:
     """Check a search space file."""
-    from evomerge.search import REGISTRY
     from evomerge.space import load_space
 
     sp = load_space(space)
-    if sp.algorithm.name not in REGISTRY:
-        raise UserError(f"{space}: field 'algorithm.name': unknown algorithm {sp.algorithm.name!r} "
-                        f"(known: {', '.join(sorted(REGISTRY))})")
+    _check_algorithm(sp, space)
     out.print(f"{space}: ok ({len(sp.models)} models, {len(sp.objectives)} objectives, "
               f"{sp.algorithm.name}, budget {sp.budget})")
 

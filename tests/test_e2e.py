@@ -207,6 +207,14 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
         assert "Traceback" not in r.stderr
     r = run(["validate", "--space", str(bad)], tmp_path)
     assert "objectives" in r.stderr
+    # An algorithm setting that does not exist is caught before a study is created.
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("base_model: org/base\nmodels: [org/a]\ngenome: {num_layers: 2}\n"
+                    "objectives: [{name: x, task: t, metric: 'exact_match,none'}]\n"
+                    "algorithm: {name: nsga2, settings: {pop_sise: 4}}\n")
+    r = run(["validate", "--space", str(typo)], tmp_path)
+    assert r.returncode == 2 and "algorithm.settings" in r.stderr and "pop_sise" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "ja_math.yaml", "dfs_demo.yaml"])
