@@ -12,8 +12,7 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch
 
 from evomerge.dfs import (  # noqa: E402
     DataFlowGenome,
@@ -303,7 +302,6 @@ def test_ps_result_as_source(family, tmp_path, monkeypatch):
 
 
 def test_hflm_evaluator_on_demo_tasks(mat, tok, tmp_path):
-    pytest.importorskip("lm_eval")
     from evomerge.evaluate import Evaluator, count_nonzero_params
     from evomerge.space import Objective
 

@@ -12,9 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("lm_eval")
+import torch
 
 from evomerge.evaluate import EvaluationError, Evaluator, ObjectiveResult, count_nonzero_params  # noqa: E402
 from evomerge.space import Objective  # noqa: E402

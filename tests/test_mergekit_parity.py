@@ -20,7 +20,6 @@ try:
 except ImportError:  # tests/ collected as a package
     from tests.fixtures_models import make_tiny_llama_family
 
-mergekit = pytest.importorskip("mergekit")
 from mergekit.config import MergeConfiguration  # noqa: E402
 from mergekit.merge import MergeOptions, run_merge  # noqa: E402
 

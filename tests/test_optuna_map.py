@@ -76,7 +76,6 @@ def test_optuna_tpe_multi_objective_and_failures():
 def test_optuna_gp_resume_is_exact():
     """GPSampler (torch) past its startup trials, interrupted after every tell with a proposal
     outstanding; kept tiny because a GP ask costs ~0.5-5 s here (see OptunaGP.slow)."""
-    pytest.importorskip("torch")
 
     def run(interrupt):
         algo = make_algorithm("optuna_gp", dim=2, directions=["minimize"], seed=0, n_startup_trials=3)
