@@ -83,7 +83,10 @@ def export_candidate(store, study: str, number: int, out_dir: Path) -> Path:
     # Write beside the target and rename, so an interrupted export never leaves a half model.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        mat.save_merged(recipe, tmp)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one "wrote DIR" line is the command's output
+        mat.save_merged(recipe, tmp, write_recipe=False)  # recipe.json below, with the card
         mk = recipe_to_mergekit(resolved_for_mergekit(recipe))
         if mk is not None:
             (tmp / "mergekit_config.yml").write_text(dump_mergekit_yaml(mk))
