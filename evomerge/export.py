@@ -17,6 +17,19 @@ class ExportError(ValueError):
     pass
 
 
+def scores_table(scores: dict[str, float], objectives: list[dict]) -> list[str]:
+    """The model card's section of the scores the search recorded, one row per objective."""
+    return [
+        "## Scores recorded by the search",
+        "",
+        "| objective | direction | value |",
+        "|---|---|---|",
+        *(f"| {o['name']} | {o.get('direction', 'maximize')} | {scores.get(o['name'], float('nan')):.6g} |"
+          for o in objectives),
+        "",
+    ]
+
+
 def model_card(study: str, number: int, recipe: Recipe, scores: dict[str, float], objectives: list[dict]) -> str:
     lines = [
         "---",
@@ -31,12 +44,7 @@ def model_card(study: str, number: int, recipe: Recipe, scores: dict[str, float]
         *(f"- source {i}: `{s}`" for i, s in enumerate(recipe.sources)),
         f"- recipe hash: `{recipe.hash()}`",
         "",
-        "## Scores recorded by the search",
-        "",
-        "| objective | direction | value |",
-        "|---|---|---|",
-        *(f"| {o['name']} | {o['direction']} | {scores.get(o['name'], float('nan')):.6g} |" for o in objectives),
-        "",
+        *scores_table(scores, objectives),
         "## Recipe",
         "",
         "The recipe (also in `recipe.json`) with the source models rebuilds this model exactly.",

@@ -40,6 +40,8 @@ def dataflow_model_card(
     study: str, number: int, recipe: DataFlowRecipe, scores: dict[str, float], objectives: list[dict]
 ) -> str:
     """README.md for an exported data-flow candidate (the counterpart of ``evomerge.export.model_card``)."""
+    from evomerge.export import scores_table  # evomerge.export imports this package's recipe module
+
     steps = [
         f"| {i} | {m} (`{recipe.models[m]}`) | {layer} | {s:.4g} |"
         for i, ((m, layer), s) in enumerate(zip(recipe.path, recipe.scales, strict=True))
@@ -61,15 +63,7 @@ def dataflow_model_card(
         f"- final norm and head: model {recipe.head_source} (`{recipe.models[recipe.head_source]}`)",
         f"- recipe hash: `{recipe.hash()}`",
         "",
-        "## Scores recorded by the search",
-        "",
-        "| objective | direction | value |",
-        "|---|---|---|",
-        *(
-            f"| {o['name']} | {o.get('direction', 'maximize')} | {scores.get(o['name'], float('nan')):.6g} |"
-            for o in objectives
-        ),
-        "",
+        *scores_table(scores, objectives),
         "## Path",
         "",
         "| step | model | layer | input scale |",
