@@ -84,20 +84,35 @@ def make_models(out: Path, seed: int = 0) -> None:
         del sd
 
 
-def copy_bandwidth(nbytes: int = 1 << 29, reps: int = 5) -> float:
-    """Bytes moved (read + written) per second by a large bf16 copy_, best of ``reps``."""
+def sync(device: str) -> None:
     import torch
 
-    a = torch.ones(nbytes // 2, dtype=torch.bfloat16)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str = "cpu", nbytes: int = 1 << 29, reps: int = 5) -> float:
+    """Bytes moved (read + written) per second by a large bf16 copy_ on ``device``, best of ``reps``."""
+    import torch
+
+    a = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
     b = torch.empty_like(a)
     b.copy_(a)
     best = float("inf")
     for _ in range(reps):
+        sync(device)
         t = time.perf_counter()
         b.copy_(a)
+        sync(device)
         best = min(best, time.perf_counter() - t)
     del a, b
     return 2 * nbytes / best
+
+
+def rss_now() -> int:
+    """Resident set size of this process now, in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def mergekit_yaml(op: str, base: str, experts: list[str], w: list[float], dens: list[float]) -> dict:
@@ -152,6 +167,7 @@ def main() -> None:
     ap.add_argument("--skip-external", action="store_true", help="no mergekit-yaml / evomerge merge runs")
     ap.add_argument("--no-fused", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (mergekit-yaml then runs with --cuda)")
     args = ap.parse_args()
     if args.make:
         make_models(Path(args.make))
@@ -172,9 +188,14 @@ def main() -> None:
         print(f"models written in {time.perf_counter() - t0:.1f}s to {tmp}")
         base = str(tmp / "base")
         experts = [str(tmp / f"expert{i}") for i in range(K)]
-        bw = copy_bandwidth()
+        dev = args.device
+        bw = copy_bandwidth(dev)
+        from evomerge.merge import kernels
+
+        kernels.available(dev)  # the compile check's own allocations stay out of the baseline
+        rss0 = rss_now()  # interpreter, torch, transformers: what any process has before the models
         t0 = time.perf_counter()
-        mat = Materializer(base, experts, dtype=torch.bfloat16, fused=not args.no_fused)
+        mat = Materializer(base, experts, device=dev, dtype=torch.bfloat16, fused=not args.no_fused)
         load_s = time.perf_counter() - t0
         model = mat.new_model()
         model_bytes = mat.model_bytes()
@@ -216,8 +237,10 @@ def main() -> None:
                 groups.append(LayerGroup(name="head", kind="head", weights=[1.0] * k, densities=[0.6] * k))
                 params = {"t": float(torch.rand((), generator=g))} if op == "slerp" else {}
                 r = Recipe(base=base, sources=m.source_paths, method=op, groups=groups, params=params, seed=c)
+                sync(dev)
                 t = time.perf_counter()
                 m.apply(r, model)
+                sync(dev)
                 dt = time.perf_counter() - t
                 if c == 0:
                     first = dt
@@ -237,22 +260,19 @@ def main() -> None:
 
                 cpath = tmp / f"{op}.yml"
                 cpath.write_text(yaml.safe_dump(cfg))
-                mk = VENV_BIN / "mergekit-yaml"
+                mk = [str(VENV_BIN / "mergekit-yaml")] if (VENV_BIN / "mergekit-yaml").exists() else None
+                if mk is None:  # installed elsewhere (e.g. carried wheels): its module entry point
+                    mk = [sys.executable, "-c", "from mergekit.scripts.run_yaml import main; main()"]
+                cuda = ["--cuda"] if dev.startswith("cuda") else []
                 res["mergekit_s"] = run_timed(
-                    [
-                        str(mk),
-                        str(cpath),
-                        str(tmp / f"mk_{op}"),
-                        "--no-copy-tokenizer",
-                        "--quiet",
-                        "--random-seed",
-                        "0",
-                    ],
+                    [*mk, str(cpath), str(tmp / f"mk_{op}"), "--no-copy-tokenizer", "--quiet", "--random-seed", "0"]
+                    + cuda,
                     ROOT,
                 )
                 if evo_merge:
                     res["evomerge_merge_s"] = run_timed(
-                        [sys.executable, "-m", "evomerge.cli", "merge", str(cpath), "--out", str(tmp / f"ev_{op}")],
+                        [sys.executable, "-m", "evomerge.cli", "merge", str(cpath), "--out", str(tmp / f"ev_{op}")]
+                        + (["--device", dev] if cuda else []),
                         ROOT,
                     )
                 for d in (tmp / f"mk_{op}", tmp / f"ev_{op}"):
@@ -263,7 +283,10 @@ def main() -> None:
                 f"x{res['resident_s'] / floor:.2f}  (first {first:.2f}s)",
                 flush=True,
             )
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+        peak_b = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_b / 1e9
+        over = (peak_b - rss0) / 1e9  # what loading and merging added to the process's peak
+        gpu_peak = torch.cuda.max_memory_allocated() / 1e9 if dev.startswith("cuda") else None
         resident = (mat.resident_bytes() + model_bytes) / 1e9
         print()
         print(
@@ -276,10 +299,13 @@ def main() -> None:
             ev_s = f"{ev:.1f}" if ev else "null"
             ratio = f"{mk / rs:.0f}x" if mk else "-"
             print(f"{op:18s}{rs:11.3f}{r['floor_s']:9.3f}{rs / r['floor_s']:9.2f}{mk_s:>12s}{ev_s:>12s}{ratio:>13s}")
+        mg = model_bytes / 1e9
         print(
-            f"model {model_bytes / 1e9:.3f} GB; materializer resident + model {resident:.3f} GB "
-            f"= {resident / (model_bytes / 1e9):.2f} model sizes (budget {K + 2}); peak RSS {peak:.2f} GB; "
-            f"copy bandwidth {bw / 1e9:.1f} GB/s; torch threads {torch.get_num_threads()}"
+            f"model {mg:.3f} GB; materializer resident + model {resident:.3f} GB "
+            f"= {resident / mg:.2f} model sizes (budget {K + 2}); peak RSS {peak:.2f} GB, of which "
+            f"{over:.2f} GB = {over / mg:.2f} model sizes over the {rss0 / 1e9:.2f} GB before loading"
+            + (f"; GPU peak allocated {gpu_peak:.2f} GB = {gpu_peak / mg:.2f} model sizes" if gpu_peak else "")
+            + f"; copy bandwidth {bw / 1e9:.1f} GB/s on {dev}; torch threads {torch.get_num_threads()}"
         )
         out = {
             "operators": {
@@ -288,6 +314,10 @@ def main() -> None:
             },
             "peak_rss_gb": peak,
             "model_gb": model_bytes / 1e9,
+            "rss_before_load_gb": rss0 / 1e9,
+            "peak_rss_over_load_gb": over,
+            "gpu_peak_allocated_gb": gpu_peak,
+            "device": dev,
             "resident_gb": resident,
             "copy_bandwidth_gbs": bw / 1e9,
             "first_call_s": {op: r["first_s"] for op, r in results.items()},

@@ -292,28 +292,40 @@ def storage_upgrade(storage: StorageOpt = None) -> None:
         out.print(f"{store.url_display}: schema upgraded from {before or 'empty'} to {after}")
 
 
+# Errors printed as one line with exit code 2, by (module, class). Looked up only once something was
+# raised, in the modules already imported: an exception of a class whose module was never imported
+# cannot have been raised, and importing driver/export/store up front (torch, SQLAlchemy, Ray) would
+# cost seconds of start-up on every command, `--help` and `merge` included.
+USER_ERRORS = (
+    ("evomerge.space", "SpaceError"),
+    ("evomerge.driver", "DriverError"),
+    ("evomerge.store.errors", "StoreError"),
+    ("evomerge.export", "ExportError"),
+)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    found = [getattr(sys.modules[m], name, None) for m, name in USER_ERRORS if m in sys.modules]
+    return (UserError, *(t for t in found if isinstance(t, type)))
+
+
 def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from evomerge.driver import DriverError
-    from evomerge.export import ExportError
-    from evomerge.space import SpaceError
-    from evomerge.store import StoreError
-
     try:
         # Without standalone mode click returns an Exit's code instead of raising it.
         rc = app(standalone_mode=False)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
-    except (UserError, SpaceError, DriverError, StoreError, ExportError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as e:  # click usage errors and the like
-        import click
+    except Exception as e:
+        if isinstance(e, _user_error_types()):
+            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            sys.exit(2)
+        import click  # click usage errors and the like
 
         if isinstance(e, click.exceptions.ClickException):
             e.show()

@@ -100,6 +100,7 @@ def worker_config(space: SearchSpace) -> WorkerConfig:
         task_paths=space.task_dirs,
         batch_size=space.evaluation.batch_size,
         dtype=space.evaluation.dtype,
+        fused=space.evaluation.fused_kernels,
     )
 
 

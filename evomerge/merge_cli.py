@@ -29,6 +29,9 @@ def merge_command(
             "--compute-dtype", help="dtype the sources are held in while merging (operators compute in float32)"
         ),
     ] = "float32",
+    device: Annotated[
+        str, typer.Option("--device", help="where to merge: cpu, cuda or cuda:N (filters, LoRA, slices: cpu)")
+    ] = "cpu",
     print_yaml: Annotated[
         bool, typer.Option("--print-mergekit", help="also print the recipe as a mergekit YAML when expressible")
     ] = False,
@@ -50,7 +53,14 @@ def merge_command(
         cdt = _dtype(compute_dtype)
         if dtype is not None:
             _dtype(dtype)
-        path = merge_to_folder(job, out, force=force, compute_dtype=cdt, out_dtype=dtype)
+        if not (device == "cpu" or device.startswith("cuda")):
+            raise ConfigError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"--device {device}: no CUDA device is visible to this process")
+        path = merge_to_folder(job, out, force=force, compute_dtype=cdt, out_dtype=dtype, device=device)
     except (ConfigError, LoraError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)

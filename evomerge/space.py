@@ -127,6 +127,22 @@ class Evaluation(BaseModel):
     max_attempts: int = Field(default=3, ge=1)
     # Score a slice of each objective first; finish only candidates that can still reach the front.
     multi_fidelity: MultiFidelity | None = None
+    # Build candidates with the torch.compile'd fused kernels (evomerge.merge.kernels) for linear,
+    # task_arithmetic, ties, dare and dare_ties. "auto": on when the worker's device is CUDA (Triton
+    # compiles in seconds and the merge is then memory-bandwidth-bound), off on CPU (a CPU compile
+    # costs 5-60 s per worker process, more than a demo search's whole merge time). "on": always;
+    # a worker where torch.compile does not work falls back to the eager operators, and its info()
+    # says which it uses. "off": never. Fused and eager agree up to float32 summation order; data-flow
+    # genomes have no fused kernels and ignore the setting. YAML booleans (unquoted on/off) count as on/off.
+    fused_kernels: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("fused_kernels", mode="before")
+    @classmethod
+    def _on_off(cls, v: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads an unquoted on/off (also yes/no, true/false) as a boolean.
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        return v
 
 
 class SearchSpace(BaseModel):

@@ -29,6 +29,23 @@ class WorkerConfig:
     device: str | None = None  # None: cuda when this process sees a GPU, else cpu
     kind: str = "parameter_space"  # or "data_flow"
     embed_source: int = 0  # data-flow: the model whose embeddings and tokenizer the path uses
+    # Fused merge kernels (the space's evaluation.fused_kernels): "auto" (on for CUDA, off for CPU),
+    # "on" (eager where torch.compile does not work) or "off". Data-flow workers ignore it.
+    fused: str = "auto"
+
+
+def _use_fused(setting: str, device) -> tuple[bool, str]:
+    """Whether a parameter-space worker on ``device`` merges with the fused kernels, and why."""
+    if setting == "off":
+        return False, "fused_kernels: off"
+    if setting == "auto" and device.type != "cuda":
+        return False, f"fused_kernels: auto, off on {device.type} (a CPU compile costs more than it saves)"
+    from evomerge.merge import kernels
+
+    # Checked now rather than at the first candidate, so the compile lands in the start-up time.
+    if not kernels.available(device):
+        return False, f"fused_kernels: {setting}, but torch.compile does not work here: eager operators"
+    return True, f"fused_kernels: {setting}" + (f", on for {device.type}" if setting == "auto" else "")
 
 
 @dataclass
@@ -61,6 +78,9 @@ class MergeWorker:
             # One Ray actor per core: more intra-op threads than that only fight each other.
             torch.set_num_threads(max(1, int(os.environ.get("EVOMERGE_THREADS", "1"))))
         dtype = getattr(torch, cfg.dtype)
+        if cfg.fused not in ("auto", "on", "off"):
+            raise ValueError(f"fused must be 'auto', 'on' or 'off', not {cfg.fused!r}")
+        self.fused_setting = cfg.fused
         if cfg.kind == "data_flow":
             from evomerge.dfs import DataFlowMaterializer
 
@@ -68,10 +88,14 @@ class MergeWorker:
                 cfg.sources, device=device, dtype=dtype, embed_source=cfg.embed_source
             )
             tok_path = self.materializer.tokenizer_path()
+            self.merge_kernels, self.merge_kernels_note = "eager", "data-flow genomes have no fused kernels"
         else:
+            fused, self.merge_kernels_note = _use_fused(cfg.fused, torch.device(device))
+            self.merge_kernels = "fused" if fused else "eager"
             tok_path = resolve_ref(cfg.base)
-            self.materializer = Materializer(tok_path, [resolve_ref(s) for s in cfg.sources], device=device,
-                                             dtype=dtype)
+            self.materializer = Materializer(
+                tok_path, [resolve_ref(s) for s in cfg.sources], device=device, dtype=dtype, fused=fused
+            )
         self.model = self.materializer.new_model()
         self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
         self.objectives = [Objective.model_validate(o) for o in cfg.objectives]
@@ -80,7 +104,15 @@ class MergeWorker:
         self.startup_s = time.perf_counter() - t0
 
     def info(self) -> dict:
-        return {"worker": self.name, "startup_s": self.startup_s}
+        """Who the worker is, how long it took to start, and how it merges: ``merge_kernels`` is "fused" or
+        "eager" (what ``fused_kernels``, the space's setting, came to here; ``merge_kernels_note`` says why)."""
+        return {
+            "worker": self.name,
+            "startup_s": self.startup_s,
+            "fused_kernels": self.fused_setting,
+            "merge_kernels": self.merge_kernels,
+            "merge_kernels_note": self.merge_kernels_note,
+        }
 
     def evaluate(
         self,

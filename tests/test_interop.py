@@ -298,6 +298,13 @@ def test_cli_merge_yaml_and_recipe(fam, tmp_path, mat):
     res = runner.invoke(app, ["merge", str(bad), "--out", str(tmp_path / "o3")])
     assert res.exit_code == 2 and "error: chat_template" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o3").exists()
+    # a device this process cannot use: one line, nothing written
+    for dev, why in (("tpu", "--device must be"), ("cuda", "no CUDA device")):
+        if dev == "cuda" and torch.cuda.is_available():
+            continue  # (on a GPU machine cuda is a valid choice)
+        res = runner.invoke(app, ["merge", str(y), "--out", str(tmp_path / "o4"), "--device", dev])
+        assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, res.output
+        assert not (tmp_path / "o4").exists()
 
 
 def _run_mergekit(cfg: dict, out: Path) -> dict[str, torch.Tensor]:

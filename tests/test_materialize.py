@@ -119,8 +119,10 @@ def test_matches_pure_operator(family, mat, method):
             continue
         ctx = mat.context(r, name)
         out = spec.fn(mat.base[name], mat.deltas[name], **ctx)
-        torch.testing.assert_close(sd[name], out, rtol=0, atol=0, msg=name)
-        torch.testing.assert_close(sd2[name], out, rtol=0, atol=0, msg=name)
+        # a linear form (SLERP, Model Stock) takes its angle from float64 statistics: rounding apart
+        tol = 2e-6 if spec.linear is not None else 0
+        torch.testing.assert_close(sd[name], out, rtol=tol, atol=tol, msg=name)
+        torch.testing.assert_close(sd2[name], out, rtol=tol, atol=tol, msg=name)
 
 
 def test_reapply_has_no_memory(family, mat):
@@ -230,11 +232,15 @@ def test_bfloat16_resident(family):
     m.apply(r, model)
     assert next(model.parameters()).dtype == torch.bfloat16
     ref = Materializer(*family).merged_state_dict(r)
+    off = tot = 0
     for k, v in model.state_dict().items():
         if k in ref:
-            # bf16 task vectors can flip a near-tie sign election here and there; the bulk agrees
-            off = ((v.float() - ref[k]).abs() > 1e-2 + 1e-2 * ref[k].abs()).float().mean().item()
-            assert off < 0.01, (k, off)
+            # bf16 task vectors can flip a near-tie sign election here and there (one entry of a
+            # 32-entry norm is 3% of it): counted over the whole model, the bulk agrees
+            bad = int(((v.float() - ref[k]).abs() > 1e-2 + 1e-2 * ref[k].abs()).sum())
+            assert bad <= max(2, 0.05 * v.numel()), (k, bad)
+            off, tot = off + bad, tot + v.numel()
+    assert off / tot < 0.01, off / tot
 
 
 # ---------------------------------------------------------------------------------- new operators
@@ -406,3 +412,102 @@ def test_fused_kernels_match_eager(family, mat, method):
         for k in a:
             off = ((a[k] - b[k]).abs() > 1e-6).float().mean().item()
             assert off <= 1e-3, (method, params, k, off)  # a near-zero sign election may flip
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_fused_della_matches_eager(wide_family, method):
+    """DELLA's fused kernel (rank lookup, draw and 1/p rescale in registers) on tensors large enough
+    for the histogram ranks, against the eager operator with the same ranks and draws."""
+    from evomerge.merge import kernels
+
+    assert kernels.available()
+    eager, fused = Materializer(*wide_family), Materializer(*wide_family, fused=True)
+    name = "model.embed_tokens.weight"
+    assert eager.deltas[name][0].numel() > 4096  # the kernel's path, not the exact-rank one
+    for params, dens in (({}, [0.4, 0.7]), ({"normalize": not get_operator(method).params["normalize"]}, [0.5, 1.0])):
+        r = Recipe(
+            base=wide_family[0],
+            sources=wide_family[1],
+            method=method,
+            params={"epsilon": 0.1, **params},
+            seed=5,
+            groups=[LayerGroup(name="all", kind="all", weights=[0.8, 0.6], densities=dens)],
+        )
+        a, b = eager.merged_tensor(r, name), fused.merged_tensor(r, name)
+        base = eager.base[name]
+        assert not torch.equal(a, base)
+        off = ((a - b).abs() > 1e-5).float().mean().item()
+        assert off <= 1e-3, (method, params, off)
+        dropped = float(((a == base) & (eager.deltas[name].abs().sum(0) > 0)).float().mean())
+        if max(dens) < 1:
+            assert dropped > 0.05  # the drop happened (both sources dropped: the base shows through)
+
+
+@pytest.mark.parametrize("method", ["slerp", "model_stock"])
+def test_linear_form_matches_whole_tensor_operator(wide_family, method):
+    """SLERP and Model Stock stream as ``bscale * base + sum coef_i tau_i`` with per-tensor statistics
+    computed once; per candidate that equals the whole-tensor operator (eager and fused)."""
+    spec = get_operator(method)
+    eager, fused = Materializer(*wide_family, chunk=1000), Materializer(*wide_family, fused=True)
+    for t in (0.0, 0.3, 0.8, 1.0):
+        params = {"t": t} if method == "slerp" else {}
+        r = Recipe(
+            base=wide_family[0],
+            sources=wide_family[1],
+            method=method,
+            params=params,
+            groups=[LayerGroup(name="all", kind="all", weights=[1.0, 1.0], densities=[1.0, 1.0])],
+        )
+        for name in eager.names:
+            if name in eager.passthrough:
+                continue
+            ref = spec.fn(eager.base[name], eager.deltas[name], **resolve_params(spec, params))
+            for m in (eager, fused):
+                got = m.merged_tensor(r, name)
+                torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6, msg=f"{method} t={t} {name}")
+            if method == "slerp" and t in (0.0, 1.0):  # end points exactly
+                end = eager.base[name] + (eager.deltas[name][1] if t == 1.0 else eager.deltas[name][0])
+                assert torch.equal(eager.merged_tensor(r, name), end)
+    assert len(eager._stats) == len(eager.deltas)  # statistics computed once per tensor, then reused
+    assert all(set(v) == {method} for v in eager._stats.values())
+
+
+def test_linear_form_statistics_are_kept_per_operator(wide_family):
+    """One materializer serving SLERP and Model Stock (both with per-tensor statistics) keeps each
+    operator's own: neither reads the other's."""
+    m = Materializer(*wide_family)
+    name = "model.embed_tokens.weight"
+    out = {}
+    for method in ("model_stock", "slerp", "model_stock"):
+        spec = get_operator(method)
+        params = {"t": 0.3} if method == "slerp" else {}
+        r = Recipe(
+            base=wide_family[0],
+            sources=wide_family[1],
+            method=method,
+            params=params,
+            groups=[LayerGroup(name="all", kind="all", weights=[1.0, 1.0], densities=[1.0, 1.0])],
+        )
+        got = m.merged_tensor(r, name)
+        ref = spec.fn(m.base[name], m.deltas[name], **resolve_params(spec, params))
+        torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6)
+        out.setdefault(method, got)
+    assert set(m._stats[name]) == {"slerp", "model_stock"}
+
+
+@pytest.mark.parametrize("method", [m for m in ALL if "fisher" not in get_operator(m).context])
+def test_lazy_materializer_streams_the_same_merge(family, mat, method):
+    """``lazy=True`` (``evomerge merge``'s path) reads one tensor at a time and gives the resident
+    materializer's merge (exact trims on both sides), holding nothing once done."""
+    mat, family = mat_for(family, mat, method)
+    r = recipe(family, method, seed=7)
+    ref = Materializer(*family, trim_index="none").merged_state_dict(r)
+    lazy = Materializer(*family, lazy=True, trim_index="none")
+    assert not lazy.base and not lazy.deltas
+    seen = 0
+    for name, t in lazy.iter_merged(r, torch.bfloat16):
+        assert len(lazy.deltas) == 0  # dropped before the next tensor is read
+        assert t.dtype == (torch.bfloat16 if ref[name].is_floating_point() else ref[name].dtype)
+        torch.testing.assert_close(t, ref[name].to(t.dtype), rtol=0, atol=0, msg=name)
+        seen += 1
+    assert seen == len(ref) and not lazy.base and not lazy._stats and not lazy._sorted

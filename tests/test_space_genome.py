@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from evomerge.genome import ParameterSpaceGenome, plan_groups
 from evomerge.recipe import Recipe, tensor_slot
@@ -133,3 +134,36 @@ def test_model_granularity_is_one_gene_set_for_every_tensor(tmp_path: Path) -> N
     r = g.decode([0.1, 0.2, 0.3, 0.4])
     for name in ("model.embed_tokens.weight", "model.layers.3.mlp.up_proj.weight", "lm_head.weight"):
         assert r.group_for(name).name == "all"
+
+
+def test_fused_kernels_option(tmp_path: Path) -> None:
+    sp = load_space(write(tmp_path, GOOD))
+    assert sp.evaluation.fused_kernels == "auto"  # on for CUDA workers, off for CPU ones
+    on = load_space(write(tmp_path, GOOD + "evaluation: {fused_kernels: 'on'}\n"))
+    assert on.evaluation.fused_kernels == "on"
+    # Unquoted on/off are YAML booleans; they mean what they say.
+    for text, value in (("on", "on"), ("off", "off"), ("true", "on"), ("auto", "auto")):
+        sp2 = load_space(write(tmp_path, GOOD + f"evaluation: {{fused_kernels: {text}}}\n"))
+        assert sp2.evaluation.fused_kernels == value
+    # The stored space keeps the setting, and a space stored before the option existed still loads.
+    assert parse_space_text(dump_space(on)).evaluation.fused_kernels == "on"
+    old = yaml.safe_load(dump_space(sp))
+    del old["evaluation"]["fused_kernels"]
+    assert parse_space_text(yaml.safe_dump(old)).evaluation.fused_kernels == "auto"
+
+
+@pytest.mark.parametrize("value", ["'yes'", "fast", "1"])
+def test_bad_fused_kernels_names_the_field(tmp_path: Path, value: str) -> None:
+    with pytest.raises(SpaceError) as e:
+        load_space(write(tmp_path, GOOD + f"evaluation: {{fused_kernels: {value}}}\n"))
+    msg = str(e.value)
+    assert "field 'evaluation.fused_kernels'" in msg and "'auto', 'on' or 'off'" in msg
+    assert "\n" not in msg
+
+
+def test_worker_config_carries_fused_kernels(tmp_path: Path) -> None:
+    from evomerge.driver import worker_config
+
+    sp = load_space(write(tmp_path, GOOD + "evaluation: {fused_kernels: 'off'}\n"))
+    assert worker_config(sp).fused == "off"
+    assert worker_config(load_space(write(tmp_path, GOOD))).fused == "auto"

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from evomerge.merge.draws import source_uniform
+
 __all__ = ["available", "for_operator", "FUSED_OPERATORS"]
 
-FUSED_OPERATORS = ("linear", "task_arithmetic", "ties", "dare", "dare_ties")
-NOISE_BLOCK = 1 << 16  # = evomerge.merge.materialize.NOISE_BLOCK
+FUSED_OPERATORS = ("linear", "task_arithmetic", "ties", "dare", "dare_ties", "della", "della_linear")
 
 
 def _ta_body(out: Tensor, b: Tensor, d: Tensor, coef: Tensor, bscale: Tensor) -> None:
@@ -34,19 +35,17 @@ def _ta_body(out: Tensor, b: Tensor, d: Tensor, coef: Tensor, bscale: Tensor) ->
     out.copy_(acc)
 
 
-def _uniform(table: Tensor, offs: Tensor, k: int, n: int) -> Tensor:
-    """Source k's draws for a whole tensor: block ``i // NOISE_BLOCK`` reads the seed's table from its
-    offset (the materializer's layout, see :mod:`evomerge.merge.materialize`), gathered in-kernel."""
-    idx = torch.arange(n, device=table.device)
-    blk = idx // NOISE_BLOCK
-    return table[offs[k][blk] + (idx - blk * NOISE_BLOCK)]
+def _uniform(keys: Tensor, k: int, n: int) -> Tensor:
+    """Source k's draws for a segment of a tensor, hashed from positions in registers (see
+    :mod:`evomerge.merge.draws`: the same function the eager path calls)."""
+    return source_uniform(torch.arange(n, dtype=torch.int32, device=keys.device), keys, k)
 
 
-def _dare_body(out: Tensor, b: Tensor, d: Tensor, table: Tensor, offs: Tensor, dens: Tensor, coef: Tensor) -> None:
+def _dare_body(out: Tensor, b: Tensor, d: Tensor, keys: Tensor, dens: Tensor, coef: Tensor) -> None:
     acc = b.float()
     n = b.shape[0]
     for k in range(d.shape[0]):
-        keep = _uniform(table, offs, k, n) < dens[k]
+        keep = _uniform(keys, k, n) < dens[k]
         acc = acc + torch.where(keep, d[k].float() * coef[k], 0.0)
     out.copy_(acc)
 
@@ -81,8 +80,7 @@ def _dare_ties_body(
     out: Tensor,
     b: Tensor,
     d: Tensor,
-    table: Tensor,
-    offs: Tensor,
+    keys: Tensor,
     dens: Tensor,
     coef: Tensor,
     w: Tensor,
@@ -92,36 +90,114 @@ def _dare_ties_body(
     wd = []
     n = b.shape[0]
     for k in range(d.shape[0]):
-        wd.append(torch.where(_uniform(table, offs, k, n) < dens[k], d[k].float() * coef[k], 0.0))
+        wd.append(torch.where(_uniform(keys, k, n) < dens[k], d[k].float() * coef[k], 0.0))
     _ties_tail(out, b, wd, w, lam, normalize)
+
+
+def _della_body(
+    out: Tensor,
+    b: Tensor,
+    d: Tensor,
+    keys: Tensor,
+    cdf: Tensor,
+    scale: Tensor,
+    dens: Tensor,
+    eps: Tensor,
+    two_eps: Tensor,
+    coef: Tensor,
+    w: Tensor,
+    lam: Tensor,
+    normalize: bool,
+    ties: bool,
+    inverse: bool,
+) -> None:
+    # MagPrune in registers: |tau|'s rank from the source's cumulative histogram (a K x BINS table
+    # that stays in L1), the keep probability, the draw, the 1/p rescale; then TIES or a plain sum.
+    n = b.shape[0]
+    bins = cdf.shape[1]
+    wd = []
+    for k in range(d.shape[0]):
+        x = d[k].float()
+        # clamped before the cast, so the index is in range by construction: no bounds check per entry
+        r = torch.ops.aten._unsafe_index(cdf[k], [torch.clamp(x.abs() * scale[k], 0, bins - 1).to(torch.int32)])
+        p = (dens[k] - eps + two_eps * r).clamp(0.0, 1.0)
+        p = torch.where(dens[k] <= 0, 0.0, p)
+        p = torch.where(dens[k] >= 1, 1.0, p)
+        keep = _uniform(keys, k, n) < p
+        v = x / p if inverse else x
+        wd.append(torch.where(keep, v * coef[k], 0.0))
+    if ties:
+        _ties_tail(out, b, wd, w, lam, normalize)
+        return
+    s = wd[0]
+    for x in wd[1:]:
+        s = s + x
+    out.copy_(b.float() + s * lam)
 
 
 @functools.cache
 def _compiled(name: str) -> Callable[..., None]:
-    body = {"ta": _ta_body, "dare": _dare_body, "ties": _ties_body, "dare_ties": _dare_ties_body}[name]
+    body = {
+        "ta": _ta_body,
+        "dare": _dare_body,
+        "ties": _ties_body,
+        "dare_ties": _dare_ties_body,
+        "della": _della_body,
+    }[name]
     return torch.compile(body, dynamic=True, fullgraph=True)
 
 
+def available(device: str | torch.device = "cpu") -> bool:
+    """Whether ``torch.compile`` works here for ``device`` (a C++ compiler for CPU inductor, Triton
+    for CUDA); checked once per device type."""
+    return _available(torch.device(device).type)
+
+
 @functools.cache
-def available() -> bool:
-    """Whether ``torch.compile`` works here (a C++ compiler for CPU inductor); checked once."""
+def _available(device_type: str) -> bool:
     try:
-        out = torch.empty(8)
-        _compiled("ta")(out, torch.zeros(8), torch.ones(2, 8), torch.ones(2), torch.ones(()))
-        return bool(torch.allclose(out, torch.full((8,), 2.0)))
+        out = torch.empty(8, device=device_type)
+        ones = torch.ones(2, 8, device=device_type)
+        _compiled("ta")(out, torch.zeros(8, device=device_type), ones, torch.ones(2, device=device_type),
+                        torch.ones((), device=device_type))  # fmt: skip
+        return bool(torch.allclose(out.cpu(), torch.full((8,), 2.0)))
     except Exception:  # noqa: BLE001 - no compiler, unsupported platform: fall back to eager
         return False
 
 
+def _call(kernel: str, out: Tensor, b: Tensor, d: Tensor, *args: Any) -> None:
+    """Run a compiled kernel; its small tensor arguments (weights, densities, thresholds: built on the
+    host, where the genes are) go to the data's device without a synchronisation."""
+    dev = b.device
+    moved = [a.to(dev, non_blocking=True) if isinstance(a, Tensor) and a.device != dev else a for a in args]
+    _compiled(kernel)(out, b, d, *moved)
+
+
+def linear_kernel(
+    device: str | torch.device = "cpu",
+) -> Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor] | None:
+    """``kern(out, base, deltas, coefs, bscale) -> out`` writing ``bscale * base + sum_i coefs_i * deltas_i``
+    (operators with a linear form: SLERP, Model Stock), or ``None`` when compilation does not work here."""
+    if not available(device):
+        return None
+
+    def kern(out, b, d, coef, bscale):
+        _call("ta", out, b, d, coef, torch.full((), float(bscale)))
+        return out
+
+    return kern
+
+
 def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Callable[..., Tensor] | None:
     """A fused kernel ``kern(out, base, deltas, weights, densities, extra) -> out`` for the operator with
-    these params, or ``None`` when there is none (other operators, DARE's L1 rescale). Kernels take
-    whole flat tensors; random ones read ``extra["noise_table"]`` / ``extra["noise_offsets"]``."""
-    if name not in FUSED_OPERATORS or not available():
+    these params, or ``None`` when there is none (other operators, DARE's L1 rescale). Weights,
+    densities and thresholds come as host (CPU) tensors, the rest on the data's device. Kernels take
+    whole flat tensors; random ones read ``extra["noise_keys"]`` (one segment of a tensor per call)."""
+    if name not in FUSED_OPERATORS or not available(device):
         return None
     lam = float(params.get("lambda", 1.0))
     normalize = bool(params.get("normalize", False))
-    if name in ("dare", "dare_ties"):
+    if name in ("dare", "dare_ties", "della", "della_linear"):
         r = params.get("rescale")
         if r is True or r == "l1":
             return None
@@ -138,9 +214,9 @@ def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Cal
             s = float(w.sum())
             if normalize:
                 div = s if abs(s) >= 1e-8 else 1.0
-                _compiled("ta")(out, b, d, w / div, torch.ones((), device=w.device))
+                _call("ta", out, b, d, w / div, torch.ones(()))
             else:
-                _compiled("ta")(out, b, d, w, torch.full((), s, device=w.device))
+                _call("ta", out, b, d, w, torch.full((), s))
             return out
 
     elif name == "task_arithmetic":
@@ -148,14 +224,14 @@ def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Cal
         def kern(out, b, d, w, dens, extra):
             s = float(w.sum())
             div = s if normalize and abs(s) >= 1e-8 else 1.0
-            _compiled("ta")(out, b, d, w * (lam / div), torch.ones((), device=w.device))
+            _call("ta", out, b, d, w * (lam / div), torch.ones(()))
             return out
 
     elif name == "ties":
 
         def kern(out, b, d, w, dens, extra):
-            thr = extra["thresholds"].to(w.device, torch.float32)
-            _compiled("ties")(out, b, d, thr, w, torch.full((), lam, device=w.device), normalize)
+            thr = extra["thresholds"].to(torch.float32)
+            _call("ties", out, b, d, thr, w, torch.full((), lam), normalize)
             return out
 
     elif name == "dare":
@@ -164,22 +240,48 @@ def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Cal
             c = coef_of(w, dens)
             s = float(c.sum())
             div = s if normalize and abs(s) >= 1e-8 else 1.0
-            if "noise_table" not in extra:  # nothing dropped
-                _compiled("ta")(out, b, d, w * (lam / div), torch.ones((), device=w.device))
+            if "noise_keys" not in extra:  # nothing dropped
+                _call("ta", out, b, d, w * (lam / div), torch.ones(()))
             else:
-                _compiled("dare")(out, b, d, extra["noise_table"], extra["noise_offsets"], dens, c * (lam / div))
+                _call("dare", out, b, d, extra["noise_keys"], dens, c * (lam / div))
+            return out
+
+    elif name in ("della", "della_linear"):
+        ties = name == "della"
+        eps = float(params.get("epsilon", 0.15))
+
+        def kern(out, b, d, w, dens, extra):
+            lt = torch.full((), lam)
+            if "noise_keys" not in extra:  # nothing dropped: p = 1 everywhere
+                if ties:
+                    _call("ties", out, b, d, torch.full_like(w, -float("inf")), w, lt, normalize)
+                else:
+                    s = float(w.sum())
+                    div = s if normalize and abs(s) >= 1e-8 else 1.0
+                    _call("ta", out, b, d, w * (lam / div), torch.ones(()))
+                return out
+            if not ties and normalize:
+                s = float(w.sum())
+                lt = torch.full((), lam / (s if abs(s) >= 1e-8 else 1.0))
+            _call(
+                "della", out, b, d, extra["noise_keys"], extra["della_cdf"],
+                extra["della_scale"], dens,
+                torch.full((), eps, dtype=torch.float32),
+                torch.full((), 2.0 * eps, dtype=torch.float32),
+                w, w, lt, normalize, ties, inverse,
+            )  # fmt: skip
             return out
 
     else:  # dare_ties
 
         def kern(out, b, d, w, dens, extra):
-            lt = torch.full((), lam, device=w.device)
-            if "noise_table" not in extra:
+            lt = torch.full((), lam)
+            if "noise_keys" not in extra:
                 thr = torch.full_like(w, -float("inf"))
-                _compiled("ties")(out, b, d, thr, w, lt, normalize)
+                _call("ties", out, b, d, thr, w, lt, normalize)
             else:
-                t, o = extra["noise_table"], extra["noise_offsets"]
-                _compiled("dare_ties")(out, b, d, t, o, dens, coef_of(w, dens), w, lt, normalize)
+                keys = extra["noise_keys"]
+                _call("dare_ties", out, b, d, keys, dens, coef_of(w, dens), w, lt, normalize)
             return out
 
     return kern

@@ -9,18 +9,12 @@ candidate:
   so the trim at any density is a lookup of the ``k``-th value (no sort, no top-k per candidate);
 - for DELLA, per tensor and source a cumulative histogram of |tau|, so an entry's magnitude rank is a
   table lookup;
-- for DARE and DELLA, one table of uniform draws per seed; a tensor's draws are slices of it.
+- for DARE and DELLA nothing: their draws are a hash of the entry's position (see
+  :mod:`evomerge.merge.draws`), computed where they are used.
 
 Per candidate, :meth:`Materializer.apply` streams each tensor in cache-sized chunks through the
 operator (or a fused kernel from :mod:`evomerge.merge.kernels`) and writes the result straight into a
 preallocated model's parameters.
-
-Random draws: the uniforms of tensor ``name``, source ``t``, under ``recipe.seed`` come in blocks of
-``NOISE_BLOCK`` entries; block ``b`` is the slice of the seed's table (``NOISE_TABLE`` uniforms from a
-CPU generator seeded with ``tensor_seed(seed, "")``) that starts at an offset hashed from (seed, name,
-t, b). The draws are iid U[0,1) within a block, do not depend on the order tensors are visited, on the
-device or on the chunking, and cost no memory per candidate and nothing to draw; across blocks they
-reuse the table at unrelated offsets, which a drop mask cannot tell from fresh draws.
 """
 
 from __future__ import annotations
@@ -33,10 +27,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from evomerge.merge import draws as draws_mod
 from evomerge.merge.operators import (
     OperatorSpec,
     Workspace,
@@ -54,8 +48,6 @@ __all__ = [
     "tensor_seed",
     "tensor_generator",
     "TOKENIZER_FILES",
-    "NOISE_BLOCK",
-    "NOISE_TABLE",
 ]
 
 TOKENIZER_FILES = (
@@ -78,10 +70,7 @@ TOKENIZER_FILES = (
 DEFAULT_CHUNK = 1 << 18
 DEFAULT_CHUNK_ACCEL = 1 << 26
 
-NOISE_BLOCK = 1 << 16
-NOISE_TABLE = 1 << 20
 DELLA_BINS = 4096
-_F32 = torch.empty(0, dtype=torch.float32)
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -93,26 +82,6 @@ def tensor_seed(seed: int, name: str) -> int:
 def tensor_generator(seed: int, name: str) -> torch.Generator:
     """The CPU generator DARE uses for tensor ``name``; see :func:`tensor_seed`."""
     return torch.Generator(device="cpu").manual_seed(tensor_seed(seed, name))
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)).astype(np.uint64)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def noise_offsets(seed: int, name: str, k: int, numel: int) -> np.ndarray:
-    """``K x n_blocks`` offsets into the seed's noise table for tensor ``name`` (see the module doc)."""
-    nb = max(1, -(-numel // NOISE_BLOCK))
-    idx = np.arange(k * nb, dtype=np.uint64) + np.uint64(tensor_seed(seed, name))
-    return (_splitmix64(idx) % np.uint64(NOISE_TABLE)).astype(np.int64).reshape(k, nb)
-
-
-def noise_table(seed: int) -> Tensor:
-    """The seed's table of uniforms (``NOISE_TABLE + NOISE_BLOCK`` float32, so no slice wraps)."""
-    return torch.rand(NOISE_TABLE + NOISE_BLOCK, generator=tensor_generator(seed, ""), dtype=torch.float32)
 
 
 class _Reader:
@@ -184,6 +153,22 @@ class _Reader:
         return t
 
 
+def _sorted_abs(x: Tensor) -> Tensor:
+    """|x| flattened and sorted in ascending order, in x's dtype.
+
+    On the CPU the sort is numpy's, in place on the integer view of |x| (non-negative IEEE floats order
+    as their bit patterns; 16-bit ones radix-sort in linear time), so the only temporary is |x| itself:
+    ``torch.sort`` would also allocate int64 indices, four times a bf16 tensor, which set the
+    materializer's peak memory.
+    """
+    a = x.reshape(-1).abs()
+    ints = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}.get(a.dtype)
+    if a.device.type != "cpu" or ints is None:
+        return torch.sort(a).values
+    a.view(ints).numpy().sort(kind="stable" if ints is torch.int16 else "quicksort")
+    return a
+
+
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     """All tensors of a Hugging Face model folder (safetensors, sharded or not; ``.bin`` as fallback)."""
     from safetensors.torch import load_file
@@ -246,10 +231,14 @@ class Materializer:
         ``"exact"`` keeps the full sorted |tau| (one more model size per source; matches mergekit's
         top-k exactly); ``"none"`` sorts per candidate (``kthvalue``; slow, no memory). Built lazily.
     cache_noise:
-        kept for compatibility; random draws come from a per-seed table (see the module doc) and cost
-        no memory per tensor.
+        kept for compatibility; random draws are hashes of positions and cost no memory.
     chunk:
         elements per streamed chunk in :meth:`apply` (default 2^18 on CPU, 2^26 elsewhere).
+    lazy:
+        hold nothing resident: :meth:`iter_merged` / :meth:`merged_state_dict` read one tensor of each
+        model at a time, merge it and drop it (one-off merges such as ``evomerge merge``: memory is one
+        tensor's sources plus the output, and nothing is read twice). A lazy materializer serves only
+        those two methods.
     fused:
         use the fused kernels of :mod:`evomerge.merge.kernels` for the hot operators when they apply
         (``None``: on CPU when ``torch.compile`` works here).
@@ -267,6 +256,7 @@ class Materializer:
         cache_noise: bool = True,
         chunk: int | None = None,
         fused: bool = False,
+        lazy: bool = False,
     ) -> None:
         from transformers import AutoConfig
 
@@ -295,38 +285,54 @@ class Materializer:
         self.base: dict[str, Tensor] = {}
         self.deltas: dict[str, Tensor] = {}  # name -> K x shape (float tensors only)
         self.passthrough: set[str] = set()  # non-float tensors, copied from the base as they are
-        k = len(self.source_paths)
-        for name in self.names:
-            b = base_r.get(name)
-            if not b.is_floating_point():
-                self.base[name] = b.to(self.device)
-                self.passthrough.add(name)
-                continue
-            b32 = b.to(torch.float32)
-            d = torch.empty((k, *b.shape), dtype=dtype, device=self.device)
-            for i, (path, r) in enumerate(zip(self.source_paths, self._readers, strict=True)):
-                t = r.get_tied(name)
-                if t is None:
-                    raise KeyError(f"source {path} has no tensor {name!r} (the base has it)")
-                if t.shape != b.shape:
-                    raise ValueError(f"{name}: shape {tuple(t.shape)} in {path}, {tuple(b.shape)} in the base")
-                d[i].copy_(t.to(torch.float32) - b32)
-                del t
-            self.base[name] = b.to(device=self.device, dtype=dtype)
-            self.deltas[name] = d
-            del b, b32
+        self.lazy = bool(lazy)
+        if not self.lazy:
+            for name in self.names:
+                self._load(name)
         self.slots: dict[str, str | int] = {n: tensor_slot(n) for n in self.names}
         # name -> (K x P descending |tau| or its quantiles, positions of the quantiles or None)
-        self._sorted: dict[str, tuple[Tensor, Tensor | None]] | None = None
-        self._della: dict[str, tuple[Tensor, Tensor]] | None = None  # name -> (K x BINS cdf, K scale)
-        self._table_seed: int | None = None
-        self._table: Tensor | None = None
-        self._offsets: dict[str, np.ndarray] = {}
+        self._sorted: dict[str, tuple[Tensor, Tensor | None]] = {}
+        self._della: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (K x BINS cdf, K scale)
         self._fisher: dict[str, Tensor] | None = None
         self._fisher_key: str | None = None
+        self._like32 = torch.empty(0, dtype=torch.float32, device=self.device)  # scratch buffers' dtype/device
+        # name -> operator -> gene-independent statistics (OperatorSpec.stats)
+        self._stats: dict[str, dict[str, Tensor]] = {}
+        self._key_cache: dict[tuple[int, str, int], Tensor] = {}
         # scratch buffers of the streamed chunks (one materializer serves one thread at a time)
         self._ws = Workspace()
         self._kernels = None
+
+    def _load(self, name: str) -> None:
+        """Read tensor ``name`` of the base and of every source; keep the base and the K task vectors."""
+        b = self._base_reader.get(name)
+        if not b.is_floating_point():
+            self.base[name] = b.to(self.device)
+            self.passthrough.add(name)
+            return
+        d = torch.empty((self.n_sources, *b.shape), dtype=self.dtype, device=self.device)
+        on_cpu = self.device.type == "cpu"
+        bflat = b.reshape(-1) if on_cpu else b.reshape(-1).to(self.device)
+        # float32 differences a chunk at a time on the CPU: no tensor-sized temporaries at load
+        step = 1 << 20 if on_cpu else max(1, bflat.numel())
+        for i, (path, r) in enumerate(zip(self.source_paths, self._readers, strict=True)):
+            t = r.get_tied(name)
+            if t is None:
+                raise KeyError(f"source {path} has no tensor {name!r} (the base has it)")
+            if t.shape != b.shape:
+                raise ValueError(f"{name}: shape {tuple(t.shape)} in {path}, {tuple(b.shape)} in the base")
+            tflat, dflat = (t.reshape(-1) if on_cpu else t.reshape(-1).to(self.device)), d[i].view(-1)
+            for s in range(0, bflat.numel(), step):
+                e = s + step
+                dflat[s:e].copy_(tflat[s:e].to(torch.float32) - bflat[s:e].to(torch.float32))
+            del t, tflat
+        self.base[name] = b.to(device=self.device, dtype=self.dtype)
+        self.deltas[name] = d
+
+    def _drop(self, name: str) -> None:
+        """Forget tensor ``name`` and what was computed from it (lazy mode: one tensor at a time)."""
+        for cache in (self.base, self.deltas, self._sorted, self._della, self._stats):
+            cache.pop(name, None)
 
     def subset(self, indices: list[int]) -> Materializer:
         """A materializer over some of the sources that shares this one's resident tensors (views, no
@@ -341,8 +347,9 @@ class Materializer:
             sub.deltas = {n: d[idx[0] : idx[0] + len(idx)] for n, d in self.deltas.items()}
         else:
             sub.deltas = {n: d[idx] for n, d in self.deltas.items()}
-        sub._sorted = sub._della = sub._fisher = None
-        sub._offsets = {}
+        sub._sorted, sub._della, sub._fisher = {}, {}, None
+        sub._stats = {}
+        sub._key_cache = {}
         sub._ws = Workspace()
         return sub
 
@@ -369,8 +376,6 @@ class Materializer:
             tot += sum(t.numel() * t.element_size() for t, _ in self._sorted.values())
         if self._della:
             tot += sum(a.numel() * a.element_size() for a, _ in self._della.values())
-        if self._table is not None:
-            tot += self._table.numel() * 4
         if self._fisher:
             tot += sum(t.numel() * t.element_size() for t in self._fisher.values())
         return tot
@@ -379,31 +384,37 @@ class Materializer:
     # precomputation
 
     def precompute_magnitudes(self) -> None:
-        """Build the sorted-|tau| index used by magnitude trims (done lazily on first use)."""
-        if self._sorted is not None or self.trim_index == "none":
+        """Build the sorted-|tau| index used by magnitude trims for every tensor (else built per tensor
+        on first use)."""
+        if self.trim_index == "none":
             return
-        tables: dict[str, tuple[Tensor, Tensor | None]] = {}
-        for name, d in self.deltas.items():
-            k = d.shape[0]
-            rows, pos = [], None
-            n = d[0].numel()
-            if self.trim_index == "quantile" and n > self.quantile_points:
-                pos = (
-                    torch.linspace(0, n - 1, self.quantile_points, dtype=torch.float64).round().long().clamp_(0, n - 1)
-                )
-            for i in range(k):  # one source at a time: the sort's temporaries stay one tensor large
-                s = torch.sort(d[i].reshape(-1).abs().to(torch.float32), descending=True).values
-                if pos is not None:
-                    s = s.index_select(0, pos.to(s.device)).contiguous()
-                rows.append(s.to(torch.float32 if pos is not None else self.dtype))
-                del s
-            tables[name] = (torch.stack(rows), pos)
-        self._sorted = tables
+        for name in self.deltas:
+            self._magnitudes(name)
+
+    def _magnitudes(self, name: str) -> tuple[Tensor, Tensor | None]:
+        got = self._sorted.get(name)
+        if got is not None:
+            return got
+        d = self.deltas[name]
+        k = d.shape[0]
+        rows, pos = [], None
+        n = d[0].numel()
+        if self.trim_index == "quantile" and n > self.quantile_points:
+            pos = torch.linspace(0, n - 1, self.quantile_points, dtype=torch.float64).round().long().clamp_(0, n - 1)
+        for i in range(k):  # one source at a time: the sort's temporaries stay one tensor large
+            asc = _sorted_abs(d[i])
+            # descending order: the j-th largest is the (n - 1 - j)-th smallest
+            srt = asc.index_select(0, (n - 1 - pos).to(asc.device)) if pos is not None else asc.flip(0)
+            del asc
+            # quantiles are a few KB: on the host, where thresholds are looked up without a device sync
+            rows.append(srt.to(torch.float32).cpu() if pos is not None else srt.to(self.dtype))
+            del srt
+        got = self._sorted[name] = (torch.stack(rows), pos)
+        return got
 
     def _desc_value(self, name: str, i: int, j: int) -> float:
         """The j-th largest |tau| (0-based) of source i in tensor ``name``, exact or interpolated."""
-        self.precompute_magnitudes()
-        table, pos = self._sorted[name]  # type: ignore[index]
+        table, pos = self._magnitudes(name)
         if pos is None:
             return float(table[i, j])
         hi = int(torch.searchsorted(pos, torch.tensor([j])))
@@ -446,27 +457,39 @@ class Materializer:
         return out
 
     def precompute_della(self) -> None:
-        """Cumulative histograms of |tau| per tensor and source (DELLA's rank lookup)."""
-        if self._della is not None:
-            return
-        out: dict[str, tuple[Tensor, Tensor]] = {}
-        for name, d in self.deltas.items():
-            k = d.shape[0]
-            n = d[0].numel()
-            cdfs, scales = [], []
-            for i in range(k):
-                a = d[i].reshape(-1).abs().float()
-                vmax = float(a.max()) if n else 0.0
-                if n <= DELLA_BINS or vmax == 0.0:
-                    cdfs.append(torch.zeros(DELLA_BINS))
-                    scales.append(0.0)
-                    continue
-                h = torch.histc(a, bins=DELLA_BINS, min=0.0, max=vmax).double()
-                cum = torch.cumsum(h, 0) - 0.5 * h  # rank of a bin's middle entry
-                cdfs.append(((cum - 0.5) / max(n - 1, 1)).clamp(0, 1).float())
-                scales.append(DELLA_BINS / vmax)
-            out[name] = (torch.stack(cdfs).to(self.device), torch.tensor(scales, dtype=torch.float32))
-        self._della = out
+        """Cumulative histograms of |tau| per tensor and source (DELLA's rank lookup) for every tensor
+        (else built per tensor on first use)."""
+        for name in self.deltas:
+            self._della_table(name)
+
+    def _della_table(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(K x BINS cdf, K scales)`` of tensor ``name``."""
+        got = self._della.get(name)
+        if got is not None:
+            return got
+        d = self.deltas[name]
+        k = d.shape[0]
+        n = d[0].numel()
+        cdfs, scales = [], []
+        for i in range(k):
+            flat = d[i].reshape(-1)
+            lo, hi = torch.aminmax(flat) if n else (torch.zeros(()), torch.zeros(()))
+            vmax = max(abs(float(lo)), abs(float(hi)))
+            if n <= DELLA_BINS or vmax == 0.0:
+                cdfs.append(torch.zeros(DELLA_BINS, device=flat.device))
+                scales.append(0.0)
+                continue
+            h = torch.zeros(DELLA_BINS, dtype=torch.float64, device=flat.device)
+            for s in range(0, n, 1 << 20):  # chunk by chunk: no tensor-sized float32 copy of |tau|
+                h += torch.histc(flat[s : s + (1 << 20)].abs().float(), bins=DELLA_BINS, min=0.0, max=vmax).double()
+            cum = torch.cumsum(h, 0) - 0.5 * h  # rank of a bin's middle entry
+            cdfs.append(((cum - 0.5) / max(n - 1, 1)).clamp(0, 1).float())
+            scales.append(DELLA_BINS / vmax)
+        got = self._della[name] = (
+            torch.stack(cdfs).to(self.device),
+            torch.tensor(scales, dtype=torch.float32, device=self.device),
+        )
+        return got
 
     def ranks(self, name: str, start: int = 0, stop: int | None = None) -> Tensor:
         """DELLA's normalised |tau| ranks (``K x chunk``, float32) of entries [start, stop) of ``name``.
@@ -482,44 +505,18 @@ class Materializer:
         flat = d.reshape(k, -1)[:, start:stop]
         if n <= DELLA_BINS:
             return della_ranks(d).reshape(k, -1)[:, start:stop].contiguous()
-        self.precompute_della()
-        cdf, scale = self._della[name]  # type: ignore[index]
+        cdf, scale = self._della_table(name)
         idx = (flat.abs().float() * scale.to(flat.device).view(k, 1)).long().clamp_(0, DELLA_BINS - 1)
         return torch.gather(cdf, 1, idx)
 
-    def _noise_table(self, seed: int) -> Tensor:
-        if self._table_seed != seed or self._table is None:
-            self._table = noise_table(seed).to(self.device)
-            self._table_seed = seed
-            self._offsets = {}
-        return self._table
-
-    def _offsets_of(self, seed: int, name: str) -> Tensor:
-        self._noise_table(seed)
-        offs = self._offsets.get(name)
-        if offs is None:
-            d = self.deltas[name]
-            offs = torch.from_numpy(noise_offsets(seed, name, d.shape[0], d[0].numel())).to(self.device)
-            self._offsets[name] = offs
-        return offs
-
     def noise(self, seed: int, name: str, start: int = 0, stop: int | None = None, out: Tensor | None = None) -> Tensor:
-        """The uniforms (``K x chunk``, float32) of entries [start, stop) of tensor ``name`` under ``seed``."""
-        table = self._noise_table(seed)
+        """The uniforms (``K x chunk``, float32) of entries [start, stop) of tensor ``name`` under ``seed``
+        (see :mod:`evomerge.merge.draws`); the whole tensor comes back in the deltas' shape."""
         d = self.deltas[name]
         k, n = d.shape[0], d[0].numel()
         stop = n if stop is None else stop
-        offs = self._offsets_of(seed, name).cpu().numpy()
-        if out is None:
-            out = torch.empty((k, stop - start), dtype=torch.float32, device=self.device)
-        b0, b1 = start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK
-        for i in range(k):
-            for blk in range(b0, b1 + 1):
-                s = max(start, blk * NOISE_BLOCK)
-                e = min(stop, (blk + 1) * NOISE_BLOCK)
-                o = int(offs[i, blk]) + s - blk * NOISE_BLOCK
-                out[i, s - start : e - start].copy_(table[o : o + e - s])
-        return out.reshape(d.shape) if (start, stop) == (0, n) else out
+        u = draws_mod.uniforms(seed, name, k, start, stop, device=self.device, out=out)
+        return u.reshape(d.shape) if (start, stop) == (0, n) else u
 
     # ------------------------------------------------------------------------------------------
     # Fisher information
@@ -651,23 +648,26 @@ class Materializer:
         g = self._group(recipe, name)
         params = self._params(spec, params, g)
         k = self.n_sources
-        w = torch.tensor(g.weights, dtype=torch.float32, device=self.device)
-        dens = torch.tensor(
-            g.densities if g.densities is not None else [1.0] * k, dtype=torch.float32, device=self.device
-        )
+        # genes and what derives from them are built on the host and sent without a synchronisation,
+        # so a GPU materializer never waits on the device between tensors
+        w = torch.tensor(g.weights, dtype=torch.float32)
+        dens = torch.tensor(g.densities if g.densities is not None else [1.0] * k, dtype=torch.float32)
         sp, ctx = spec.resolved(params)
         extra: dict[str, Any] = {}
         if sp == "magnitude":
-            extra["thresholds"] = self.thresholds(name, dens).to(self.device)
+            extra["thresholds"] = self._dev(self.thresholds(name, dens))
         elif sp == "outliers":
             gamma = params.get("gamma", (params.get("base_params") or {}).get("gamma", 0.01))
-            extra["thresholds"] = self.band_thresholds(name, dens, float(gamma)).to(self.device)
+            extra["thresholds"] = self._dev(self.band_thresholds(name, dens, float(gamma)))
         if "layer" in ctx:
             extra["layer"] = self.slots[name]
             extra["num_layers"] = self.num_layers
         if "name" in ctx:
             extra["name"] = name
         return params, w, dens, sp, ctx, extra
+
+    def _dev(self, t: Tensor) -> Tensor:
+        return t.to(self.device, non_blocking=True) if t.device != self.device else t
 
     def context(self, recipe: Recipe, name: str) -> dict[str, Any]:
         """Everything the materializer passes the operator for the whole tensor ``name`` (weights,
@@ -683,7 +683,7 @@ class Materializer:
             extra["fisher"] = self.fisher(name)
         if "source_tensor" in ctx:
             extra["source_tensor"] = self._source_tensor(params, name)
-        return {"weights": w, "densities": dens, **extra, **params}
+        return {"weights": self._dev(w), "densities": self._dev(dens), **extra, **params}
 
     def _source_tensor(self, params: dict[str, Any], name: str) -> Tensor:
         src = int(params.get("source", 0))
@@ -712,9 +712,13 @@ class Materializer:
         d = self.deltas[name]
         k = d.shape[0]
         n = base.numel()
-        draws = sp in ("random", "della") and bool((dens < 1).any())
+        draw = sp in ("random", "della") and bool((dens < 1).any())
+        lin = self._linear_form(spec, params, name)
+        if lin is not None:
+            yield from self._linear_chunks(name, lin[0], lin[1], out_flat)
+            return
         if not self._chunkable(sp, ctx, params):
-            if draws:
+            if draw:
                 extra["noise"] = self.noise(recipe.seed, name)
                 if sp == "della":
                     extra["ranks"] = self.ranks(name).reshape(d.shape)
@@ -722,24 +726,29 @@ class Materializer:
                 extra["fisher"] = self.fisher(name)
             if "source_tensor" in ctx:
                 extra["source_tensor"] = self._source_tensor(params, name)
-            out = spec.fn(base.to(torch.float32), d.to(torch.float32), w, dens, **extra, **params)
+            out = spec.fn(base.to(torch.float32), d.to(torch.float32), self._dev(w), self._dev(dens), **extra, **params)
             yield 0, n, out.reshape(-1)
             return
         kern = self._kernel(spec, sp, ctx, params)
+        if kern is not None and sp == "della" and n <= DELLA_BINS:
+            kern = None  # exact ranks by sort for small tensors: the eager path
         bflat = base.reshape(-1)
         dflat = d.reshape(k, -1)
         fflat = self.fisher(name).reshape(k, -1) if "fisher" in ctx else None
+        wd, densd = (w, dens) if kern is not None else (self._dev(w), self._dev(dens))  # kernels take host ones
         step = self.chunk
         if kern is not None:
-            step = n  # one fused pass over the whole tensor; draws are gathered in the kernel
-            if draws:
-                extra["noise_table"] = self._noise_table(recipe.seed)
-                extra["noise_offsets"] = self._offsets_of(recipe.seed, name)
+            # one fused pass over the whole tensor (a segment at a time when drawing: one key each)
+            step = draws_mod.SEGMENT if draw else n
+            if draw and sp == "della":
+                extra["della_cdf"], extra["della_scale"] = self._della_table(name)
         for s in range(0, n, max(step, 1)):
             e = min(n, s + step)
-            if draws and kern is None:
+            if draw and kern is not None:
+                extra["noise_keys"] = self._keys(recipe.seed, name, s // draws_mod.SEGMENT)
+            if draw and kern is None:
                 extra["noise"] = self.noise(
-                    recipe.seed, name, s, e, out=self._ws.get("noise", (k, e - s), _F32)
+                    recipe.seed, name, s, e, out=self._ws.get("noise", (k, e - s), self._like32)
                 ).reshape(k, e - s)
                 if sp == "della":
                     extra["ranks"] = self.ranks(name, s, e)
@@ -754,13 +763,60 @@ class Materializer:
             out = spec.fn(
                 bflat[s:e].to(torch.float32),
                 dflat[:, s:e].to(torch.float32),
-                w,
-                dens,
+                wd,
+                densd,
                 workspace=self._ws,
                 **extra,
                 **params,
             )
             yield s, e, out
+
+    def _keys(self, seed: int, name: str, segment: int) -> Tensor:
+        """The draws' keys of one segment of tensor ``name``, on the device (kept: a study's recipes
+        usually share one seed)."""
+        key = (seed, name, segment)
+        got = self._key_cache.get(key)
+        if got is None:
+            if len(self._key_cache) > 4 * len(self.names) + 64:  # several seeds in turn: start over
+                self._key_cache.clear()
+            got = self._key_cache[key] = self._dev(draws_mod.noise_keys(seed, name, self.n_sources, segment))
+        return got
+
+    def _linear_form(self, spec: OperatorSpec, params: dict[str, Any], name: str) -> tuple[float, list[float]] | None:
+        """``(bscale, coefs)`` when the operator is linear in base and task vectors for this tensor once its
+        gene-independent statistics are known (SLERP, Model Stock; computed once per tensor, cached)."""
+        if spec.linear is None or spec.stats is None:
+            return None
+        per_op = self._stats.setdefault(name, {})
+        st = per_op.get(spec.name)
+        if st is None:
+            st = per_op[spec.name] = spec.stats(self.base[name], self.deltas[name])
+        return spec.linear(st, self.n_sources, **params)
+
+    def _linear_chunks(
+        self, name: str, bscale: float, coefs: list[float], out_flat: Tensor | None
+    ) -> Iterator[tuple[int, int, Tensor]]:
+        bflat = self.base[name].reshape(-1)
+        dflat = self.deltas[name].reshape(self.n_sources, -1)
+        n = bflat.numel()
+        kern = None
+        if self.fused:
+            from evomerge.merge import kernels
+
+            kern = kernels.linear_kernel(self.device)
+        if kern is not None:
+            tgt = out_flat if out_flat is not None else torch.empty(n, dtype=self.dtype, device=self.device)
+            c = torch.tensor(coefs, dtype=torch.float32)
+            yield 0, n, kern(tgt, bflat, dflat, c, bscale)
+            return
+        for s in range(0, n, max(self.chunk, 1)):
+            e = min(n, s + self.chunk)
+            acc = self._ws.get("lin", (e - s,), self._like32)
+            torch.mul(bflat[s:e], bscale, out=acc)
+            for i, c in enumerate(coefs):
+                if c != 0:
+                    acc.add_(dflat[i, s:e], alpha=c)
+            yield s, e, acc
 
     def _kernel(self, spec, sp, ctx, params):
         if not self.fused:
@@ -789,10 +845,24 @@ class Materializer:
         return out.reshape(base.shape)
 
     @torch.no_grad()
-    def merged_state_dict(self, recipe: Recipe) -> dict[str, Tensor]:
-        """Every merged tensor by checkpoint name (tied heads absent, as in the base checkpoint)."""
+    def merged_state_dict(self, recipe: Recipe, out_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """Every merged tensor by checkpoint name (tied heads absent, as in the base checkpoint), in
+        ``out_dtype`` (float tensors; default the materializer's dtype)."""
+        return dict(self.iter_merged(recipe, out_dtype))
+
+    @torch.no_grad()
+    def iter_merged(self, recipe: Recipe, out_dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+        """``(name, merged tensor)`` in checkpoint order; see :meth:`merged_state_dict`."""
         spec, params = self._check(recipe)
-        return {name: self._merged(recipe, spec, params, name) for name in self.names}
+        for name in self.names:
+            if name not in self.base:
+                self._load(name)
+            t = self._merged(recipe, spec, params, name)
+            if out_dtype is not None and t.is_floating_point() and t.dtype != out_dtype:
+                t = t.to(out_dtype)
+            if self.lazy:
+                self._drop(name)
+            yield name, t
 
     def _targets(self, model: torch.nn.Module) -> dict[str, Tensor]:
         sd = model.state_dict(keep_vars=True)

@@ -801,29 +801,12 @@ def _apply_op(spec, params: dict, base_t: Tensor, src: list[Tensor], g: LayerGro
     return spec.fn(b, d, w, dens, generator=tensor_generator(seed, name), **extra, **params)
 
 
-_NOISE_TABLES: dict[int, Tensor] = {}
-
-
 def _noise(seed: int, name: str, shape: torch.Size) -> Tensor:
-    """The DARE uniforms the Materializer uses for tensor ``name`` (its per-seed table, same offsets)."""
-    from evomerge.merge import materialize as m
+    """The DARE uniforms the Materializer uses for tensor ``name`` (same positions, same hash)."""
+    from evomerge.merge.draws import uniforms
 
-    if not hasattr(m, "noise_table"):  # older materializer: one generator per tensor
-        return torch.rand(shape, generator=m.tensor_generator(seed, name), dtype=torch.float32)
-    table = _NOISE_TABLES.get(seed)
-    if table is None:
-        _NOISE_TABLES.clear()
-        table = _NOISE_TABLES[seed] = m.noise_table(seed)
     k, n = shape[0], math.prod(shape[1:])
-    offs = m.noise_offsets(seed, name, k, n)
-    out = torch.empty((k, n), dtype=torch.float32)
-    blk = m.NOISE_BLOCK
-    for i in range(k):
-        for b in range(-(-n // blk)):
-            s, e = b * blk, min(n, (b + 1) * blk)
-            o = int(offs[i, b])
-            out[i, s:e].copy_(table[o : o + e - s])
-    return out.reshape(shape)
+    return uniforms(seed, name, k, 0, n).reshape(shape)
 
 
 def _needs_engine(recipe: Recipe) -> bool:
@@ -836,12 +819,21 @@ def _needs_engine(recipe: Recipe) -> bool:
 
 
 def build_state_dict(
-    recipe: Recipe, *, dtype: torch.dtype = torch.float32, progress: Callable[[str], None] | None = None
+    recipe: Recipe,
+    *,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[str], None] | None = None,
+    out_dtype: torch.dtype | None = None,
+    device: str = "cpu",
 ) -> tuple[dict[str, Tensor], Any]:
     """The merged checkpoint of any recipe (``{name: tensor}``) and its transformers config.
 
-    Ordinary recipes use the :class:`~evomerge.merge.Materializer` (resident sources, the search's
-    path); recipes with group filters/params, LoRA-adapter sources or slices use the per-tensor engine.
+    Ordinary recipes use the :class:`~evomerge.merge.Materializer`, the search's code path, in its
+    lazy mode: one tensor of each model at a time, merged and dropped, exact magnitude trims (no
+    index: each is used once). Recipes with group filters/params, LoRA-adapter sources or slices use
+    the per-tensor engine. ``dtype`` is what sources are held in while merging, ``out_dtype`` (default
+    ``dtype``) that of the float tensors returned (always on the CPU). ``device`` is where the
+    materializer merges (the per-tensor engine merges on the CPU).
     """
     from transformers import AutoConfig
 
@@ -852,8 +844,15 @@ def build_state_dict(
     if not _needs_engine(recipe):
         from evomerge.merge import Materializer
 
-        mat = Materializer(base_path, [resolve_ref(s) for s in recipe.sources], dtype=dtype)
-        return mat.merged_state_dict(recipe), config
+        mat = Materializer(
+            base_path,
+            [resolve_ref(s) for s in recipe.sources],
+            device=device,
+            dtype=dtype,
+            lazy=True,
+            trim_index="none",
+        )
+        return {name: t.cpu() for name, t in mat.iter_merged(recipe, out_dtype)}, config
     from evomerge.merge.operators import get_operator, resolve_params
 
     models = _Models(recipe.base)
@@ -968,6 +967,7 @@ def merge_to_folder(
     force: bool = False,
     compute_dtype: torch.dtype = torch.float32,
     out_dtype: str | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Build ``job``'s recipe and write a Hugging Face folder at ``out_dir``, atomically.
 
@@ -983,14 +983,20 @@ def merge_to_folder(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ConfigError(f"{out} exists and is not empty (use --force to replace it)")
-    sd, config = build_state_dict(job.recipe, dtype=compute_dtype)
     odt = _dtype(out_dtype or job.out_dtype)
-    if odt is None:
-        odt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if odt is None:  # the base's config says, else its first float tensor
+        from transformers import AutoConfig
+
+        from evomerge.space import resolve_ref
+
+        base_cfg = AutoConfig.from_pretrained(resolve_ref(job.recipe.base))
+        odt = getattr(base_cfg, "dtype", None) or getattr(base_cfg, "torch_dtype", None)
         odt = _dtype(str(odt).replace("torch.", "")) if odt is not None else None
+    # each tensor is cast as it is merged, so float32 copies of the whole output never pile up
+    sd, config = build_state_dict(job.recipe, dtype=compute_dtype, out_dtype=odt, device=device)
     if odt is None:
         odt = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
-    sd = {k: (v.to(odt) if v.is_floating_point() else v) for k, v in sd.items()}
+    sd = {k: (v.to(odt) if v.is_floating_point() and v.dtype != odt else v) for k, v in sd.items()}
     config.dtype = odt
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -532,7 +532,7 @@ def della_ranks(deltas: Tensor) -> Tensor:
     n = flat.shape[1]
     order = torch.argsort(flat, dim=1, stable=True)
     ranks = torch.empty_like(flat)
-    ranks.scatter_(1, order, torch.arange(n, dtype=torch.float32).expand(k, n).contiguous())
+    ranks.scatter_(1, order, torch.arange(n, dtype=torch.float32, device=flat.device).expand(k, n).contiguous())
     if n > 1:
         ranks.div_(n - 1)
     return ranks.reshape(deltas.shape)
@@ -742,6 +742,81 @@ def slerp(
     else:
         out = _slerp_pair(a, c, t, bool(per_row), float(dot_threshold), float(eps))
     return _finish(out, base, None)
+
+
+def slerp_stats(base: Tensor, deltas: Tensor, chunk: int = 1 << 20) -> Tensor:
+    """``[|a|, |c|, <a, c>]`` (float64) of SLERP's two end models of one tensor (see :func:`slerp`).
+
+    They do not depend on ``t``, so a materializer computes them once per tensor and each candidate is
+    then a linear combination (:func:`slerp_linear`) at the cost of task arithmetic. Accumulated in
+    float64 over float32 chunks, so the temporaries stay ``chunk`` entries large.
+    """
+    k = deltas.shape[0]
+    if k not in (1, 2):
+        raise ValueError(f"slerp interpolates two models, got {k} sources")
+    b = base.reshape(-1)
+    d = deltas.reshape(k, -1)
+    acc = torch.zeros(3, dtype=torch.float64)
+    for s in range(0, b.numel(), chunk):
+        bb = b[s : s + chunk].float()
+        a = bb + d[0, s : s + chunk].float() if k == 2 else bb
+        c = bb + d[k - 1, s : s + chunk].float()
+        acc[0] += float(torch.dot(a, a))
+        acc[1] += float(torch.dot(c, c))
+        acc[2] += float(torch.dot(a, c))
+    return torch.stack([acc[0].sqrt(), acc[1].sqrt(), acc[2]])
+
+
+def slerp_linear(
+    stats: Tensor, k: int, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> tuple[float, list[float]]:
+    """SLERP of one whole tensor as ``bscale * base + sum_i coef_i * tau_i`` from :func:`slerp_stats`.
+
+    ``slerp(a, c) = ca a + cc c`` with scalar ``ca, cc`` (whole-tensor angle), and ``a, c`` are the base
+    or ``base + tau_i``, so the result is linear in the base and the task vectors. Same conventions as
+    :func:`slerp` (norms under ``eps`` count as 1, the linear fallback above ``dot_threshold``, exact
+    end points).
+    """
+    t = float(t)
+    if t == 0:
+        ca, cc = 1.0, 0.0
+    elif t == 1:
+        ca, cc = 0.0, 1.0
+    else:
+        na, nc, dot = (float(x) for x in stats)
+        na = na if na > eps else 1.0
+        nc = nc if nc > eps else 1.0
+        cos = max(-1.0, min(1.0, dot / (na * nc)))
+        if abs(cos) > dot_threshold:
+            ca, cc = 1 - t, t
+        else:
+            theta = math.acos(cos)
+            st = math.sin(theta)
+            ca, cc = math.sin((1 - t) * theta) / st, math.sin(t * theta) / st
+    if k == 1:  # a = base, c = base + tau_0
+        return ca + cc, [cc]
+    return ca + cc, [ca, cc]  # a = base + tau_0, c = base + tau_1
+
+
+def model_stock_stats(base: Tensor, deltas: Tensor) -> Tensor:
+    """Model Stock's mean pairwise cosine of the task vectors of one whole tensor (float64, shape 1)."""
+    k = deltas.shape[0]
+    rows = deltas.reshape(k, -1).float()
+    norms = torch.linalg.vector_norm(rows, dim=-1)
+    cos = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            c = float(torch.dot(rows[i], rows[j])) / max(float(norms[i] * norms[j]), 1e-6)
+            cos.append(min(1.0, max(-1.0, c)))
+    return torch.tensor([sum(cos) / len(cos)], dtype=torch.float64)
+
+
+def model_stock_linear(stats: Tensor, k: int) -> tuple[float, list[float]]:
+    """Model Stock of one whole tensor as ``base + sum_i (t / k) tau_i`` from :func:`model_stock_stats`."""
+    cos = float(stats[0])
+    den = 1 + (k - 1) * cos
+    t = 0.0 if abs(den) < 1e-6 else k * cos / den
+    return 1.0, [t / k] * k
 
 
 def model_stock(
@@ -1122,6 +1197,11 @@ class OperatorSpec:
     ``context``: extra inputs (see :data:`CONTEXTS`).
     ``min_sources`` / ``max_sources``: how many source models the operator takes.
     ``mergekit_method``: the mergekit 0.1.5 method with the same semantics, for export/import.
+    ``stats`` / ``linear``: for operators whose whole-tensor statistics do not depend on the genes
+    (SLERP's angle, Model Stock's cosine): ``stats(base, deltas)`` is computed once per tensor and
+    ``linear(stats, k, **params)`` turns it into ``(bscale, coefs)`` with merged ``= bscale * base +
+    sum_i coefs_i * tau_i`` (or ``None`` when these params need the operator itself), so a candidate
+    streams like task arithmetic instead of taking the whole tensor at once.
     """
 
     name: str
@@ -1136,6 +1216,8 @@ class OperatorSpec:
     context: frozenset[str] = frozenset()
     min_sources: int = 1
     max_sources: int | None = None
+    stats: Callable[[Tensor, Tensor], Tensor] | None = None
+    linear: Callable[..., tuple[float, list[float]] | None] | None = None
 
     def __post_init__(self) -> None:
         bad = set(self.context) - CONTEXTS
@@ -1263,6 +1345,10 @@ for _spec in (
         context=frozenset({"whole"}),
         min_sources=1,
         max_sources=2,
+        stats=slerp_stats,
+        linear=lambda stats, k, t=0.5, dot_threshold=0.9995, eps=1e-8, per_row=False, **_: (
+            None if per_row else slerp_linear(stats, k, t, dot_threshold, eps)
+        ),
         mergekit_method="slerp",
         description="spherical interpolation of two models",
     ),
@@ -1273,6 +1359,8 @@ for _spec in (
         {"filter_wise": False},
         context=frozenset({"whole"}),
         min_sources=2,
+        stats=model_stock_stats,
+        linear=lambda stats, k, filter_wise=False, **_: None if filter_wise else model_stock_linear(stats, k),
         mergekit_method="model_stock",
         description="average moved towards the base by the task vectors' angle",
     ),
