@@ -28,6 +28,7 @@ SEGMENT = 1 << 30  # int32 positions: tensors past 2^30 entries take one key per
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B - (1 << 32)  # as a signed int32
 _SCALE = 1.0 / (1 << 16)
+_BLOCK = 1 << 18
 
 
 def noise_key(seed: int, name: str, pair: int, segment: int = 0) -> int:
@@ -81,10 +82,12 @@ def uniforms(
     """The ``K x (stop - start)`` draws (float32) of entries ``[start, stop)`` of tensor ``name``."""
     if out is None:
         out = torch.empty((k, stop - start), dtype=torch.float32, device=device)
+    # a cache-sized block at a time on the CPU: the hash's int32 temporaries stay in cache
+    block = _BLOCK if out.device.type == "cpu" else SEGMENT
     s = start
     while s < stop:
         seg = s // SEGMENT
-        e = min(stop, (seg + 1) * SEGMENT)
+        e = min(stop, (seg + 1) * SEGMENT, s + block)
         pos = torch.arange(s - seg * SEGMENT, e - seg * SEGMENT, dtype=torch.int32, device=out.device)
         for j in range((k + 1) // 2):
             x = pair_hash(pos, noise_key(seed, name, j, seg))
