@@ -128,8 +128,8 @@ class Evaluation(BaseModel):
     # Score a slice of each objective first; finish only candidates that can still reach the front.
     multi_fidelity: MultiFidelity | None = None
     # Build candidates with the torch.compile'd fused kernels (evomerge.merge.kernels) for linear,
-    # task_arithmetic, ties, dare and dare_ties. "auto": on when the worker's device is CUDA (Triton
-    # compiles in seconds and the merge is then memory-bandwidth-bound), off on CPU (a CPU compile
+    # task_arithmetic, ties, dare, dare_ties, della, della_linear, slerp and model_stock. "auto": on
+    # when the worker's device is CUDA (Triton compiles in seconds), off on CPU (a CPU compile
     # costs 5-60 s per worker process, more than a demo search's whole merge time). "on": always;
     # a worker where torch.compile does not work falls back to the eager operators, and its info()
     # says which it uses. "off": never. Fused and eager agree up to float32 summation order; data-flow

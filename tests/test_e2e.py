@@ -91,7 +91,7 @@ def wait_for_complete(dbfile: Path, n: int, proc: subprocess.Popen, timeout: flo
                     return
             except sqlite3.OperationalError:
                 pass
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise AssertionError(f"fewer than {n} candidates completed in {timeout}s")
 
 
@@ -142,7 +142,9 @@ def test_search_status_front_export(tiny_zoo: Path, tmp_path: Path) -> None:
 def test_interrupt_kill_and_resume(tiny_zoo: Path, tmp_path: Path) -> None:
     dbfile = tmp_path / "r.db"
     db = f"sqlite:///{dbfile}"
-    budget = 12
+    # large enough that the search cannot finish between the poll that sees 2 results and the signal
+    # (a candidate takes ~0.1 s on the tiny zoo; 12 once finished first on a quiet machine)
+    budget = 40
     sp = space_file(tmp_path, tiny_zoo, budget=budget)
     args = ["search", "--space", str(sp), "--workers", "2", "--storage", db, "--study", "r", "--no-progress"]
 

@@ -369,7 +369,7 @@ class Materializer:
         return sum(t.numel() * t.element_size() for t in self.base.values())
 
     def resident_bytes(self) -> int:
-        """Bytes held resident: base, task vectors, magnitude indexes, DELLA histograms, noise table, Fisher."""
+        """Bytes held resident: base, task vectors, magnitude indexes, DELLA histograms, Fisher."""
         tot = sum(t.numel() * t.element_size() for t in self.base.values())
         tot += sum(t.numel() * t.element_size() for t in self.deltas.values())
         if self._sorted:
