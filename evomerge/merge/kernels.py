@@ -203,6 +203,11 @@ def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Cal
             return None
         inverse = r in ("inverse", "1/density", "inv")
 
+    def divisor(c: Tensor) -> float:
+        """What ``normalize`` divides by: the coefficients' sum, unless it is (near) zero."""
+        t = float(c.sum())
+        return t if normalize and abs(t) >= 1e-8 else 1.0
+
     def coef_of(w: Tensor, dens: Tensor) -> Tensor:
         if name in ("dare", "dare_ties") and inverse and bool((dens < 1).any()):
             return torch.where(dens > 0, w / dens.clamp(1e-12, 1.0), torch.zeros_like(w))
@@ -211,20 +216,16 @@ def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Cal
     if name == "linear":
 
         def kern(out, b, d, w, dens, extra):
-            s = float(w.sum())
             if normalize:
-                div = s if abs(s) >= 1e-8 else 1.0
-                _call("ta", out, b, d, w / div, torch.ones(()))
+                _call("ta", out, b, d, w / divisor(w), torch.ones(()))
             else:
-                _call("ta", out, b, d, w, torch.full((), s))
+                _call("ta", out, b, d, w, torch.full((), float(w.sum())))
             return out
 
     elif name == "task_arithmetic":
 
         def kern(out, b, d, w, dens, extra):
-            s = float(w.sum())
-            div = s if normalize and abs(s) >= 1e-8 else 1.0
-            _call("ta", out, b, d, w * (lam / div), torch.ones(()))
+            _call("ta", out, b, d, w * (lam / divisor(w)), torch.ones(()))
             return out
 
     elif name == "ties":
@@ -238,8 +239,7 @@ def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Cal
 
         def kern(out, b, d, w, dens, extra):
             c = coef_of(w, dens)
-            s = float(c.sum())
-            div = s if normalize and abs(s) >= 1e-8 else 1.0
+            div = divisor(c)
             if "noise_keys" not in extra:  # nothing dropped
                 _call("ta", out, b, d, w * (lam / div), torch.ones(()))
             else:
@@ -256,13 +256,10 @@ def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Cal
                 if ties:
                     _call("ties", out, b, d, torch.full_like(w, -float("inf")), w, lt, normalize)
                 else:
-                    s = float(w.sum())
-                    div = s if normalize and abs(s) >= 1e-8 else 1.0
-                    _call("ta", out, b, d, w * (lam / div), torch.ones(()))
+                    _call("ta", out, b, d, w * (lam / divisor(w)), torch.ones(()))
                 return out
-            if not ties and normalize:
-                s = float(w.sum())
-                lt = torch.full((), lam / (s if abs(s) >= 1e-8 else 1.0))
+            if not ties:
+                lt = torch.full((), lam / divisor(w))
             _call(
                 "della", out, b, d, extra["noise_keys"], extra["della_cdf"],
                 extra["della_scale"], dens,
