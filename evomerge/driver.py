@@ -9,8 +9,11 @@ what was queued or running, and carries on.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import threading
 import time
 import uuid
 from collections import deque
@@ -28,6 +31,32 @@ from evomerge.workers import MergeWorker, WorkerConfig
 
 LEASE_TTL_S = 60.0
 LEASE_RENEW_S = 15.0
+WAIT_S = 0.5  # longest the loop waits on workers before it looks at Ctrl-C and the lease again
+
+
+@contextlib.contextmanager
+def _ctrl_c():
+    """Ctrl-C as a flag the search loop checks between candidates (a second Ctrl-C interrupts at once).
+
+    A KeyboardInterrupt raised while the main thread is inside ``ray.wait`` can be lost in Ray's own
+    signal checks (seen: a search ran to its budget after SIGINT), so the handler only records it and
+    the loop raises it itself, at a point where the store and the algorithm's checkpoint agree.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers live in the main thread; elsewhere Ctrl-C is the caller's
+        return
+
+    def on_sigint(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 # lm-eval metrics known to lie in [0, 1], so a study's reference point can be fixed before any result.
 BOUNDED_METRICS = {"exact_match", "acc", "acc_norm", "f1", "mcc", "bleu_acc", "pass@1"}
 
@@ -359,23 +388,27 @@ class Driver:
             return
         ray = self._start_ray()
         last_renew = time.monotonic()
-        with SearchProgress(self, enabled=self.show_progress) as progress:
+        with SearchProgress(self, enabled=self.show_progress) as progress, _ctrl_c() as stop:
             while True:
+                if stop.is_set():
+                    raise KeyboardInterrupt
                 t0 = time.perf_counter()
                 self._dispatch(ray)
                 self.stats.driver_s += time.perf_counter() - t0
                 if not self.inflight:
                     break
-                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=LEASE_RENEW_S)
+                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=WAIT_S)
                 t0 = time.perf_counter()
                 for ref in ready:
                     self._handle(ray, ref)
-                if time.monotonic() - last_renew > LEASE_RENEW_S:
+                renew = time.monotonic() - last_renew > LEASE_RENEW_S
+                if renew:
                     self.store.renew_lease(self.study, self.owner, LEASE_TTL_S)
                     self.store.heartbeat(self.study, [job.number for _, job in self.inflight.values()])
                     last_renew = time.monotonic()
                 self.stats.driver_s += time.perf_counter() - t0
-                progress.update()
+                if ready or renew:  # not on every short wait: an update reads the store
+                    progress.update()
         self._report_front(ray)
         for a in self.actors:
             ray.kill(a)

@@ -71,3 +71,27 @@ def test_multi_fidelity_stop_is_not_reused(driver: Driver, monkeypatch) -> None:
     _repeat_first_proposal(d, monkeypatch)
     d._propose(1)
     assert [j.number for j in d.queue] == [2]  # evaluated in full, not copied from a slice
+
+
+def test_ctrl_c_is_a_flag_then_an_interrupt():
+    """The search loop's Ctrl-C: the first SIGINT only sets the flag the loop checks between candidates
+    (Ray can swallow a KeyboardInterrupt raised inside ray.wait); a second interrupts at once; the
+    previous handler comes back afterwards."""
+    import os
+    import signal
+
+    from evomerge.driver import _ctrl_c
+
+    before = signal.getsignal(signal.SIGINT)
+    with _ctrl_c() as stop:
+        assert not stop.is_set()
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # the handler runs at the next bytecode boundary
+            if stop.is_set():
+                break
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):
+                pass
+    assert signal.getsignal(signal.SIGINT) is before
