@@ -825,6 +825,7 @@ def build_state_dict(
     progress: Callable[[str], None] | None = None,
     out_dtype: torch.dtype | None = None,
     device: str = "cpu",
+    config: Any = None,
 ) -> tuple[dict[str, Tensor], Any]:
     """The merged checkpoint of any recipe (``{name: tensor}``) and its transformers config.
 
@@ -833,14 +834,16 @@ def build_state_dict(
     index: each is used once). Recipes with group filters/params, LoRA-adapter sources or slices use
     the per-tensor engine. ``dtype`` is what sources are held in while merging, ``out_dtype`` (default
     ``dtype``) that of the float tensors returned (always on the CPU). ``device`` is where the
-    materializer merges (the per-tensor engine merges on the CPU).
+    materializer merges (the per-tensor engine merges on the CPU). ``config``: the base's transformers
+    config when the caller has read it already.
     """
     from transformers import AutoConfig
 
     from evomerge.space import resolve_ref
 
     base_path = resolve_ref(recipe.base)
-    config = AutoConfig.from_pretrained(base_path)
+    if config is None:
+        config = AutoConfig.from_pretrained(base_path)
     if not _needs_engine(recipe):
         from evomerge.merge import Materializer
 
@@ -975,6 +978,8 @@ def merge_to_folder(
     ``tokenizer_source``), ``evomerge_recipe.json`` and, for a mergekit input, the YAML as
     ``mergekit_config.yml``. ``out_dir`` must not exist or be empty unless ``force``.
     """
+    from transformers import AutoConfig
+
     from evomerge.merge.materialize import TOKENIZER_FILES
     from evomerge.space import resolve_ref
 
@@ -983,17 +988,13 @@ def merge_to_folder(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ConfigError(f"{out} exists and is not empty (use --force to replace it)")
+    base_cfg = AutoConfig.from_pretrained(resolve_ref(job.recipe.base))
     odt = _dtype(out_dtype or job.out_dtype)
     if odt is None:  # the base's config says, else its first float tensor
-        from transformers import AutoConfig
-
-        from evomerge.space import resolve_ref
-
-        base_cfg = AutoConfig.from_pretrained(resolve_ref(job.recipe.base))
         odt = getattr(base_cfg, "dtype", None) or getattr(base_cfg, "torch_dtype", None)
         odt = _dtype(str(odt).replace("torch.", "")) if odt is not None else None
     # each tensor is cast as it is merged, so float32 copies of the whole output never pile up
-    sd, config = build_state_dict(job.recipe, dtype=compute_dtype, out_dtype=odt, device=device)
+    sd, config = build_state_dict(job.recipe, dtype=compute_dtype, out_dtype=odt, device=device, config=base_cfg)
     if odt is None:
         odt = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
     sd = {k: (v.to(odt) if v.is_floating_point() and v.dtype != odt else v) for k, v in sd.items()}
