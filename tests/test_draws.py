@@ -47,6 +47,24 @@ def test_segments_take_their_own_keys(monkeypatch):
     assert torch.equal(draws.source_uniform(pos, keys, 1), u[1, 2000:])
 
 
+def test_integer_keep_threshold_is_the_float_comparison():
+    bits = torch.arange(1 << 16, dtype=torch.int32)
+    u = bits.to(torch.float32) * 2.0**-16
+    edge = [0.0, 1.0, 2.0**-16, 1 - 2.0**-16, 0.5, -0.3, 1.7, float("nan"), float("inf"), -float("inf"), 1e-40]
+    ps = torch.cat([torch.tensor(edge), torch.rand(300, generator=torch.Generator().manual_seed(0))])
+    near = torch.tensor([0.25, 0.5, 0.75])  # the float32 neighbours of exact grid points
+    ps = torch.cat([ps, torch.nextafter(near, torch.zeros(3)), torch.nextafter(near, torch.ones(3))])
+    thr = draws.keep_threshold(ps)
+    assert thr.dtype == torch.int32
+    for p, t in zip(ps.tolist(), thr.tolist(), strict=True):
+        want = u < torch.tensor(p, dtype=torch.float32)
+        assert torch.equal(bits < t, want), p
+    assert torch.equal(
+        draws.source_bits(torch.arange(5000, dtype=torch.int32), draws.noise_keys(2, "w", 3), 2).float() * 2.0**-16,
+        draws.uniforms(2, "w", 3, 0, 5000)[2],
+    )
+
+
 def test_compiled_draws_are_bit_identical():
     from evomerge.merge import kernels
 

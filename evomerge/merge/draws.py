@@ -22,7 +22,16 @@ import hashlib
 import torch
 from torch import Tensor
 
-__all__ = ["SEGMENT", "noise_key", "noise_keys", "pair_hash", "source_uniform", "uniforms"]
+__all__ = [
+    "SEGMENT",
+    "keep_threshold",
+    "noise_key",
+    "noise_keys",
+    "pair_hash",
+    "source_bits",
+    "source_uniform",
+    "uniforms",
+]
 
 SEGMENT = 1 << 30  # int32 positions: tensors past 2^30 entries take one key per segment
 _M1 = 0x7FEB352D
@@ -61,12 +70,30 @@ def pair_hash(pos: Tensor, key: Tensor | int) -> Tensor:
     return x ^ ((x >> 16) & 0xFFFF)
 
 
-def source_uniform(pos: Tensor, keys: Tensor, k: int) -> Tensor:
-    """Source ``k``'s uniforms (float32 in [0, 1)) at int32 positions ``pos`` of a segment."""
+def source_bits(pos: Tensor, keys: Tensor, k: int) -> Tensor:
+    """Source ``k``'s 16 draw bits (int32 in [0, 2^16)) at int32 positions ``pos`` of a segment: its
+    uniform is ``bits / 2^16``."""
     x = pair_hash(pos, keys[k // 2])
     if k % 2:
         x = x >> 16
-    return (x & 0xFFFF).to(torch.float32) * _SCALE
+    return x & 0xFFFF
+
+
+def source_uniform(pos: Tensor, keys: Tensor, k: int) -> Tensor:
+    """Source ``k``'s uniforms (float32 in [0, 1)) at int32 positions ``pos`` of a segment."""
+    return source_bits(pos, keys, k).to(torch.float32) * _SCALE
+
+
+def keep_threshold(p: Tensor) -> Tensor:
+    """Integer thresholds (int32) with ``bits < keep_threshold(p)`` exactly when ``bits / 2^16 < p``.
+
+    ``bits / 2^16`` is exact in float32 and so is ``p * 2^16`` (a power-of-two scale), so the float
+    comparison ``u < p`` holds exactly when the integer ``bits`` is below ``ceil(p * 2^16)``. Fused
+    CPU kernels compare in integers because compiled int-to-float conversion of the draws is a scalar
+    loop there (it made DARE-TIES twice as slow as the rest of the kernel).
+    """
+    q = torch.nan_to_num(p.to(torch.float32), nan=0.0) * (1 << 16)
+    return torch.ceil(q).clamp(0, 1 << 16).to(torch.int32)
 
 
 def uniforms(

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from evomerge.merge.draws import source_uniform
+from evomerge.merge.draws import keep_threshold, source_bits, source_uniform
 
 __all__ = ["available", "for_operator", "FUSED_OPERATORS"]
 
@@ -41,11 +41,16 @@ def _uniform(keys: Tensor, k: int, n: int) -> Tensor:
     return source_uniform(torch.arange(n, dtype=torch.int32, device=keys.device), keys, k)
 
 
-def _dare_body(out: Tensor, b: Tensor, d: Tensor, keys: Tensor, dens: Tensor, coef: Tensor) -> None:
+def _bits(keys: Tensor, k: int, n: int) -> Tensor:
+    """Source k's draw bits (``_uniform`` times 2^16, as int32), compared with :func:`keep_threshold`."""
+    return source_bits(torch.arange(n, dtype=torch.int32, device=keys.device), keys, k)
+
+
+def _dare_body(out: Tensor, b: Tensor, d: Tensor, keys: Tensor, below: Tensor, coef: Tensor) -> None:
     acc = b.float()
     n = b.shape[0]
     for k in range(d.shape[0]):
-        keep = _uniform(keys, k, n) < dens[k]
+        keep = _bits(keys, k, n) < below[k]
         acc = acc + torch.where(keep, d[k].float() * coef[k], 0.0)
     out.copy_(acc)
 
@@ -81,7 +86,7 @@ def _dare_ties_body(
     b: Tensor,
     d: Tensor,
     keys: Tensor,
-    dens: Tensor,
+    below: Tensor,
     coef: Tensor,
     w: Tensor,
     lam: Tensor,
@@ -90,7 +95,7 @@ def _dare_ties_body(
     wd = []
     n = b.shape[0]
     for k in range(d.shape[0]):
-        wd.append(torch.where(_uniform(keys, k, n) < dens[k], d[k].float() * coef[k], 0.0))
+        wd.append(torch.where(_bits(keys, k, n) < below[k], d[k].float() * coef[k], 0.0))
     _ties_tail(out, b, wd, w, lam, normalize)
 
 
@@ -243,7 +248,7 @@ def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Cal
             if "noise_keys" not in extra:  # nothing dropped
                 _call("ta", out, b, d, w * (lam / div), torch.ones(()))
             else:
-                _call("dare", out, b, d, extra["noise_keys"], dens, c * (lam / div))
+                _call("dare", out, b, d, extra["noise_keys"], keep_threshold(dens), c * (lam / div))
             return out
 
     elif name in ("della", "della_linear"):
@@ -278,7 +283,7 @@ def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Cal
                 _call("ties", out, b, d, thr, w, lt, normalize)
             else:
                 keys = extra["noise_keys"]
-                _call("dare_ties", out, b, d, keys, dens, coef_of(w, dens), w, lt, normalize)
+                _call("dare_ties", out, b, d, keys, keep_threshold(dens), coef_of(w, dens), w, lt, normalize)
             return out
 
     return kern
