@@ -511,3 +511,27 @@ def test_lazy_materializer_streams_the_same_merge(family, mat, method):
         torch.testing.assert_close(t, ref[name].to(t.dtype), rtol=0, atol=0, msg=name)
         seen += 1
     assert seen == len(ref) and not lazy.base and not lazy._stats and not lazy._sorted
+
+
+def test_resident_tensors_are_built_in_their_own_mappings(family, monkeypatch):
+    """Loading and the lazy indexes run with glibc's mmap threshold at 1 MB (their temporaries must not
+    fragment the heap), and leave it at 32 MB (a forward pass's activations reuse the heap)."""
+    from evomerge.merge import materialize as mz
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(mz, "_mallopt", lambda: lambda param, value: calls.append((param, value)) or 1)
+    m = Materializer(*family, trim_index="quantile", quantile_points=16)
+    own, after = (mz._M_MMAP_THRESHOLD, mz._MMAP_OWN), (mz._M_MMAP_THRESHOLD, mz._MMAP_AFTER)
+    assert calls == [own, after]
+    calls.clear()
+    name = next(iter(m.deltas))
+    m._magnitudes(name)
+    m._magnitudes(name)  # cached: nothing to build
+    assert calls == [own, after]
+    calls.clear()
+    with mz._own_mappings():
+        with mz._own_mappings():
+            m._della_table(name)
+        assert calls == [own]  # nested sections set it once and restore it once
+    assert calls == [own, after]
+    assert mz._mappings_depth == 0
