@@ -415,13 +415,52 @@ def test_fused_kernels_match_eager(family, mat, method):
 
 
 @pytest.mark.parametrize("method", ["della", "della_linear"])
-def test_fused_della_matches_eager(wide_family, method):
+def test_della_on_bfloat16_pairs_is_bit_identical(method, monkeypatch):
+    """The CPU kernel that reads bfloat16 as int32 pairs gives exactly the plain fused kernel's bits
+    (NaN stays NaN, whichever NaN), infinities and odd lengths (the plain kernel) included."""
+    from evomerge.merge import draws, kernels
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 50_000, 3
+    b = torch.randn(n, generator=g).to(torch.bfloat16)
+    d = (torch.randn(k, n, generator=g) * 0.01).to(torch.bfloat16)
+    b[7], b[8], d[1, 9] = float("nan"), float("inf"), -float("inf")
+    extra = {
+        "noise_keys": draws.noise_keys(1, "t", k),
+        "della_cdf": torch.linspace(0, 1, 4096).repeat(k, 1).contiguous(),
+        "della_scale": torch.full((k,), 4096 / 0.04),
+    }
+    w, dens = torch.tensor([0.9, 0.6, 0.4]), torch.tensor([0.3, 0.6, 0.9])
+    params = {"epsilon": 0.1, "normalize": method == "della"}
+    kern = kernels.for_operator(method, params, torch.device("cpu"))
+    assert kernels._pairs_ok(torch.empty_like(b), b, d)
+    pairs = kern(torch.empty_like(b), b, d, w, dens, extra)
+    odd = kern(torch.empty(n - 1, dtype=torch.bfloat16), b[: n - 1], d[:, : n - 1], w, dens, extra)
+    monkeypatch.setattr(kernels, "_pairs_ok", lambda *a: False)
+    plain = kern(torch.empty_like(b), b, d, w, dens, extra)
+    nan = torch.isnan(plain)
+    assert torch.equal(torch.isnan(pairs), nan) and bool(nan[7]) and int(nan.sum()) == 1
+    assert torch.equal(pairs.view(torch.int16)[~nan], plain.view(torch.int16)[~nan])
+    assert torch.equal(odd.view(torch.int16)[~nan[:-1]], plain[: n - 1].view(torch.int16)[~nan[:-1]])
+    assert torch.isinf(plain[8]) and not torch.equal(pairs[10:], b[10:])
+    # the rounding on its own: every float32 bit pattern class, overflow to infinity included
+    f = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), generator=g, dtype=torch.int32).view(torch.float32)
+    f = torch.cat([f, torch.tensor([3.3961e38, -3.3961e38, 3.3e38, 1e-45, -0.0, float("inf"), float("nan")])])
+    got = kernels._to_bf16_bits(f)
+    want = f.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    ok = ~torch.isnan(f)
+    assert torch.equal(got[ok], want[ok]) and bool((got[~ok] == 0x7FC0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_fused_della_matches_eager(wide_family, method, dtype):
     """DELLA's fused kernel (rank lookup, draw and 1/p rescale in registers) on tensors large enough
     for the histogram ranks, against the eager operator with the same ranks and draws."""
     from evomerge.merge import kernels
 
     assert kernels.available()
-    eager, fused = Materializer(*wide_family), Materializer(*wide_family, fused=True)
+    eager, fused = Materializer(*wide_family, dtype=dtype), Materializer(*wide_family, fused=True, dtype=dtype)
     name = "model.embed_tokens.weight"
     assert eager.deltas[name][0].numel() > 4096  # the kernel's path, not the exact-rank one
     for params, dens in (({}, [0.4, 0.7]), ({"normalize": not get_operator(method).params["normalize"]}, [0.5, 1.0])):
