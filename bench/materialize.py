@@ -302,7 +302,8 @@ def main() -> None:
         mg = model_bytes / 1e9
         print(
             f"model {mg:.3f} GB; materializer resident + model {resident:.3f} GB "
-            f"= {resident / mg:.2f} model sizes (budget {K + 2}); peak RSS {peak:.2f} GB, of which "
+            f"= {resident / mg:.2f} model sizes (budget (sources + 2) = {K + 3}, the base and {K} experts "
+            f"being the sources); peak RSS {peak:.2f} GB, of which "
             f"{over:.2f} GB = {over / mg:.2f} model sizes over the {rss0 / 1e9:.2f} GB before loading"
             + (f"; GPU peak allocated {gpu_peak:.2f} GB = {gpu_peak / mg:.2f} model sizes" if gpu_peak else "")
             + f"; copy bandwidth {bw / 1e9:.1f} GB/s on {dev}; torch threads {torch.get_num_threads()}"
