@@ -360,6 +360,18 @@ def test_stacked_layers_load(family, tmp_path):
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
+def whole_recipe(family, method, params, weights=(1.0, 1.0), densities=(1.0, 1.0), seed=0) -> Recipe:
+    """A recipe with one gene set for the whole model."""
+    return Recipe(
+        base=family[0],
+        sources=family[1],
+        method=method,
+        params=params,
+        seed=seed,
+        groups=[LayerGroup(name="all", kind="all", weights=list(weights), densities=list(densities))],
+    )
+
+
 @pytest.fixture(scope="module")
 def wide_family(tmp_path_factory):
     """Tensors larger than the quantile and histogram indexes (vocab 512 x hidden 32)."""
@@ -464,14 +476,7 @@ def test_fused_della_matches_eager(wide_family, method, dtype):
     name = "model.embed_tokens.weight"
     assert eager.deltas[name][0].numel() > 4096  # the kernel's path, not the exact-rank one
     for params, dens in (({}, [0.4, 0.7]), ({"normalize": not get_operator(method).params["normalize"]}, [0.5, 1.0])):
-        r = Recipe(
-            base=wide_family[0],
-            sources=wide_family[1],
-            method=method,
-            params={"epsilon": 0.1, **params},
-            seed=5,
-            groups=[LayerGroup(name="all", kind="all", weights=[0.8, 0.6], densities=dens)],
-        )
+        r = whole_recipe(wide_family, method, {"epsilon": 0.1, **params}, [0.8, 0.6], dens, seed=5)
         a, b = eager.merged_tensor(r, name), fused.merged_tensor(r, name)
         base = eager.base[name]
         assert not torch.equal(a, base)
@@ -490,13 +495,7 @@ def test_linear_form_matches_whole_tensor_operator(wide_family, method):
     eager, fused = Materializer(*wide_family, chunk=1000), Materializer(*wide_family, fused=True)
     for t in (0.0, 0.3, 0.8, 1.0):
         params = {"t": t} if method == "slerp" else {}
-        r = Recipe(
-            base=wide_family[0],
-            sources=wide_family[1],
-            method=method,
-            params=params,
-            groups=[LayerGroup(name="all", kind="all", weights=[1.0, 1.0], densities=[1.0, 1.0])],
-        )
+        r = whole_recipe(wide_family, method, params)
         for name in eager.names:
             if name in eager.passthrough:
                 continue
@@ -520,13 +519,7 @@ def test_linear_form_statistics_are_kept_per_operator(wide_family):
     for method in ("model_stock", "slerp", "model_stock"):
         spec = get_operator(method)
         params = {"t": 0.3} if method == "slerp" else {}
-        r = Recipe(
-            base=wide_family[0],
-            sources=wide_family[1],
-            method=method,
-            params=params,
-            groups=[LayerGroup(name="all", kind="all", weights=[1.0, 1.0], densities=[1.0, 1.0])],
-        )
+        r = whole_recipe(wide_family, method, params)
         got = m.merged_tensor(r, name)
         ref = spec.fn(m.base[name], m.deltas[name], **resolve_params(spec, params))
         torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6)
