@@ -72,9 +72,12 @@ def test_compiled_draws_are_bit_identical():
     keys = draws.noise_keys(3, "x", 3)
     n = 70_001
     ref = draws.uniforms(3, "x", 3, 0, n)
+    pos = torch.arange(n, dtype=torch.int32)
     for k in range(3):
-        got = torch.compile(lambda keys, k=k: kernels._uniform(keys, k, n), dynamic=True)(keys)
+        got = torch.compile(lambda pos, keys, k=k: draws.source_uniform(pos, keys, k), dynamic=True)(pos, keys)
         assert torch.equal(got, ref[k]), k
+        bits = torch.compile(lambda keys, k=k: kernels._bits(keys, k, n), dynamic=True)(keys)
+        assert torch.equal(bits.float() * 2.0**-16, ref[k]), k
 
 
 @pytest.mark.parametrize("method", ["dare", "dare_ties"])

@@ -35,14 +35,10 @@ def _ta_body(out: Tensor, b: Tensor, d: Tensor, coef: Tensor, bscale: Tensor) ->
     out.copy_(acc)
 
 
-def _uniform(keys: Tensor, k: int, n: int) -> Tensor:
-    """Source k's draws for a segment of a tensor, hashed from positions in registers (see
-    :mod:`evomerge.merge.draws`: the same function the eager path calls)."""
-    return source_uniform(torch.arange(n, dtype=torch.int32, device=keys.device), keys, k)
-
-
 def _bits(keys: Tensor, k: int, n: int) -> Tensor:
-    """Source k's draw bits (``_uniform`` times 2^16, as int32), compared with :func:`keep_threshold`."""
+    """Source k's draw bits (int32) for a segment of a tensor, hashed from positions in registers (see
+    :mod:`evomerge.merge.draws`: the same function the eager path calls), compared with
+    :func:`keep_threshold`."""
     return source_bits(torch.arange(n, dtype=torch.int32, device=keys.device), keys, k)
 
 
