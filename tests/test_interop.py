@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,7 +197,7 @@ def test_passthrough_slices_stack_layers(fam, tmp_path):
     r = mergekit_to_recipe(cfg).recipe
     assert r.slices is not None and [s.n_layers for s in r.slices] == [3, 3]
     sd, conf = build_state_dict(r)
-    assert conf.num_hidden_layers == 6
+    assert conf["num_hidden_layers"] == 6
     a, b = load_state_dict(experts[0]), load_state_dict(experts[1])
     assert torch.equal(sd["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
     assert torch.equal(sd["lm_head.weight"], b["lm_head.weight"])
@@ -423,3 +426,46 @@ def test_materializer_takes_lora_sources_and_filter_groups(tmp_path):
     exp_sd = load_state_dict(expert)
     torch.testing.assert_close(got[q], base_sd[q] + 0.5 * (lora_sd[q] - base_sd[q]) + (exp_sd[q] - base_sd[q]),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_merge_process_reads_config_json_without_transformers(fam, tmp_path):
+    """`evomerge merge` is timed whole-process against mergekit-yaml, and importing transformers' config
+    classes costs about 2 s: the merge reads config.json itself and writes the base's, dtype set."""
+    _, base, experts = fam
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "dtype": "bfloat16",
+        "models": _models(experts, [{"weight": 0.5}, {"weight": 0.3}]),
+    }
+    y = tmp_path / "ta.yml"
+    y.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    code = (
+        f"import sys; sys.argv = ['evomerge', 'merge', {str(y)!r}, '--out', {str(out)!r}]\n"
+        "from evomerge.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('transformers' in sys.modules)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "False"
+    base_cfg = json.loads((Path(base) / "config.json").read_text())
+    assert base_cfg.get("dtype") != "bfloat16"
+    assert json.loads((out / "config.json").read_text()) == {**base_cfg, "dtype": "bfloat16"}
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    # a base folder without config.json: one line, exit code 2, nothing written
+    nocfg = tmp_path / "nocfg"
+    shutil.copytree(base, nocfg)
+    (nocfg / "config.json").unlink()
+    y.write_text(yaml.safe_dump({**cfg, "base_model": str(nocfg)}))
+    p = subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", "merge", str(y), "--out", str(tmp_path / "o2")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "no config.json" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "o2").exists()

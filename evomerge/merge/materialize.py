@@ -47,6 +47,8 @@ from evomerge.recipe import LayerGroup, Recipe, tensor_slot
 __all__ = [
     "Materializer",
     "load_state_dict",
+    "read_config",
+    "config_layers",
     "tensor_seed",
     "tensor_generator",
     "TOKENIZER_FILES",
@@ -251,6 +253,39 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{p}: no model weights (model.safetensors, shards, or pytorch_model.bin)")
 
 
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A model folder's ``config.json`` as a dict.
+
+    The merge path needs only a few fields (layer count, dtype), and importing transformers' config
+    classes for them costs about 2 s, most of a one-off merge's start-up.
+    """
+    f = Path(path) / "config.json"
+    try:
+        cfg = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model folder)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{f}: not a JSON object")
+    return cfg
+
+
+def block_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config that holds ``num_hidden_layers``: the top level, else ``text_config``
+    (composite configs of vision-language models)."""
+    text = cfg.get("text_config")
+    if "num_hidden_layers" not in cfg and isinstance(text, dict) and "num_hidden_layers" in text:
+        return text
+    return cfg
+
+
+def config_layers(cfg: dict[str, Any]) -> int | None:
+    """The number of transformer blocks a config (as :func:`read_config` returns it) declares."""
+    n = block_config(cfg).get("num_hidden_layers")
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
+
+
 def _tied_alias(name: str, sd: dict[str, Tensor]) -> Tensor | None:
     """For a tied output head missing from a checkpoint, the input embedding it is tied to."""
     if name.endswith("lm_head.weight"):
@@ -306,8 +341,6 @@ class Materializer:
         fused: bool = False,
         lazy: bool = False,
     ) -> None:
-        from transformers import AutoConfig
-
         if not source_paths:
             raise ValueError("a merge needs at least one source model")
         if trim_index not in ("exact", "quantile", "none"):
@@ -323,8 +356,7 @@ class Materializer:
             chunk = DEFAULT_CHUNK if self.device.type == "cpu" else DEFAULT_CHUNK_ACCEL
         self.chunk = int(chunk)
         self.fused = fused
-        self.config = AutoConfig.from_pretrained(self.base_path)
-        self.num_layers = int(getattr(self.config, "num_hidden_layers", 0) or 0)
+        self.num_layers = config_layers(read_config(self.base_path)) or 0
 
         base_r = _Reader(self.base_path)
         self._readers = [_Reader.for_source(p, self.base_path) for p in self.source_paths]
@@ -961,6 +993,13 @@ class Materializer:
         """Write the base model's tensors into ``model``."""
         for name, tgt in self._targets(model).items():
             tgt.detach().copy_(self.base[name])
+
+    @functools.cached_property
+    def config(self) -> Any:
+        """The base's transformers config (read when first needed: only building a model needs it)."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.base_path)
 
     def new_model(self):
         """A preallocated model with the base config on the device, in eval mode, holding the base weights."""

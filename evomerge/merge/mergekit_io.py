@@ -246,7 +246,7 @@ def _local(ref: str, where: str, config_dir: Path | None) -> str:
 
 
 def _model_layers(path: str, adapter_layers: int | None = None) -> int:
-    from transformers import AutoConfig
+    from evomerge.merge.materialize import config_layers
 
     p = path.split("+")[0] if not Path(path).exists() else path
     from evomerge.merge.lora import is_lora_adapter
@@ -259,11 +259,20 @@ def _model_layers(path: str, adapter_layers: int | None = None) -> int:
             f"{p}: a LoRA adapter is a source, not a model with layers (base model "
             f"{cfg.get('base_model_name_or_path')!r}); use it in `models:` with a base_model"
         )
-    cfg = AutoConfig.from_pretrained(p)
-    n = getattr(cfg, "num_hidden_layers", None) or getattr(getattr(cfg, "text_config", None), "num_hidden_layers", None)
+    n = config_layers(_read_config(p))
     if n is None:
         raise ConfigError(f"{p}: config has no num_hidden_layers")
-    return int(n)
+    return n
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """:func:`~evomerge.merge.materialize.read_config`, its errors as :class:`ConfigError`."""
+    from evomerge.merge.materialize import read_config
+
+    try:
+        return read_config(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def checkpoint_names(path: str) -> list[str]:
@@ -827,23 +836,21 @@ def build_state_dict(
     device: str = "cpu",
     config: Any = None,
 ) -> tuple[dict[str, Tensor], Any]:
-    """The merged checkpoint of any recipe (``{name: tensor}``) and its transformers config.
+    """The merged checkpoint of any recipe (``{name: tensor}``) and its ``config.json`` (a dict).
 
     Ordinary recipes use the :class:`~evomerge.merge.Materializer`, the search's code path, in its
     lazy mode: one tensor of each model at a time, merged and dropped, exact magnitude trims (no
     index: each is used once). Recipes with group filters/params, LoRA-adapter sources or slices use
     the per-tensor engine. ``dtype`` is what sources are held in while merging, ``out_dtype`` (default
     ``dtype``) that of the float tensors returned (always on the CPU). ``device`` is where the
-    materializer merges (the per-tensor engine merges on the CPU). ``config``: the base's transformers
-    config when the caller has read it already.
+    materializer merges (the per-tensor engine merges on the CPU). ``config``: the base's config (as
+    :func:`~evomerge.merge.materialize.read_config` returns it) when the caller has read it already.
     """
-    from transformers import AutoConfig
-
     from evomerge.space import resolve_ref
 
     base_path = resolve_ref(recipe.base)
     if config is None:
-        config = AutoConfig.from_pretrained(base_path)
+        config = _read_config(base_path)
     if not _needs_engine(recipe):
         from evomerge.merge import Materializer
 
@@ -928,10 +935,13 @@ def _build_sliced(recipe: Recipe, models: _Models, config, dtype: torch.dtype) -
             L += 1
     for n in post:
         out[n] = merge(last, n, [n] * len(last.sources), "head")
-    config.num_hidden_layers = L
-    lt = getattr(config, "layer_types", None)
+    from evomerge.merge.materialize import block_config
+
+    holder = block_config(config)
+    holder["num_hidden_layers"] = L
+    lt = holder.get("layer_types")
     if isinstance(lt, list) and lt:
-        config.layer_types = [lt[i % len(lt)] for i in layer_types_src]
+        holder["layer_types"] = [lt[i % len(lt)] for i in layer_types_src]
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items()}
 
 
@@ -978,8 +988,6 @@ def merge_to_folder(
     ``tokenizer_source``), ``evomerge_recipe.json`` and, for a mergekit input, the YAML as
     ``mergekit_config.yml``. ``out_dir`` must not exist or be empty unless ``force``.
     """
-    from transformers import AutoConfig
-
     from evomerge.merge.materialize import TOKENIZER_FILES
     from evomerge.space import resolve_ref
 
@@ -988,22 +996,27 @@ def merge_to_folder(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ConfigError(f"{out} exists and is not empty (use --force to replace it)")
-    base_cfg = AutoConfig.from_pretrained(resolve_ref(job.recipe.base))
+    base_cfg = _read_config(resolve_ref(job.recipe.base))
     odt = _dtype(out_dtype or job.out_dtype)
     if odt is None:  # the base's config says, else its first float tensor
-        odt = getattr(base_cfg, "dtype", None) or getattr(base_cfg, "torch_dtype", None)
+        odt = base_cfg.get("dtype") or base_cfg.get("torch_dtype")
         odt = _dtype(str(odt).replace("torch.", "")) if odt is not None else None
     # each tensor is cast as it is merged, so float32 copies of the whole output never pile up
     sd, config = build_state_dict(job.recipe, dtype=compute_dtype, out_dtype=odt, device=device, config=base_cfg)
     if odt is None:
         odt = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
     sd = {k: (v.to(odt) if v.is_floating_point() and v.dtype != odt else v) for k, v in sd.items()}
-    config.dtype = odt
+    # transformers 5 writes "dtype"; a config from an older one may still carry "torch_dtype"
+    dtype_name = str(odt).replace("torch.", "")
+    config["dtype"] = dtype_name
+    for holder in (config, config.get("text_config")):
+        if isinstance(holder, dict) and "torch_dtype" in holder:
+            holder["torch_dtype"] = dtype_name
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _save(sd, tmp)
-        config.save_pretrained(str(tmp))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tok_dir = Path(resolve_ref(job.tokenizer_source or job.recipe.base).split("+")[0])
         for fname in TOKENIZER_FILES:
             f = tok_dir / fname
