@@ -59,6 +59,7 @@ def _close(a: dict, b: dict, atol=ATOL):
 
 def test_evaluate_setting_matches_mergekit():
     import mergekit.config as mk
+
     cases = [
         (0.5, "x", 0.3),
         ([0.0, 1.0], "x", 0.25),
@@ -411,9 +412,15 @@ def test_materializer_takes_lora_sources_and_filter_groups(tmp_path):
     merged_dir = tmp_path / "merged"
     pm.merge_and_unload().save_pretrained(merged_dir)
 
-    recipe = Recipe(base=str(base), sources=[str(ad), str(expert)], method="task_arithmetic",
-                    groups=[LayerGroup(name="mlp", kind="all", filter="mlp", weights=[1.0, 0.0]),
-                            LayerGroup(name="rest", kind="all", weights=[0.5, 1.0])])
+    recipe = Recipe(
+        base=str(base),
+        sources=[str(ad), str(expert)],
+        method="task_arithmetic",
+        groups=[
+            LayerGroup(name="mlp", kind="all", filter="mlp", weights=[1.0, 0.0]),
+            LayerGroup(name="rest", kind="all", weights=[0.5, 1.0]),
+        ],
+    )
     got = Materializer(str(base), [str(ad), str(expert)]).merged_state_dict(recipe)
     ref_recipe = recipe.model_copy(update={"sources": [str(merged_dir), str(expert)]})
     want = Materializer(str(base), [str(merged_dir), str(expert)]).merged_state_dict(ref_recipe)
@@ -424,8 +431,9 @@ def test_materializer_takes_lora_sources_and_filter_groups(tmp_path):
     torch.testing.assert_close(got[up], lora_sd[up], rtol=1e-5, atol=1e-6)
     q = "model.layers.1.self_attn.q_proj.weight"  # other tensors: half the adapter, all the expert
     exp_sd = load_state_dict(expert)
-    torch.testing.assert_close(got[q], base_sd[q] + 0.5 * (lora_sd[q] - base_sd[q]) + (exp_sd[q] - base_sd[q]),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        got[q], base_sd[q] + 0.5 * (lora_sd[q] - base_sd[q]) + (exp_sd[q] - base_sd[q]), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_merge_process_reads_config_json_without_transformers(fam, tmp_path):
