@@ -445,6 +445,7 @@ def test_della_on_bfloat16_pairs_is_bit_identical(method, monkeypatch):
     w, dens = torch.tensor([0.9, 0.6, 0.4]), torch.tensor([0.3, 0.6, 0.9])
     params = {"epsilon": 0.1, "normalize": method == "della"}
     kern = kernels.for_operator(method, params, torch.device("cpu"))
+    monkeypatch.setattr(kernels.native, "della", lambda *a: False)  # the compiled kernels, not the C one
     assert kernels._pairs_ok(torch.empty_like(b), b, d)
     pairs = kern(torch.empty_like(b), b, d, w, dens, extra)
     odd = kern(torch.empty(n - 1, dtype=torch.bfloat16), b[: n - 1], d[:, : n - 1], w, dens, extra)
@@ -462,6 +463,119 @@ def test_della_on_bfloat16_pairs_is_bit_identical(method, monkeypatch):
     want = f.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     ok = ~torch.isnan(f)
     assert torch.equal(got[ok], want[ok]) and bool((got[~ok] == 0x7FC0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_native_della_is_the_compiled_kernel_bit_for_bit(method, dtype, monkeypatch):
+    """The C DELLA kernel gives exactly the fused kernel's bits, for every variant (TIES or sum,
+    normalize, 1/p or no rescale), 1 to 4 sources, edge densities, rows of a wider tensor, lengths
+    that do not split evenly between threads, and NaN / infinite task-vector entries (NaN where the
+    fused kernel has NaN; a NaN entry takes the first bin, as the eager ranks do). The reference is
+    the fused kernel's body run eagerly (compiling each of these variants would take minutes), and
+    the compiled kernel itself for one variant."""
+    from evomerge.merge import draws, kernels, native
+
+    assert native.available(), "the C kernel must build where the tests run (a C compiler is there)"
+    g = torch.Generator().manual_seed(1)
+    cases = [(1, 5_000, [0.5]), (2, 70_001, [0.0, 1.0]), (3, 200_003, [0.3, 1.2, -0.1]), (4, 33, [0.2, 0.4, 0.6, 0.8])]
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    ties = method == "della"
+
+    def same(got, want, why):
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got), nan), why
+        assert torch.equal(got.view(bits)[~nan], want.view(bits)[~nan]), why
+
+    for k, n, dens_l in cases:
+        wide = torch.randn(k, n + 37, generator=g) * 0.01
+        d = wide.to(dtype)[:, 11 : 11 + n]  # rows dstride apart, not n
+        b = torch.randn(n, generator=g).to(dtype)
+        d[0, 3], d[-1, n // 2] = float("nan"), float("inf")
+        keys = draws.noise_keys(2, f"t{k}", k)
+        cdf = torch.sort(torch.rand(k, 4096, generator=g), dim=1).values
+        scale = torch.full((k,), 4096 / 0.03)
+        w, dens = torch.rand(k, generator=g) + 0.1, torch.tensor(dens_l)
+        for normalize in (False, True):
+            for inverse in (True, False):
+                lam = 0.7
+                got = torch.empty_like(b)
+                assert native.della(got, b, d, keys, cdf, scale, dens, 0.15, w, w, lam, normalize, ties, inverse)
+                want = torch.empty_like(b)
+                f32 = torch.float32
+                kernels._della_body(
+                    want, b, d, keys, cdf, scale, dens, torch.tensor(0.15, dtype=f32), torch.tensor(0.3, dtype=f32),
+                    w, w, torch.tensor(lam, dtype=f32), normalize, ties, inverse,
+                )  # fmt: skip
+                same(got, want, (k, n, normalize, inverse))
+                assert not torch.equal(got, b)
+    # through for_operator: the C kernel runs, and equals the compiled kernel
+    calls = []
+    real = native.della
+    monkeypatch.setattr(native, "della", lambda *a: calls.append(1) or real(*a))
+    kern = kernels.for_operator(method, {"epsilon": 0.15, "normalize": True}, torch.device("cpu"))
+    extra = {"noise_keys": keys, "della_cdf": cdf, "della_scale": scale}
+    dens = torch.tensor([0.3, 0.9, 0.5])
+    got = kern(torch.empty_like(b), b, d[:3], w[:3], dens, extra)
+    assert calls == [1]
+    monkeypatch.setattr(native, "della", lambda *a: False)
+    same(got, kern(torch.empty_like(b), b, d[:3], w[:3], dens, extra), "compiled")
+
+
+def test_native_kernels_build_once_per_cpu_and_fall_back_without_a_compiler(tmp_path, monkeypatch):
+    from evomerge.merge import draws, kernels, native
+
+    monkeypatch.setenv("EVOMERGE_CACHE_DIR", str(tmp_path))
+    cc = native._compiler()
+    so = native._build(cc)
+    assert so.parent == tmp_path / "native" and so.is_file()
+    stamp = so.stat().st_mtime_ns
+    assert native._build(cc) == so and so.stat().st_mtime_ns == stamp  # built once, then reused
+    monkeypatch.setattr(native, "_cpu_identity", lambda: "flags : another cpu")
+    assert native._build(cc) != so  # a cache shared with another kind of CPU never hands over its binary
+    assert [p.name for p in (tmp_path / "native").iterdir() if p.name.startswith(".")] == []  # no temp left
+    monkeypatch.setenv("CC", "false")  # a compiler that fails: no C kernel, DELLA still merges
+    native._library.cache_clear()
+    try:
+        assert not native.available()
+        n, k = 6000, 2
+        b, d = torch.randn(n), torch.randn(k, n) * 0.01
+        extra = {
+            "noise_keys": draws.noise_keys(0, "t", k),
+            "della_cdf": torch.linspace(0, 1, 4096).repeat(k, 1).contiguous(),
+            "della_scale": torch.full((k,), 4096 / 0.04),
+        }
+        kern = kernels.for_operator("della", {"epsilon": 0.1}, torch.device("cpu"))
+        out = kern(torch.empty_like(b), b, d, torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.5]), extra)
+        assert bool(torch.isfinite(out).all()) and not torch.equal(out, b)
+    finally:
+        native._library.cache_clear()
+
+
+def test_della_kernels_survive_nan_task_vectors():
+    """A NaN in a task vector once cast to a table index far outside the histogram (a crash); the
+    compiled kernels now send it to the first bin, like the eager ranks."""
+    from evomerge.merge import draws, kernels, native
+
+    n, k = 8192, 3
+    b = torch.randn(n).to(torch.bfloat16)
+    d = (torch.randn(k, n) * 0.002).to(torch.bfloat16)
+    d[0, 5], d[2, 100] = float("nan"), float("nan")
+    extra = {
+        "noise_keys": draws.noise_keys(0, "x", k),
+        "della_cdf": torch.sort(torch.rand(k, 4096), dim=1).values,
+        "della_scale": torch.full((k,), 4096 / 0.01),
+    }
+    kern = kernels.for_operator("della", {"epsilon": 0.15, "rescale": "inverse"}, torch.device("cpu"))
+    w, dens = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.5, 0.6, 0.7])
+    outs = [kern(torch.empty_like(b), b, d, w, dens, extra)]
+    import unittest.mock
+
+    with unittest.mock.patch.object(native, "della", lambda *a: False):
+        outs.append(kern(torch.empty_like(b), b, d, w, dens, extra))  # pairs kernel
+        outs.append(kern(torch.empty_like(b[1:]), b[1:], d[:, 1:], w, dens, extra))  # plain kernel (odd)
+    for out in outs:
+        assert int(torch.isnan(out).sum()) <= 2 and bool(torch.isfinite(out[:4]).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from evomerge.merge import native
 from evomerge.merge.draws import keep_threshold, source_bits, source_uniform
 
 __all__ = ["available", "for_operator", "FUSED_OPERATORS"]
@@ -125,8 +126,12 @@ def _della_value(
     bins = cdf.shape[1]
     wd = []
     for k, x in enumerate(xs):
-        # clamped before the cast, so the index is in range by construction: no bounds check per entry
-        r = torch.ops.aten._unsafe_index(cdf[k], [torch.clamp(x.abs() * scale[k], 0, bins - 1).to(torch.int32)])
+        # clamped before the cast, so the index is in range by construction: no bounds check per entry;
+        # by comparisons, not clamp, which keeps a NaN (its cast would index far outside the table)
+        q = x.abs() * scale[k]
+        q = torch.where(q >= 0, q, 0.0)
+        q = torch.where(q <= bins - 1, q, float(bins - 1))
+        r = torch.ops.aten._unsafe_index(cdf[k], [q.to(torch.int32)])
         p = (dens[k] - eps + two_eps * r).clamp(0.0, 1.0)
         p = torch.where(dens[k] <= 0, 0.0, p)
         p = torch.where(dens[k] >= 1, 1.0, p)
@@ -191,6 +196,9 @@ def _compiled(name: str) -> Callable[..., None]:
         "della": _della_body,
         "della_pairs": _della_pairs_body,
     }[name]
+    # each (dtype, number of sources, flag combination) is its own graph; a process that meets more
+    # than dynamo's default 8 (a test run, a worker serving several studies) must not fail on the 9th
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(body, dynamic=True, fullgraph=True)
 
 
@@ -319,12 +327,14 @@ def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Cal
                 return out
             if not ties:
                 lt = torch.full((), lam / divisor(w))
+            keys, cdf, scale = extra["noise_keys"], extra["della_cdf"], extra["della_scale"]
+            if native.della(out, b, d, keys, cdf, scale, dens, eps, w, w, float(lt), normalize, ties, inverse):
+                return out
             name_, out_, b_, d_ = "della", out, b, d
             if _pairs_ok(out, b, d):
                 name_, out_, b_, d_ = "della_pairs", out.view(torch.int32), b.view(torch.int32), d.view(torch.int32)
             _call(
-                name_, out_, b_, d_, extra["noise_keys"], extra["della_cdf"],
-                extra["della_scale"], dens,
+                name_, out_, b_, d_, keys, cdf, scale, dens,
                 torch.full((), eps, dtype=torch.float32),
                 torch.full((), 2.0 * eps, dtype=torch.float32),
                 w, w, lt, normalize, ties, inverse,

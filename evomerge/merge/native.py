@@ -1,0 +1,198 @@
+"""Hand-written C kernels, for what ``torch.compile`` cannot make fast: DELLA's histogram lookup.
+
+:mod:`evomerge.merge.kernels` compiles every fused operator with inductor. For DELLA that leaves half
+of the time in one place: inductor turns the per-entry lookup of |tau|'s rank into sixteen scalar
+loads through a stack buffer. ``native_della.c`` is the same kernel written as plain loops, which the
+C compiler vectorises, the lookup included (a hardware gather): 1.75x faster on 16M bfloat16
+entries, bit-identical (measured against the compiled kernel; the tests check the bits).
+
+The source is compiled once per machine with the system C compiler (the one inductor needs anyway),
+``-O3 -march=native``, into ``$EVOMERGE_CACHE_DIR/native`` (default ``~/.cache/evomerge/native``),
+under a name that hashes the source, the compiler and the CPU's feature flags, so a cache shared
+between different machines never hands one another's binary. Without a compiler, or when the build
+fails, :func:`della` is unavailable and the materializer uses the compiled kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "della"]
+
+_SOURCE = Path(__file__).with_name("native_della.c")
+# no fused multiply-add: the kernel must round exactly as the compiled (and the eager) one does
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c99", "-fPIC", "-shared"]
+_MIN_PER_THREAD = 1 << 16  # below this a thread hand-off costs more than it saves
+_ALIGN = 64  # thread slices start on cache lines of the output
+
+
+def cache_dir() -> Path:
+    """``$EVOMERGE_CACHE_DIR/native``, else ``~/.cache/evomerge/native``."""
+    env = os.environ.get("EVOMERGE_CACHE_DIR")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "evomerge"
+    return root / "native"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    return shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the CPU's feature flags (Linux), else the platform."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _build(cc: str) -> Path:
+    """The shared library for this source, compiler and CPU: built once, then taken from the cache."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    src = _SOURCE.read_bytes()
+    tag = hashlib.sha256(b"\0".join([src, cc.encode(), version.encode(), _cpu_identity().encode(),
+                                     " ".join(_FLAGS).encode()])).hexdigest()[:16]  # fmt: skip
+    out = cache_dir() / f"della-{tag}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".della-", suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise OSError(f"{cc} failed: {r.stderr.strip()[:500]}")
+        os.replace(tmp, out)  # atomic: a concurrent build by another worker loses nothing
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    cc = _compiler()
+    if cc is None or not _SOURCE.is_file():
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))  # CDLL (not PyDLL): calls release the GIL, so threads run in parallel
+    except (OSError, subprocess.SubprocessError):
+        return None
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    for fn in (lib.della_bf16, lib.della_f32):
+        fn.argtypes = [p, p, i64, i32, i64, i64, p, p, i32, p, p, p, p, f32, p, p, f32, i32, i32, i32, p]
+        fn.restype = i32
+    return lib
+
+
+def available() -> bool:
+    """Whether the C kernels build and load here (checked once per process)."""
+    return _library() is not None
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:
+    """In a forked child the parent's threads do not exist: start a pool of its own."""
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _threads(n: int) -> ThreadPoolExecutor | None:
+    """A pool of ``n`` threads (torch's thread count), made once and remade when that count changes."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(n, thread_name_prefix="evomerge-della"), n
+        return _pool
+
+
+def della(
+    out: Tensor,
+    b: Tensor,
+    d: Tensor,
+    keys: Tensor,
+    cdf: Tensor,
+    scale: Tensor,
+    dens: Tensor,
+    eps: float,
+    coef: Tensor,
+    w: Tensor,
+    lam: float,
+    normalize: bool,
+    ties: bool,
+    inverse: bool,
+) -> bool:
+    """DELLA of one draw segment into ``out`` (see ``kernels._della_value`` for the arguments), or
+    ``False`` when these tensors do not suit the C kernel (then nothing is written): CPU, bfloat16
+    or float32 alike in ``out``, ``b`` and ``d``, contiguous rows, at most 16 sources."""
+    lib = _library()
+    dt = b.dtype
+    k, n = d.shape[0], b.shape[0]
+    if (
+        lib is None
+        or dt not in (torch.bfloat16, torch.float32)
+        or not all(t.device.type == "cpu" and t.dtype == dt and t.stride(-1) == 1 for t in (out, b, d))
+        or not 1 <= k <= 16
+    ):
+        return False
+    fn = lib.della_bf16 if dt == torch.bfloat16 else lib.della_f32
+    f32 = torch.float32
+    dens = dens.to(f32)
+    cdf = cdf.to(f32).contiguous()
+    eps_t = torch.tensor(eps, dtype=f32)
+    # per source: a = density - epsilon as the compiled kernel computes it (float32), and the clamp of
+    # the keep probability, which also gives p = 0 at density <= 0 and p = 1 at density >= 1
+    small = [
+        scale.to(f32).contiguous(),
+        (dens - eps_t).contiguous(),
+        torch.where(dens >= 1, 1.0, 0.0).to(f32),
+        torch.where(dens <= 0, 0.0, 1.0).to(f32),
+    ]
+    coef, w, keys = coef.to(f32).contiguous(), w.to(f32).contiguous(), keys.to(torch.int32).contiguous()
+    two_eps = float(torch.tensor(2.0 * eps, dtype=f32))
+
+    def run(lo: int, hi: int) -> int:
+        return fn(
+            b.data_ptr(), d.data_ptr(), d.stride(0), k, lo, hi, keys.data_ptr(), cdf.data_ptr(), cdf.shape[1],
+            *(t.data_ptr() for t in small), two_eps, coef.data_ptr(), w.data_ptr(), lam,
+            int(normalize), int(ties), int(inverse), out.data_ptr(),
+        )  # fmt: skip
+
+    nt = max(1, min(torch.get_num_threads(), n // _MIN_PER_THREAD))
+    if nt == 1:
+        rc = [run(0, n)]
+    else:
+        step = -(-n // nt // _ALIGN) * _ALIGN
+        bounds = [(s, min(n, s + step)) for s in range(0, n, step)]
+        pool = _threads(nt)
+        rc = list(pool.map(lambda se: run(*se), bounds))
+    if any(rc):
+        raise RuntimeError("native DELLA kernel rejected its arguments")  # checked above: a bug if reached
+    return True
