@@ -8,7 +8,7 @@ materializer's), then per operator reports:
   kernels on, several candidates with different per-group genes, after one warm-up call that pays
   for compilation, reported as ``first_s``);
 - ``floor_s``: (bytes of base + task vectors read, plus the model written) / copy bandwidth measured
-  in this run (a large bf16 ``copy_``);
+  in this run right before the operator's candidates (a 128 MB bf16 ``copy_``, best of 5);
 - ``mergekit_s``: ``mergekit-yaml`` on the same recipe (uniform genes), whole process;
 - ``evomerge_merge_s``: ``python -m evomerge.cli merge CONFIG --out DIR`` on the same YAML, whole process.
 
@@ -91,12 +91,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def copy_bandwidth(device: str = "cpu", nbytes: int = 1 << 29, reps: int = 5) -> float:
-    """Bytes moved (read + written) per second by a large bf16 copy_ on ``device``, best of ``reps``."""
+def copy_buffers(device: str = "cpu", nbytes: int = 1 << 27) -> tuple:
+    """Source and target of the bandwidth copy: 128 MB each, four times a server CPU's L3 (a 98 MB
+    copy measured within 3% of a 512 MB one here, a 49 MB one 20% faster). Made once, before the
+    memory baseline, so the per-operator measurements add nothing to the peak-RSS figure."""
     import torch
 
     a = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
-    b = torch.empty_like(a)
+    return a, torch.empty_like(a)
+
+
+def copy_bandwidth(bufs: tuple, device: str = "cpu", reps: int = 5) -> float:
+    """Bytes moved (read + written) per second by a large bf16 copy_ on ``device``, best of ``reps``."""
+    a, b = bufs
     b.copy_(a)
     best = float("inf")
     for _ in range(reps):
@@ -105,8 +112,7 @@ def copy_bandwidth(device: str = "cpu", nbytes: int = 1 << 29, reps: int = 5) ->
         b.copy_(a)
         sync(device)
         best = min(best, time.perf_counter() - t)
-    del a, b
-    return 2 * nbytes / best
+    return 2 * a.numel() * a.element_size() / best
 
 
 def rss_now() -> int:
@@ -189,7 +195,8 @@ def main() -> None:
         base = str(tmp / "base")
         experts = [str(tmp / f"expert{i}") for i in range(K)]
         dev = args.device
-        bw = copy_bandwidth(dev)
+        bufs = copy_buffers(dev)
+        bw = copy_bandwidth(bufs, dev)
         from evomerge.merge import kernels
 
         kernels.available(dev)  # the compile check's own allocations stay out of the baseline
@@ -212,7 +219,10 @@ def main() -> None:
             k = m.n_sources
             read = sum(t.numel() * t.element_size() for t in m.base.values())
             read += sum(t.numel() * t.element_size() for t in m.deltas.values())
-            floor = (read + model_bytes) / bw
+            # measured again right before each operator: the machine is shared and its bandwidth drifts
+            # (28-73 GB/s between runs here), so a figure from minutes earlier misstates the floor
+            bw_op = copy_bandwidth(bufs, dev)
+            floor = (read + model_bytes) / bw_op
             times, first = [], None
             for c in range(args.candidates + 1):
                 groups = [
@@ -250,6 +260,7 @@ def main() -> None:
                 "resident_s": statistics.median(times),
                 "floor_s": floor,
                 "first_s": first,
+                "copy_bandwidth_gbs": bw_op / 1e9,
                 "mergekit_s": None,
                 "evomerge_merge_s": None,
             }
@@ -306,7 +317,12 @@ def main() -> None:
             f"being the sources); peak RSS {peak:.2f} GB, of which "
             f"{over:.2f} GB = {over / mg:.2f} model sizes over the {rss0 / 1e9:.2f} GB before loading"
             + (f"; GPU peak allocated {gpu_peak:.2f} GB = {gpu_peak / mg:.2f} model sizes" if gpu_peak else "")
-            + f"; copy bandwidth {bw / 1e9:.1f} GB/s on {dev}; torch threads {torch.get_num_threads()}"
+            + f"; torch threads {torch.get_num_threads()}"
+        )
+        per_op = [r["copy_bandwidth_gbs"] for r in results.values()]
+        print(
+            f"copy bandwidth on {dev}: {bw / 1e9:.1f} GB/s at the start, {min(per_op):.1f}-{max(per_op):.1f} GB/s "
+            "measured before each operator (its floor uses its own)"
         )
         out = {
             "operators": {
@@ -321,6 +337,7 @@ def main() -> None:
             "device": dev,
             "resident_gb": resident,
             "copy_bandwidth_gbs": bw / 1e9,
+            "copy_bandwidth_gbs_per_op": {op: r["copy_bandwidth_gbs"] for op, r in results.items()},
             "first_call_s": {op: r["first_s"] for op, r in results.items()},
         }
         print("RESULT " + json.dumps(out))
