@@ -2,14 +2,16 @@
  *
  * Why by hand: inductor emits an indirect load as sixteen scalar loads through a stack buffer, and
  * that lookup (one per entry and source) was half of DELLA's compiled kernel. GCC and Clang
- * vectorise the loops below, the lookup included (vpgatherdd on AVX2 / AVX-512).
+ * vectorise the loops below, the lookup included (vpgatherdd on AVX2 / AVX-512). (TIES and
+ * DARE-TIES written the same way were slower than inductor's kernels on whole models: inductor
+ * keeps everything in registers in one loop, these K + 1 passes go through L1.)
  *
  * The arithmetic is kernels._della_value's, operation for operation in float32 (compiled with
  * -ffp-contract=off, so no multiply-add is fused), and the draws are evomerge.merge.draws' hash:
  * the output is bit-identical to the compiled kernel's, which the tests check.
  *
- * One call merges entries [lo, hi) of one draw segment; positions (the draws' counters) are
- * indices from the segment's start. Callers split a tensor between threads by [lo, hi).
+ * One call merges entries [lo, hi) of one draw segment on nthreads OpenMP threads; positions (the
+ * draws' counters) are indices from the segment's start.
  */
 #include <stdint.h>
 #include <string.h>
@@ -50,13 +52,17 @@ static inline float store_f32(float f) { return f; }
              const int32_t *restrict keys, const float *restrict cdf, int bins, const float *restrict scale, \
              const float *restrict a, const float *restrict pmin, const float *restrict pmax, float two_eps, \
              const float *restrict coef, const float *restrict w, float lam, int normalize, int ties,        \
-             int inverse, T *restrict out) {                                                                 \
+             int inverse, T *restrict out, int nthreads) {                                                   \
         if (K < 1 || K > KMAX || bins < 1) return -1;                                                        \
-        float wd[KMAX][BLOCK];                                                                               \
-        float sum[BLOCK], el[BLOCK], num[BLOCK], dv[BLOCK];                                                  \
-        uint32_t hb[BLOCK];                                                                                  \
         const float top = (float)(bins - 1);                                                                 \
-        for (int64_t s = lo; s < hi; s += BLOCK) {                                                           \
+        const int64_t nblocks = (hi - lo + BLOCK - 1) / BLOCK;                                               \
+        /* libgomp.so.1 is torch's, loaded already: its threads are warm, Python's would sleep */            \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)")                  \
+        for (int64_t j = 0; j < nblocks; j++) {                                                              \
+            float wd[KMAX][BLOCK];                                                                           \
+            float sum[BLOCK], el[BLOCK], num[BLOCK], dv[BLOCK];                                              \
+            uint32_t hb[BLOCK];                                                                              \
+            const int64_t s = lo + j * BLOCK;                                                                \
             const int m = (int)(hi - s < BLOCK ? hi - s : BLOCK);                                            \
             for (int k = 0; k < K; k++) {                                                                    \
                 const T *dk = d + k * dstride + s;                                                           \
