@@ -10,6 +10,9 @@ weighted sum is within round-off of 0).
 Kernels compile once per process per (operator variant, K, dtypes) with dynamic sizes (about 5-30 s
 on a CPU; inductor's on-disk cache makes later processes faster). :func:`available` says whether
 compilation works here; when it does not, the materializer uses the eager operators.
+
+DELLA on the CPU runs the C kernel of :mod:`evomerge.merge.native` where it builds: inductor's code
+for its histogram lookup is scalar, the C compiler's a vector gather (bit-identical, 1.6x faster).
 """
 
 from __future__ import annotations

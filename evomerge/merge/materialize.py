@@ -13,8 +13,8 @@ candidate:
   :mod:`evomerge.merge.draws`), computed where they are used.
 
 Per candidate, :meth:`Materializer.apply` streams each tensor in cache-sized chunks through the
-operator (or a fused kernel from :mod:`evomerge.merge.kernels`) and writes the result straight into a
-preallocated model's parameters.
+operator (or a fused kernel from :mod:`evomerge.merge.kernels`, or for DELLA on the CPU the C kernel
+of :mod:`evomerge.merge.native`) and writes the result straight into a preallocated model's parameters.
 """
 
 from __future__ import annotations
