@@ -81,6 +81,7 @@ def main() -> None:
         big = [it for it in items if it[1].numel() > 1 << 22]
         rest = [it for it in items if it[1].numel() <= 1 << 22]
 
+        @torch.no_grad()  # as apply: dynamo compiles another, slower, variant for grad mode (measured)
         def direct(subset) -> None:
             for out, b, d in subset:
                 if args.op == "task_arithmetic":
