@@ -520,6 +520,10 @@ def test_native_della_is_the_compiled_kernel_bit_for_bit(method, dtype, monkeypa
     assert calls == [1]
     monkeypatch.setattr(native, "della", lambda *a: False)
     same(got, kern(torch.empty_like(b), b, d[:3], w[:3], dens, extra), "compiled")
+    # shapes that do not fit raise instead of letting the C code read or write past them
+    for bad in ((torch.empty(b.shape[0] - 1, dtype=dtype), b, d[:3], cdf), (torch.empty_like(b), b, d[:3], cdf[:2])):
+        with pytest.raises(ValueError, match="shapes do not fit"):
+            real(bad[0], bad[1], bad[2], keys, bad[3], scale, dens, 0.15, w[:3], w[:3], 1.0, True, True, True)
 
 
 def test_native_kernels_build_once_per_cpu_and_fall_back_without_a_compiler(tmp_path, monkeypatch):

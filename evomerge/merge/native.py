@@ -128,7 +128,8 @@ def della(
 ) -> bool:
     """DELLA of one draw segment into ``out`` (see ``kernels._della_value`` for the arguments), or
     ``False`` when these tensors do not suit the C kernel (then nothing is written): CPU, bfloat16
-    or float32 alike in ``out``, ``b`` and ``d``, contiguous rows, at most 16 sources."""
+    or float32 alike in ``out``, ``b`` and ``d``, contiguous rows, at most 16 sources. Shapes that
+    do not fit one another raise: the C code would read or write outside them."""
     lib = _library()
     dt = b.dtype
     k, n = d.shape[0], b.shape[0]
@@ -139,6 +140,16 @@ def della(
         or not 1 <= k <= 16
     ):
         return False
+    if not (
+        b.dim() == out.dim() == 1
+        and d.dim() == 2
+        and out.shape[0] == d.shape[1] == n
+        and cdf.dim() == 2
+        and cdf.shape[0] >= k
+        and min(scale.numel(), dens.numel(), coef.numel(), w.numel()) >= k
+        and keys.numel() >= (k + 1) // 2
+    ):
+        raise ValueError(f"native DELLA: shapes do not fit ({k} sources, {n} entries)")
     fn = lib.della_bf16 if dt == torch.bfloat16 else lib.della_f32
     f32 = torch.float32
     dens = dens.to(f32)
