@@ -21,11 +21,11 @@ import os
 import shutil
 from pathlib import Path
 
+from evomerge.cache import cache_root
+
 
 def cache_dir() -> Path:
-    env = os.environ.get("EVOMERGE_CACHE_DIR")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "evomerge"
-    return root / "ps_sources"
+    return cache_root() / "ps_sources"
 
 
 def is_ps_recipe_file(ref: str) -> bool:

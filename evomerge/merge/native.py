@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from evomerge.cache import cache_root
+
 __all__ = ["available", "della"]
 
 _SOURCE = Path(__file__).with_name("native_della.c")
@@ -43,9 +45,7 @@ _MIN_PER_THREAD = 1 << 15  # entries: below this a parallel region costs more th
 
 def cache_dir() -> Path:
     """``$EVOMERGE_CACHE_DIR/native``, else ``~/.cache/evomerge/native``."""
-    env = os.environ.get("EVOMERGE_CACHE_DIR")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "evomerge"
-    return root / "native"
+    return cache_root() / "native"
 
 
 def _compiler() -> str | None:
