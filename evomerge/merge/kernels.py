@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor
 from evomerge.merge import native
 from evomerge.merge.draws import keep_threshold, source_bits, source_uniform
 
-__all__ = ["available", "for_operator", "FUSED_OPERATORS"]
+__all__ = ["available", "for_operator", "plan", "Plan", "FUSED_OPERATORS"]
 
 FUSED_OPERATORS = ("linear", "task_arithmetic", "ties", "dare", "dare_ties", "della", "della_linear")
 
@@ -258,15 +259,30 @@ def linear_kernel(
     return kern
 
 
-def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Callable[..., Tensor] | None:
-    """A fused kernel ``kern(out, base, deltas, weights, densities, extra) -> out`` for the operator with
-    these params, or ``None`` when there is none (other operators, DARE's L1 rescale). Weights,
-    densities and thresholds come as host (CPU) tensors, the rest on the data's device. Kernels take
-    whole flat tensors; random ones read ``extra["noise_keys"]`` (one segment of a tensor per call)."""
-    if name not in FUSED_OPERATORS or not available(device):
+@dataclass(frozen=True)
+class Plan:
+    """One fused kernel call's arguments for one set of genes (a layer group): the same for every
+    tensor of the group, but for the per-tensor magnitude thresholds and draw keys."""
+
+    kernel: str  # "ta", "ties", "dare", "dare_ties" or "della"
+    coef: Tensor  # K float32: the task vectors' factors (ta, dare, dare_ties, della)
+    w: Tensor  # K float32: the TIES weights, what normalize sums
+    lam: float  # lambda (ties, dare_ties, della)
+    bscale: float  # the base's factor (ta)
+    normalize: bool
+    below: Tensor | None = None  # K int32: the draws' keep thresholds (dare, dare_ties)
+    trim: bool = False  # ties: per-tensor magnitude thresholds (else every entry is kept)
+
+
+def plan(name: str, params: dict[str, Any], w: Tensor, dens: Tensor, drawn: bool) -> Plan | None:
+    """The kernel and its arguments for operator ``name`` with ``params`` and one group's host (CPU)
+    weights and densities, ``drawn`` when the operator drops entries at random (a density below 1);
+    ``None`` when no fused kernel applies (other operators, the L1 rescale of DARE and DELLA)."""
+    if name not in FUSED_OPERATORS:
         return None
     lam = float(params.get("lambda", 1.0))
     normalize = bool(params.get("normalize", False))
+    inverse = False
     if name in ("dare", "dare_ties", "della", "della_linear"):
         r = params.get("rescale")
         if r is True or r == "l1":
@@ -278,82 +294,76 @@ def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Cal
         t = float(c.sum())
         return t if normalize and abs(t) >= 1e-8 else 1.0
 
-    def coef_of(w: Tensor, dens: Tensor) -> Tensor:
-        if name in ("dare", "dare_ties") and inverse and bool((dens < 1).any()):
-            return torch.where(dens > 0, w / dens.clamp(1e-12, 1.0), torch.zeros_like(w))
-        return w
+    def ta(coef: Tensor, bscale: float = 1.0) -> Plan:
+        return Plan("ta", coef, w, lam, bscale, normalize)
+
+    def ties(kernel: str = "ties", **kw: Any) -> Plan:
+        return Plan(kernel, kw.pop("coef", w), w, kw.pop("lam", lam), 1.0, normalize, **kw)
 
     if name == "linear":
+        return ta(w / divisor(w)) if normalize else ta(w, float(w.sum()))
+    if name == "task_arithmetic":
+        return ta(w * (lam / divisor(w)))
+    if name == "ties":
+        return ties(trim=True)
+    # DARE's 1/p rescale, folded into the factors (only where something is dropped)
+    rescaled = name in ("dare", "dare_ties") and inverse and bool((dens < 1).any())
+    coef = torch.where(dens > 0, w / dens.clamp(1e-12, 1.0), torch.zeros_like(w)) if rescaled else w
+    if name == "dare":
+        if not drawn:
+            return ta(w * (lam / divisor(coef)))
+        return Plan("dare", coef * (lam / divisor(coef)), w, lam, 1.0, normalize, keep_threshold(dens))
+    if name == "dare_ties":
+        return ties("dare_ties", coef=coef, below=keep_threshold(dens)) if drawn else ties()
+    # della, della_linear: with nothing dropped (p = 1 everywhere), TIES or task arithmetic
+    if not drawn:
+        return ties() if name == "della" else ta(w * (lam / divisor(w)))
+    return ties("della", lam=lam if name == "della" else lam / divisor(w))
 
-        def kern(out, b, d, w, dens, extra):
-            if normalize:
-                _call("ta", out, b, d, w / divisor(w), torch.ones(()))
-            else:
-                _call("ta", out, b, d, w, torch.full((), float(w.sum())))
-            return out
 
-    elif name == "task_arithmetic":
+def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Callable[..., Tensor] | None:
+    """A fused kernel ``kern(out, base, deltas, weights, densities, extra) -> out`` for the operator with
+    these params, or ``None`` when there is none (other operators, DARE's L1 rescale). Weights,
+    densities and thresholds come as host (CPU) tensors, the rest on the data's device. Kernels take
+    whole flat tensors; random ones read ``extra["noise_keys"]`` (one segment of a tensor per call)."""
+    probe = torch.ones(1)
+    if plan(name, params, probe, probe, False) is None or not available(device):
+        return None
+    eps = float(params.get("epsilon", 0.15))
+    r = params.get("rescale")
+    inverse = r in ("inverse", "1/density", "inv")
 
-        def kern(out, b, d, w, dens, extra):
-            _call("ta", out, b, d, w * (lam / divisor(w)), torch.ones(()))
-            return out
-
-    elif name == "ties":
-
-        def kern(out, b, d, w, dens, extra):
-            thr = extra["thresholds"].to(torch.float32)
-            _call("ties", out, b, d, thr, w, torch.full((), lam), normalize)
-            return out
-
-    elif name == "dare":
-
-        def kern(out, b, d, w, dens, extra):
-            c = coef_of(w, dens)
-            div = divisor(c)
-            if "noise_keys" not in extra:  # nothing dropped
-                _call("ta", out, b, d, w * (lam / div), torch.ones(()))
-            else:
-                _call("dare", out, b, d, extra["noise_keys"], keep_threshold(dens), c * (lam / div))
-            return out
-
-    elif name in ("della", "della_linear"):
-        ties = name == "della"
-        eps = float(params.get("epsilon", 0.15))
-
-        def kern(out, b, d, w, dens, extra):
-            lt = torch.full((), lam)
-            if "noise_keys" not in extra:  # nothing dropped: p = 1 everywhere
-                if ties:
-                    _call("ties", out, b, d, torch.full_like(w, -float("inf")), w, lt, normalize)
-                else:
-                    _call("ta", out, b, d, w * (lam / divisor(w)), torch.ones(()))
-                return out
-            if not ties:
-                lt = torch.full((), lam / divisor(w))
-            keys, cdf, scale = extra["noise_keys"], extra["della_cdf"], extra["della_scale"]
-            if native.della(out, b, d, keys, cdf, scale, dens, eps, w, w, float(lt), normalize, ties, inverse):
-                return out
-            name_, out_, b_, d_ = "della", out, b, d
-            if _pairs_ok(out, b, d):
-                name_, out_, b_, d_ = "della_pairs", out.view(torch.int32), b.view(torch.int32), d.view(torch.int32)
-            _call(
-                name_, out_, b_, d_, keys, cdf, scale, dens,
-                torch.full((), eps, dtype=torch.float32),
-                torch.full((), 2.0 * eps, dtype=torch.float32),
-                w, w, lt, normalize, ties, inverse,
-            )  # fmt: skip
-            return out
-
-    else:  # dare_ties
-
-        def kern(out, b, d, w, dens, extra):
-            lt = torch.full((), lam)
-            if "noise_keys" not in extra:
-                thr = torch.full_like(w, -float("inf"))
-                _call("ties", out, b, d, thr, w, lt, normalize)
-            else:
-                keys = extra["noise_keys"]
-                _call("dare_ties", out, b, d, keys, keep_threshold(dens), coef_of(w, dens), w, lt, normalize)
-            return out
+    def kern(out, b, d, w, dens, extra):
+        p = plan(name, params, w, dens, "noise_keys" in extra)
+        lam = torch.full((), p.lam)
+        if p.kernel == "ta":
+            _call("ta", out, b, d, p.coef, torch.full((), p.bscale))
+        elif p.kernel == "ties":
+            thr = extra["thresholds"].to(torch.float32) if p.trim else torch.full_like(w, -float("inf"))
+            _call("ties", out, b, d, thr, p.w, lam, p.normalize)
+        elif p.kernel == "dare":
+            _call("dare", out, b, d, extra["noise_keys"], p.below, p.coef)
+        elif p.kernel == "dare_ties":
+            _call("dare_ties", out, b, d, extra["noise_keys"], p.below, p.coef, p.w, lam, p.normalize)
+        else:
+            _della(out, b, d, p, dens, eps, inverse, name == "della", extra)
+        return out
 
     return kern
+
+
+def _della(out: Tensor, b: Tensor, d: Tensor, p: Plan, dens: Tensor, eps: float, inverse: bool, ties: bool,
+           extra: dict[str, Any]) -> None:  # fmt: skip
+    """DELLA with draws: the C kernel where it runs, else the compiled one (on int32 pairs for bfloat16)."""
+    keys, cdf, scale = extra["noise_keys"], extra["della_cdf"], extra["della_scale"]
+    if native.della(out, b, d, keys, cdf, scale, dens, eps, p.coef, p.w, p.lam, p.normalize, ties, inverse):
+        return
+    name_, out_, b_, d_ = "della", out, b, d
+    if _pairs_ok(out, b, d):
+        name_, out_, b_, d_ = "della_pairs", out.view(torch.int32), b.view(torch.int32), d.view(torch.int32)
+    _call(
+        name_, out_, b_, d_, keys, cdf, scale, dens,
+        torch.full((), eps, dtype=torch.float32),
+        torch.full((), 2.0 * eps, dtype=torch.float32),
+        p.coef, p.w, torch.full((), p.lam), p.normalize, ties, inverse,
+    )  # fmt: skip
