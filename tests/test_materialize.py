@@ -556,6 +556,119 @@ def test_native_kernels_build_once_per_cpu_and_fall_back_without_a_compiler(tmp_
         native._library.cache_clear()
 
 
+NATIVE_CASES = [
+    ("linear", {}),
+    ("linear", {"normalize": False}),
+    ("task_arithmetic", {"lambda": 0.8}),
+    ("ties", {}),
+    ("ties", {"normalize": True, "lambda": 0.7}),
+    ("dare", {"rescale": "inverse"}),
+    ("dare", {"rescale": False}),
+    ("dare_ties", {}),
+    ("dare_ties", {"normalize": True, "rescale": "inverse"}),
+    ("model_stock", {}),
+    ("slerp", {"t": 0.3}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_apply_is_the_per_tensor_path_bit_for_bit(family, dtype, monkeypatch):
+    """``apply`` on a fused CPU materializer merges the whole model in one call of the C kernels, and
+    writes exactly the bits of the per-tensor kernels: every operator with such a kernel (a linear
+    form included), normalize and rescale variants, 1 to 3 sources, several draw segments per tensor
+    (their size made small), NaN and infinite task-vector entries (NaN where the per-tensor path has
+    NaN). The reference is the compiled kernels' bodies run eagerly (compiling each variant would
+    take minutes); ``test_native_apply_matches_the_compiled_kernels`` checks the compiled ones."""
+    from evomerge.merge import draws, kernels, native
+
+    assert native.available(), "the C kernels must build where the tests run (a C compiler is there)"
+    bodies = {"ta": kernels._ta_body, "ties": kernels._ties_body, "dare": kernels._dare_body,
+              "dare_ties": kernels._dare_ties_body}  # fmt: skip
+    monkeypatch.setattr(kernels, "_compiled", lambda name: bodies[name])
+    monkeypatch.setattr(draws, "SEGMENT", 1000)  # most tensors span several draw segments
+    calls = []
+    real = native.merge_segments
+    monkeypatch.setattr(native, "merge_segments", lambda *a: calls.append(a[1]) or real(*a))
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    full = Materializer(*family, fused=True, dtype=dtype)
+    name = "model.layers.0.mlp.up_proj.weight"
+    full.deltas[name].view(3, -1)[0, 5], full.deltas[name].view(3, -1)[2, 9] = float("nan"), float("inf")
+    for k in (3, 2, 1):
+        fused = full.subset(list(range(k)))
+        fam = (family[0], family[1][:k])
+        for method, params in NATIVE_CASES:
+            spec = get_operator(method)
+            if spec.max_sources is not None and k > spec.max_sources or k < spec.min_sources:
+                continue
+            r = recipe(fam, method, seed=7, params=params)
+            native_model, per_tensor = fused.new_model(), fused.new_model()
+            n_calls = len(calls)
+            fused.apply(r, native_model)
+            assert calls[n_calls:] == [k], (method, params, k)
+            with monkeypatch.context() as m:
+                m.setattr(fused, "_native_segments", lambda *a: None)
+                fused.apply(r, per_tensor)
+            a, b = native_model.state_dict(), per_tensor.state_dict()
+            for t in fused.names:
+                nan = torch.isnan(b[t])
+                assert torch.equal(torch.isnan(a[t]), nan), (method, params, k, t)
+                assert torch.equal(a[t][~nan].view(bits), b[t][~nan].view(bits)), (method, params, k, t)
+                if fused.base[t].dim() == 2:  # the matrices: their task vectors are not zero
+                    assert not torch.equal(a[t], fused.base[t]), (method, params, k, t)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare", "dare_ties"])
+def test_native_apply_matches_the_compiled_kernels(family, method, monkeypatch):
+    """The one-call C path against the compiled per-tensor kernels themselves (float32, 3 sources:
+    the variants ``test_fused_kernels_match_eager`` compiles anyway), bit for bit."""
+    fused = Materializer(*family, fused=True)
+    r = recipe(family, method, seed=2, params={"normalize": True} if method != "linear" else {})
+    a_model, b_model = fused.new_model(), fused.new_model()
+    fused.apply(r, a_model)
+    monkeypatch.setattr(fused, "_native_segments", lambda *a: None)
+    fused.apply(r, b_model)
+    a, b = a_model.state_dict(), b_model.state_dict()
+    for t in fused.names:
+        assert torch.equal(a[t].view(torch.int32), b[t].view(torch.int32)), t
+
+
+def test_native_apply_falls_back_where_it_does_not_apply(family, monkeypatch):
+    """Targets the C kernels cannot write (another dtype, not contiguous), more sources than they
+    take, DELLA's draws, or no C compiler: ``apply`` goes tensor by tensor, with the same result."""
+    from evomerge.merge import native
+
+    calls = []
+    real = native.merge_segments
+    monkeypatch.setattr(native, "merge_segments", lambda *a: calls.append(1) or real(*a))
+    fused = Materializer(*family, fused=True)
+    r = recipe(family, "task_arithmetic")
+    want = fused.merged_state_dict(r)
+
+    def check(model, native_ran):
+        del calls[:]
+        fused.apply(r, model)
+        assert calls == ([1] if native_ran else [])
+        for t, v in want.items():
+            torch.testing.assert_close(model.state_dict()[t].float(), v.float(), rtol=0, atol=1e-2 if
+                                       model.dtype != torch.float32 else 0)  # fmt: skip
+
+    check(fused.new_model(), True)
+    check(fused.new_model().to(torch.bfloat16), False)
+    model = fused.new_model()
+    w = model.model.layers[0].mlp.up_proj.weight
+    w.data = w.data.t().contiguous().t()  # same values, a transposed layout
+    check(model, False)
+    monkeypatch.setattr(native, "KMAX", 2)
+    check(fused.new_model(), False)
+    monkeypatch.setattr(native, "KMAX", 8)
+    monkeypatch.setattr(native, "available", lambda: False)
+    check(fused.new_model(), False)
+    monkeypatch.undo()
+    assert fused._native_segments(recipe(family, "della"), *fused._check(recipe(family, "della")),
+                                  fused._targets(fused.new_model())) is None  # fmt: skip
+    assert Materializer(*family)._native_segments(r, *fused._check(r), fused._targets(fused.new_model())) is None
+
+
 def test_della_kernels_survive_nan_task_vectors(monkeypatch):
     """A NaN in a task vector once cast to a table index far outside the histogram (a crash); every
     kernel now sends it to the first bin, like the eager ranks, and they agree bit for bit."""

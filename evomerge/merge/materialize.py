@@ -15,6 +15,9 @@ candidate:
 Per candidate, :meth:`Materializer.apply` streams each tensor in cache-sized chunks through the
 operator (or a fused kernel from :mod:`evomerge.merge.kernels`, or for DELLA on the CPU the C kernel
 of :mod:`evomerge.merge.native`) and writes the result straight into a preallocated model's parameters.
+A fused CPU materializer merges the whole model in one call of :mod:`evomerge.merge.native`'s C kernels
+where they apply (task arithmetic, linear, TIES, DARE, DARE-TIES, SLERP, Model Stock): per tensor it
+only fills a row of the call's table, which takes the per-tensor overhead out of the candidate.
 """
 
 from __future__ import annotations
@@ -325,7 +328,8 @@ class Materializer:
         those two methods.
     fused:
         use the fused kernels of :mod:`evomerge.merge.kernels` for the hot operators when they apply
-        (``None``: on CPU when ``torch.compile`` works here).
+        (``None``: on CPU when ``torch.compile`` works here); on the CPU, :meth:`apply` then runs the C
+        kernels of :mod:`evomerge.merge.native` over the whole model where they build and apply.
     """
 
     def __init__(
@@ -372,6 +376,7 @@ class Materializer:
                 for name in self.names:
                     self._load(name)
         self.slots: dict[str, str | int] = {n: tensor_slot(n) for n in self.names}
+        self._position = {n: i for i, n in enumerate(self.names)}
         # name -> (K x P descending |tau| or its quantiles, positions of the quantiles or None)
         self._sorted: dict[str, tuple[Tensor, Tensor | None]] = {}
         self._della: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (K x BINS cdf, K scale)
@@ -381,6 +386,9 @@ class Materializer:
         # name -> operator -> gene-independent statistics (OperatorSpec.stats)
         self._stats: dict[str, dict[str, Tensor]] = {}
         self._key_cache: dict[tuple[int, str, int], Tensor] = {}
+        # group layout (kind, range, filter of each group) -> index of the group of each tensor in names
+        self._layouts: dict[tuple, list[int]] = {}
+        self._current: tuple[Recipe, list[int]] | None = None  # the recipe being built, its group index
         # scratch buffers of the streamed chunks (one materializer serves one thread at a time)
         self._ws = Workspace()
         self._kernels = None
@@ -432,6 +440,7 @@ class Materializer:
         sub._sorted, sub._della, sub._fisher = {}, {}, None
         sub._stats = {}
         sub._key_cache = {}
+        sub._layouts, sub._current = {}, None
         sub._ws = Workspace()
         return sub
 
@@ -515,19 +524,19 @@ class Materializer:
 
     def thresholds(self, name: str, densities: Tensor) -> Tensor:
         """Per source, the magnitude threshold of a top-density trim of tensor ``name``."""
-        d = self.deltas[name]
-        k, n = d.shape[0], d[0].numel()
         if self.trim_index == "none":
-            return magnitude_thresholds(d, densities)
-        out = torch.empty(k, dtype=torch.float32)
-        for i in range(k):
-            keep = trim_count(float(densities[i]), n)
-            if keep >= n:
-                out[i] = -math.inf
-            elif keep == 0:
-                out[i] = math.inf
-            else:
-                out[i] = self._desc_value(name, i, keep - 1)
+            return magnitude_thresholds(self.deltas[name], densities)
+        return torch.tensor(self._threshold_values(name, densities.tolist()), dtype=torch.float32)
+
+    def _threshold_values(self, name: str, densities: list[float]) -> list[float]:
+        """:meth:`thresholds` from an index, as Python floats (per tensor of every TIES candidate: no
+        torch call per source)."""
+        d = self.deltas[name]
+        n = d[0].numel()
+        out = []
+        for i, dens in enumerate(densities):
+            keep = trim_count(dens, n)
+            out.append(-math.inf if keep >= n else math.inf if keep == 0 else self._desc_value(name, i, keep - 1))
         return out
 
     def band_thresholds(self, name: str, densities: Tensor, gamma: float) -> Tensor:
@@ -699,9 +708,30 @@ class Materializer:
         if recipe.kind != "parameter_space":
             raise ValueError(f"the materializer builds parameter-space recipes, not {recipe.kind!r}")
         spec, params = self._check_light(recipe)
-        for name in self.names:  # every tensor must be covered (fail before writing anything)
-            self._params(spec, params, self._group(recipe, name))
+        index = self._group_index(recipe)  # every tensor must be covered (fail before writing anything)
+        for gi in sorted(set(index)):
+            self._params(spec, params, recipe.groups[gi])
+        self._current = (recipe, index)
         return spec, params
+
+    def _group_index(self, recipe: Recipe) -> list[int]:
+        """For each tensor of ``names``, the index of the recipe group that covers it. Candidates of one
+        search share their group layout, so this is computed once per layout."""
+        layout = tuple((g.kind, g.start, g.stop, g.filter) for g in recipe.groups)
+        got = self._layouts.get(layout)
+        if got is None:
+            got = [self._find_group(recipe, name) for name in self.names]
+            if len(self._layouts) >= 64:  # many layouts in turn (a DFS search, tests): start over
+                self._layouts.clear()
+            self._layouts[layout] = got
+        return got
+
+    def _find_group(self, recipe: Recipe, name: str) -> int:
+        slot = self.slots[name]
+        for gi, g in enumerate(recipe.groups):
+            if g.matches(name, slot):  # block range, and the group's tensor-name filter if any
+                return gi
+        raise KeyError(f"no layer group of the recipe covers tensor {name!r} (slot {slot!r})")
 
     def _check_light(self, recipe: Recipe) -> tuple[OperatorSpec, dict[str, Any]]:
         if len(recipe.sources) != self.n_sources:
@@ -711,11 +741,10 @@ class Materializer:
         return spec, resolve_params(spec, recipe.params)
 
     def _group(self, recipe: Recipe, name: str) -> LayerGroup:
-        slot = self.slots[name]
-        for g in recipe.groups:
-            if g.matches(name, slot):  # block range, and the group's tensor-name filter if any
-                return g
-        raise KeyError(f"no layer group of the recipe covers tensor {name!r} (slot {slot!r})")
+        cur = self._current
+        if cur is not None and cur[0] is recipe:
+            return recipe.groups[cur[1][self._position[name]]]
+        return recipe.groups[self._find_group(recipe, name)]
 
     @staticmethod
     def _params(spec: OperatorSpec, params: dict[str, Any], g: LayerGroup) -> dict[str, Any]:
@@ -981,16 +1010,108 @@ class Materializer:
         """Write the recipe's merged tensors into ``model`` in place (no disk, no reallocation)."""
         spec, params = self._check(recipe)
         targets = self._targets(model)
+        segs = self._native_segments(recipe, spec, params, targets)
+        if segs is not None:
+            from evomerge.merge import native
+
+            for name in self.passthrough:
+                targets[name].detach().copy_(self.base[name])
+            native.merge_segments(segs, self.n_sources, self.dtype)
+            return
         for name in self.names:
             tgt = targets[name].detach()
             if name in self.passthrough:
                 tgt.copy_(self.base[name])
+                continue
+            if not tgt.is_contiguous():  # a model whose parameters were re-laid out: merge, then copy
+                tgt.copy_(self._merged(recipe, spec, params, name).reshape(tgt.shape))
                 continue
             flat = tgt.view(-1)
             for s, e, chunk in self._merge_chunks(
                 recipe, spec, params, name, flat if flat.dtype == self.dtype else None
             ):
                 self._put(flat[s:e], chunk)
+
+    def _native_segments(
+        self, recipe: Recipe, spec: OperatorSpec, params: dict[str, Any], targets: dict[str, Tensor]
+    ) -> np.ndarray | None:
+        """The whole candidate as one call of the C kernels (:func:`native.merge_segments`): a row per
+        tensor, with its addresses and its group's kernel arguments. ``None`` where they do not
+        apply, and :meth:`apply` goes tensor by tensor: not ``fused``, not the CPU, another dtype,
+        more sources than the kernels take, an operator without such a kernel (DELLA's draws among
+        them), or a target that is not a contiguous tensor of the materializer's dtype."""
+        from evomerge.merge import kernels, native
+
+        k = self.n_sources
+        if not (
+            self.fused
+            and self.device.type == "cpu"
+            and self.dtype in (torch.bfloat16, torch.float32)
+            and k <= native.KMAX
+            and native.available()
+        ):
+            return None
+        ops = {"ta": native.OP_LINEAR, "ties": native.OP_TIES, "dare": native.OP_DARE, "dare_ties": native.OP_DARE_TIES}
+        zeros, index = [0.0] * k, self._group_index(recipe)
+        plans: dict[int, tuple[dict[str, Any], kernels.Plan | None, list[float]]] = {}  # None: a linear form
+        for gi in sorted(set(index)):
+            g = recipe.groups[gi]
+            gp = self._params(spec, params, g)
+            dens = torch.tensor(g.densities if g.densities is not None else [1.0] * k, dtype=torch.float32)
+            if spec.linear is not None and spec.stats is not None:
+                plans[gi] = (gp, None, [])
+                continue
+            sp, ctx = spec.resolved(gp)
+            if not self._chunkable(sp, ctx, gp):
+                return None
+            drawn = sp in ("random", "della") and bool((dens < 1).any())
+            pl = kernels.plan(spec.name, gp, torch.tensor(g.weights, dtype=torch.float32), dens, drawn)
+            if pl is None or pl.kernel not in ops:
+                return None
+            plans[gi] = (gp, pl, dens.tolist())
+        size = torch.empty(0, dtype=self.dtype).element_size()
+        rows: list[tuple[Any, ...]] = []
+        fixed: dict[int, tuple[Any, ...]] = {}  # group index -> its columns from op to below, as lists
+        for name in self.names:
+            if name in self.passthrough:
+                continue
+            t, b, d = targets[name], self.base[name], self.deltas[name].reshape(k, -1)
+            if not (t.dtype == self.dtype and t.device.type == "cpu" and t.is_contiguous() and d.stride(1) == 1):
+                return None
+            gi = index[self._position[name]]
+            gp, pl, dens = plans[gi]
+            if pl is None:  # SLERP, Model Stock: a linear form per tensor, from its cached statistics
+                lin = self._linear_form(spec, gp, name)
+                if lin is None:
+                    return None
+                cols = (native.OP_LINEAR, 0, 1.0, lin[0], lin[1], zeros, zeros, [0] * k)
+            else:
+                cols = fixed.get(gi)
+                if cols is None:
+                    below = pl.below.tolist() if pl.below is not None else [0] * k
+                    cols = fixed[gi] = (ops[pl.kernel], int(pl.normalize), pl.lam, pl.bscale, pl.coef.tolist(),
+                                        pl.w.tolist(), [-math.inf] * k, below)  # fmt: skip
+                if pl.trim:
+                    cols = (*cols[:6], self._threshold_values(name, dens), cols[7])
+            n = b.numel()
+            for s in range(0, n, draws_mod.SEGMENT):  # draw segments: a key each (one for most tensors)
+                drawn = pl is not None and pl.below is not None
+                keys = self._keys(recipe.seed, name, s // draws_mod.SEGMENT).tolist() if drawn else None
+                rows.append((b.data_ptr() + s * size, d.data_ptr() + s * size, t.data_ptr() + s * size,
+                             min(n - s, draws_mod.SEGMENT), d.stride(0), *cols, keys))  # fmt: skip
+        segs = np.zeros(len(rows), dtype=native.SEGMENT)
+        if not rows:
+            return segs
+        fields = ("b", "d", "out", "n", "dstride", "op", "normalize", "lam", "bscale")
+        cols_t = list(zip(*rows, strict=True))
+        for f, v in zip(fields, cols_t, strict=False):
+            segs[f] = v
+        for j, f in enumerate(("coef", "w", "thr", "below"), start=len(fields)):
+            segs[f][:, :k] = cols_t[j]
+        keyed = [i for i, r in enumerate(rows) if r[-1] is not None]
+        if keyed:
+            segs["keys"][keyed, : (k + 1) // 2] = [rows[i][-1] for i in keyed]
+        return segs
 
     @torch.no_grad()
     def load_base(self, model: torch.nn.Module) -> None:
