@@ -5,10 +5,13 @@ at a time), so ``bench/materialize.py``'s floor ratios depend on the moment. Thi
 round after round on ``bench/materialize.py``'s 134M-parameter model:
 
 - the copy bandwidth (128 MB bf16 ``copy_``, best of 5) and the floor it gives;
-- ``Materializer.apply`` of one operator (best of 5);
-- the same operator's fused kernel called directly on every tensor of the model, split into the two
-  vocabulary-sized tensors and all the others (best of 5): the gap to ``apply`` is the
-  materializer's own per-tensor work, the gap between the two kinds of tensor the per-call cost.
+- ``Materializer.apply`` of one operator (best of 5): on the CPU, one call of the C kernels of
+  :mod:`evomerge.merge.native` over the whole model, after the materializer filled its table;
+- that C call alone, on a table filled once (best of 5): the gap to ``apply`` is the materializer's
+  own work per candidate;
+- the operator's compiled kernel called directly on every tensor of the model, split into the two
+  vocabulary-sized tensors and all the others (best of 5): the per-tensor path that ``apply`` took
+  before the C kernels (and still takes where they do not apply).
 
 Usage: ``nice python bench/apply_breakdown.py [--op task_arithmetic|ties|dare_ties] [--rounds 10]``.
 Run alone on the machine.
@@ -47,7 +50,7 @@ def main() -> None:
 
     import torch
 
-    from evomerge.merge import Materializer, kernels
+    from evomerge.merge import Materializer, kernels, native
     from evomerge.merge.draws import keep_threshold, noise_keys
     from evomerge.recipe import LayerGroup, Recipe
 
@@ -93,15 +96,26 @@ def main() -> None:
 
         mat.apply(recipe(0), model)
         direct(items)
+        r0 = recipe(0)
+        segs = mat._native_segments(r0, *mat._check(r0), mat._targets(model))
+
+        def c_call() -> None:
+            native.merge_segments(segs, K, mat.dtype)
+
+        if segs is None:
+            print("the C kernels do not apply here: 'C call' is apply's own path")
+            c_call = lambda: mat.apply(r0, model)  # noqa: E731
         print(f"{args.op}: {len(big)} vocabulary-sized tensors, {len(rest)} others; times are best of 5")
         for r in range(args.rounds):
             bw = copy_bandwidth(bufs)
             a = best(lambda r=r: mat.apply(recipe(r + 1), model))
+            c = best(c_call)
             kb, kr = best(lambda: direct(big)), best(lambda: direct(rest))
             floor, k = moved / bw, kb + kr
             print(
                 f"copy {bw / 1e9:5.1f} GB/s  floor {floor * 1e3:5.1f} ms | apply {a * 1e3:5.1f} ms = x{a / floor:.2f}"
-                f" | kernels alone: {kb * 1e3:5.1f} + {kr * 1e3:5.1f} = {k * 1e3:5.1f} ms = x{k / floor:.2f}",
+                f" | C call {c * 1e3:5.1f} ms = x{c / floor:.2f}"
+                f" | compiled per tensor: {kb * 1e3:5.1f} + {kr * 1e3:5.1f} = {k * 1e3:5.1f} ms = x{k / floor:.2f}",
                 flush=True,
             )
             time.sleep(1)
