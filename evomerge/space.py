@@ -129,8 +129,9 @@ class Evaluation(BaseModel):
     multi_fidelity: MultiFidelity | None = None
     # Build candidates with the torch.compile'd fused kernels (evomerge.merge.kernels) for linear,
     # task_arithmetic, ties, dare, dare_ties, della, della_linear, slerp and model_stock. "auto": on
-    # when the worker's device is CUDA (Triton compiles in seconds), off on CPU (a CPU compile
-    # costs 5-60 s per worker process, more than a demo search's whole merge time). "on": always;
+    # when the worker's device is CUDA (Triton compiles in seconds); on CPU (where a compile costs
+    # 5-60 s per worker process, more than a demo search's whole merge time) the C kernels of
+    # evomerge.merge.native instead, which need no compile, for all of those but DELLA. "on": always;
     # a worker where torch.compile does not work falls back to the eager operators, and its info()
     # says which it uses. "off": never. Fused and eager agree up to float32 summation order; data-flow
     # genomes have no fused kernels and ignore the setting. YAML booleans (unquoted on/off) count as on/off.

@@ -29,23 +29,31 @@ class WorkerConfig:
     device: str | None = None  # None: cuda when this process sees a GPU, else cpu
     kind: str = "parameter_space"  # or "data_flow"
     embed_source: int = 0  # data-flow: the model whose embeddings and tokenizer the path uses
-    # Fused merge kernels (the space's evaluation.fused_kernels): "auto" (on for CUDA, off for CPU),
+    # Fused merge kernels (the space's evaluation.fused_kernels): "auto" (on for CUDA, the C kernels on CPU),
     # "on" (eager where torch.compile does not work) or "off". Data-flow workers ignore it.
     fused: str = "auto"
 
 
-def _use_fused(setting: str, device) -> tuple[bool, str]:
-    """Whether a parameter-space worker on ``device`` merges with the fused kernels, and why."""
+def _use_fused(setting: str, device) -> tuple[str, str]:
+    """How a parameter-space worker on ``device`` merges: "fused" (compiled kernels, and on the CPU the
+    C kernels), "native" (the C kernels only: CPU, no compile) or "eager"; and why."""
     if setting == "off":
-        return False, "fused_kernels: off"
+        return "eager", "fused_kernels: off"
     if setting == "auto" and device.type != "cuda":
-        return False, f"fused_kernels: auto, off on {device.type} (a CPU compile costs more than it saves)"
+        from evomerge.merge import native
+
+        if device.type == "cpu" and native.available():  # built now: the build lands in the start-up time
+            return "native", (
+                "fused_kernels: auto, on cpu the C kernels (no torch.compile: a CPU compile costs more than "
+                "it saves); operators without one run eager"
+            )
+        return "eager", f"fused_kernels: auto, off on {device.type} (a CPU compile costs more than it saves)"
     from evomerge.merge import kernels
 
     # Checked now rather than at the first candidate, so the compile lands in the start-up time.
     if not kernels.available(device):
-        return False, f"fused_kernels: {setting}, but torch.compile does not work here: eager operators"
-    return True, f"fused_kernels: {setting}" + (f", on for {device.type}" if setting == "auto" else "")
+        return "eager", f"fused_kernels: {setting}, but torch.compile does not work here: eager operators"
+    return "fused", f"fused_kernels: {setting}" + (f", on for {device.type}" if setting == "auto" else "")
 
 
 @dataclass
@@ -90,11 +98,15 @@ class MergeWorker:
             tok_path = self.materializer.tokenizer_path()
             self.merge_kernels, self.merge_kernels_note = "eager", "data-flow genomes have no fused kernels"
         else:
-            fused, self.merge_kernels_note = _use_fused(cfg.fused, torch.device(device))
-            self.merge_kernels = "fused" if fused else "eager"
+            self.merge_kernels, self.merge_kernels_note = _use_fused(cfg.fused, torch.device(device))
             tok_path = resolve_ref(cfg.base)
             self.materializer = Materializer(
-                tok_path, [resolve_ref(s) for s in cfg.sources], device=device, dtype=dtype, fused=fused
+                tok_path,
+                [resolve_ref(s) for s in cfg.sources],
+                device=device,
+                dtype=dtype,
+                fused=self.merge_kernels == "fused",
+                native=self.merge_kernels == "native",
             )
         self.model = self.materializer.new_model()
         self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
@@ -104,8 +116,9 @@ class MergeWorker:
         self.startup_s = time.perf_counter() - t0
 
     def info(self) -> dict:
-        """Who the worker is, how long it took to start, and how it merges: ``merge_kernels`` is "fused" or
-        "eager" (what ``fused_kernels``, the space's setting, came to here; ``merge_kernels_note`` says why)."""
+        """Who the worker is, how long it took to start, and how it merges: ``merge_kernels`` is "fused",
+        "native" (the C kernels) or "eager" (what ``fused_kernels``, the space's setting, came to here;
+        ``merge_kernels_note`` says why)."""
         return {
             "worker": self.name,
             "startup_s": self.startup_s,

@@ -66,11 +66,29 @@ def test_fused_worker_builds_the_eager_model(space_file: Path) -> None:
     assert any(not torch.equal(a[k], eager.materializer.base[k]) for k in a)  # the merge did something
 
 
-def test_auto_is_eager_on_cpu(space_file: Path) -> None:
-    w = _worker(space_file, "auto")
-    info = w.info()
-    assert info["fused_kernels"] == "auto" and info["merge_kernels"] == "eager"
-    assert "cpu" in info["merge_kernels_note"]
+def test_auto_is_the_c_kernels_on_cpu(space_file: Path, monkeypatch) -> None:
+    """``auto`` on a CPU worker merges with the C kernels (no compile): the fused worker's bits, not
+    torch.compile's start-up; without a C compiler it is eager."""
+    from evomerge.merge import native
+
+    auto, fused = _worker(space_file, "auto"), _worker(space_file, "on")
+    info = auto.info()
+    assert info["fused_kernels"] == "auto" and info["merge_kernels"] == "native"
+    assert "cpu" in info["merge_kernels_note"] and "C kernels" in info["merge_kernels_note"]
+    assert auto.materializer.native is True and auto.materializer.fused is False
+    calls = []
+    real = native.merge_segments
+    monkeypatch.setattr(native, "merge_segments", lambda *a: calls.append(1) or real(*a))
+    recipe = make_genome(load_space(space_file)).decode([0.8, 0.3])
+    for worker in (auto, fused):
+        res = worker.evaluate(0, recipe.canonical_json())
+        assert res["error"] is None, res["error"]
+    assert calls == [1, 1]  # both merged in one C call
+    a, b = auto.model.state_dict(), fused.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.setattr(native, "available", lambda: False)
+    info = _worker(space_file, "auto").info()
+    assert info["merge_kernels"] == "eager" and "cpu" in info["merge_kernels_note"]
 
 
 def test_unknown_setting_is_refused(space_file: Path) -> None:

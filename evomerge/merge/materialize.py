@@ -330,6 +330,10 @@ class Materializer:
         use the fused kernels of :mod:`evomerge.merge.kernels` for the hot operators when they apply
         (``None``: on CPU when ``torch.compile`` works here); on the CPU, :meth:`apply` then runs the C
         kernels of :mod:`evomerge.merge.native` over the whole model where they build and apply.
+    native:
+        on the CPU, let :meth:`apply` run those C kernels even when not ``fused``: they need no
+        ``torch.compile`` (a C compiler builds them in seconds, once per machine). Operators without
+        one stay eager.
     """
 
     def __init__(
@@ -345,6 +349,7 @@ class Materializer:
         chunk: int | None = None,
         fused: bool = False,
         lazy: bool = False,
+        native: bool = False,
     ) -> None:
         if not source_paths:
             raise ValueError("a merge needs at least one source model")
@@ -361,6 +366,7 @@ class Materializer:
             chunk = DEFAULT_CHUNK if self.device.type == "cpu" else DEFAULT_CHUNK_ACCEL
         self.chunk = int(chunk)
         self.fused = fused
+        self.native = bool(native)
         self.num_layers = config_layers(read_config(self.base_path)) or 0
 
         base_r = _Reader(self.base_path)
@@ -1041,14 +1047,14 @@ class Materializer:
     ) -> np.ndarray | None:
         """The whole candidate as one call of the C kernels (:func:`native.merge_segments`): a row per
         tensor, with its addresses and its group's kernel arguments. ``None`` where they do not
-        apply, and :meth:`apply` goes tensor by tensor: not ``fused``, not the CPU, another dtype,
+        apply, and :meth:`apply` goes tensor by tensor: neither ``fused`` nor ``native``, not the CPU, another dtype,
         more sources than the kernels take, an operator without such a kernel (DELLA's draws among
         them), or a target that is not a contiguous tensor of the materializer's dtype."""
         from evomerge.merge import kernels, native
 
         k = self.n_sources
         if not (
-            self.fused
+            (self.fused or self.native)
             and self.device.type == "cpu"
             and self.dtype in (torch.bfloat16, torch.float32)
             and k <= native.KMAX
