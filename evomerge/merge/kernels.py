@@ -13,6 +13,10 @@ compilation works here; when it does not, the materializer uses the eager operat
 
 DELLA on the CPU runs the C kernel of :mod:`evomerge.merge.native` where it builds: inductor's code
 for its histogram lookup is scalar, the C compiler's a vector gather (bit-identical, 1.6x faster).
+On the CPU the materializer's ``apply`` runs the others as C too, the whole model in one call
+(:func:`plan` gives both paths their arguments, and the two are bit-identical); these compiled
+kernels then serve the rest: one tensor at a time (``merged_state_dict``, ``evomerge merge``) and
+the GPU.
 """
 
 from __future__ import annotations

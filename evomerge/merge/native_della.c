@@ -3,8 +3,8 @@
  * Why by hand: inductor emits an indirect load as sixteen scalar loads through a stack buffer, and
  * that lookup (one per entry and source) was half of DELLA's compiled kernel. GCC and Clang
  * vectorise the loops below, the lookup included (vpgatherdd on AVX2 / AVX-512). (TIES and
- * DARE-TIES written the same way were slower than inductor's kernels on whole models: inductor
- * keeps everything in registers in one loop, these K + 1 passes go through L1.)
+ * DARE-TIES written the same way, K + 1 passes through L1, were slower than inductor's kernels on
+ * whole models; native_merge.c keeps each entry's K values in registers in one pass instead.)
  *
  * The arithmetic is kernels._della_value's, operation for operation in float32 (compiled with
  * -ffp-contract=off, so no multiply-add is fused), and the draws are evomerge.merge.draws' hash:
