@@ -171,7 +171,8 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=5)
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--skip-external", action="store_true", help="no mergekit-yaml / evomerge merge runs")
-    ap.add_argument("--no-fused", action="store_true")
+    ap.add_argument("--no-fused", action="store_true", help="eager operators, or with --native the C kernels alone")
+    ap.add_argument("--native", action="store_true", help="the C kernels without torch.compile (a CPU search worker)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (mergekit-yaml then runs with --cuda)")
     args = ap.parse_args()
@@ -202,7 +203,7 @@ def main() -> None:
         kernels.available(dev)  # the compile check's own allocations stay out of the baseline
         rss0 = rss_now()  # interpreter, torch, transformers: what any process has before the models
         t0 = time.perf_counter()
-        mat = Materializer(base, experts, device=dev, dtype=torch.bfloat16, fused=not args.no_fused)
+        mat = Materializer(base, experts, device=dev, dtype=torch.bfloat16, fused=not args.no_fused, native=args.native)
         load_s = time.perf_counter() - t0
         model = mat.new_model()
         model_bytes = mat.model_bytes()

@@ -664,9 +664,47 @@ def test_native_apply_falls_back_where_it_does_not_apply(family, monkeypatch):
     monkeypatch.setattr(native, "available", lambda: False)
     check(fused.new_model(), False)
     monkeypatch.undo()
-    assert fused._native_segments(recipe(family, "della"), *fused._check(recipe(family, "della")),
-                                  fused._targets(fused.new_model())) is None  # fmt: skip
+    rd = recipe(family, "della")  # every group draws: every tensor is left to the per-tensor loop
+    segs, rest = fused._native_segments(rd, *fused._check(rd), fused._targets(fused.new_model()))
+    assert len(segs) == 0 and rest == fused.names
     assert Materializer(*family)._native_segments(r, *fused._check(r), fused._targets(fused.new_model())) is None
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_draws_go_tensor_by_tensor_beside_the_table(wide_family, method, monkeypatch):
+    """DELLA groups that draw leave the one-call table and run DELLA's C kernel per tensor; groups
+    that keep everything (density 1) stay in the table. Fused, the result is the per-tensor path's
+    (bit for bit where that path runs a kernel; its tensors of at most 4096 entries run the eager
+    operator, float32 rounding apart); ``native`` alone (no torch.compile at all), the fused result's
+    bits."""
+    from evomerge.merge import kernels
+
+    base, experts = wide_family
+    groups = [
+        LayerGroup(name="embed", kind="embed", weights=[0.7, 0.5], densities=[0.4, 0.6]),
+        LayerGroup(name="rest", kind="all", weights=[0.6, 0.8], densities=[1.0, 1.0]),
+    ]
+    r = Recipe(base=base, sources=experts, method=method, seed=3, groups=groups, params={"epsilon": 0.1})
+    fused = Materializer(base, experts, fused=True, dtype=torch.bfloat16)
+    segs, rest = fused._native_segments(r, *fused._check(r), fused._targets(fused.new_model()))
+    embed = "model.embed_tokens.weight"
+    assert rest == [embed] and len(segs) == len(fused.names) - 1
+    assert fused.base[embed].numel() > 4096  # the kernel's path, not the exact-rank one
+    one_call, per_tensor = fused.new_model(), fused.new_model()
+    fused.apply(r, one_call)
+    with monkeypatch.context() as m:
+        m.setattr(fused, "_native_segments", lambda *a: None)
+        fused.apply(r, per_tensor)
+    native_only = Materializer(base, experts, native=True, dtype=torch.bfloat16)
+    alone = native_only.new_model()
+    monkeypatch.setattr(kernels, "_compiled", lambda name: pytest.fail(f"compiled kernel {name} called"))
+    native_only.apply(r, alone)
+    a, b, c = one_call.state_dict(), per_tensor.state_dict(), alone.state_dict()
+    for t in fused.names:
+        assert torch.equal(a[t].view(torch.int16), c[t].view(torch.int16)), t
+        torch.testing.assert_close(a[t], b[t], msg=t)
+    assert torch.equal(a[embed].view(torch.int16), b[embed].view(torch.int16))
+    assert not torch.equal(a[embed], fused.base[embed])
 
 
 def test_della_kernels_survive_nan_task_vectors(monkeypatch):

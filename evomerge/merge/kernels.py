@@ -356,6 +356,36 @@ def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Cal
     return kern
 
 
+def native_della(name: str, params: dict[str, Any], dtype: torch.dtype, k: int) -> Callable[..., Tensor] | None:
+    """DELLA's C kernel alone, with the signature of :func:`for_operator`'s kernels, for a materializer
+    that runs the C kernels without ``torch.compile`` (``native``): ``None`` for other operators, the
+    L1 rescale, or where the C kernel does not take these tensors (then the operator runs eager).
+    It serves the tensors of groups where DELLA draws; the others go through the segment table."""
+    probe = torch.ones(1)
+    if (
+        name not in ("della", "della_linear")
+        or plan(name, params, probe, probe, True) is None
+        or dtype not in (torch.bfloat16, torch.float32)
+        or not 1 <= k <= 16
+        or not native.available()
+    ):
+        return None
+    eps = float(params.get("epsilon", 0.15))
+    inverse = params.get("rescale") in ("inverse", "1/density", "inv")
+
+    def kern(out, b, d, w, dens, extra):
+        if "noise_keys" not in extra:  # the materializer sends only groups that draw here
+            raise RuntimeError("native DELLA kernel called without draws")
+        p = plan(name, params, w, dens, True)
+        keys, cdf, scale = extra["noise_keys"], extra["della_cdf"], extra["della_scale"]
+        if not native.della(out, b, d, keys, cdf, scale, dens, eps, p.coef, p.w, p.lam, p.normalize, name == "della",
+                            inverse):  # fmt: skip
+            raise RuntimeError("native DELLA kernel refused tensors it was chosen for")
+        return out
+
+    return kern
+
+
 def _della(out: Tensor, b: Tensor, d: Tensor, p: Plan, dens: Tensor, eps: float, inverse: bool, ties: bool,
            extra: dict[str, Any]) -> None:  # fmt: skip
     """DELLA with draws: the C kernel where it runs, else the compiled one (on int32 pairs for bfloat16)."""

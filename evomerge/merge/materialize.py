@@ -948,11 +948,13 @@ class Materializer:
             yield s, e, acc
 
     def _kernel(self, spec, sp, ctx, params):
-        if not self.fused:
-            return None
         from evomerge.merge import kernels
 
-        return kernels.for_operator(spec.name, params, self.device)
+        if self.fused:
+            return kernels.for_operator(spec.name, params, self.device)
+        if self.native and self.device.type == "cpu":
+            return kernels.native_della(spec.name, params, self.dtype, self.n_sources)
+        return None
 
     @staticmethod
     def _put(dst: Tensor, chunk: Tensor) -> None:
@@ -1020,15 +1022,14 @@ class Materializer:
         """Write the recipe's merged tensors into ``model`` in place (no disk, no reallocation)."""
         spec, params = self._check(recipe)
         targets = self._targets(model)
-        segs = self._native_segments(recipe, spec, params, targets)
-        if segs is not None:
+        names = self.names
+        got = self._native_segments(recipe, spec, params, targets)
+        if got is not None:
             from evomerge.merge import native
 
-            for name in self.passthrough:
-                targets[name].detach().copy_(self.base[name])
+            segs, names = got  # the table, and the tensors it leaves to the loop below
             native.merge_segments(segs, self.n_sources, self.dtype)
-            return
-        for name in self.names:
+        for name in names:
             tgt = targets[name].detach()
             if name in self.passthrough:
                 tgt.copy_(self.base[name])
@@ -1044,12 +1045,14 @@ class Materializer:
 
     def _native_segments(
         self, recipe: Recipe, spec: OperatorSpec, params: dict[str, Any], targets: dict[str, Tensor]
-    ) -> np.ndarray | None:
-        """The whole candidate as one call of the C kernels (:func:`native.merge_segments`): a row per
-        tensor, with its addresses and its group's kernel arguments. ``None`` where they do not
-        apply, and :meth:`apply` goes tensor by tensor: neither ``fused`` nor ``native``, not the CPU, another dtype,
-        more sources than the kernels take, an operator without such a kernel (DELLA's draws among
-        them), or a target that is not a contiguous tensor of the materializer's dtype."""
+    ) -> tuple[np.ndarray, list[str]] | None:
+        """The candidate as one call of the C kernels (:func:`native.merge_segments`): a row per
+        tensor, with its addresses and its group's kernel arguments; and the tensors left out, which
+        :meth:`apply` merges one by one: the passthrough ones, and those of groups where DELLA draws
+        (its C kernel takes one tensor per call). ``None`` where the kernels do not
+        apply, and :meth:`apply` goes tensor by tensor: neither ``fused`` nor ``native``, not the CPU,
+        another dtype, more sources than the kernels take, an operator without such a kernel, or a
+        target that is not a contiguous tensor of the materializer's dtype."""
         from evomerge.merge import kernels, native
 
         k = self.n_sources
@@ -1076,20 +1079,22 @@ class Materializer:
                 return None
             drawn = sp in ("random", "della") and bool((dens < 1).any())
             pl = kernels.plan(spec.name, gp, torch.tensor(g.weights, dtype=torch.float32), dens, drawn)
-            if pl is None or pl.kernel not in ops:
+            if pl is None or (pl.kernel not in ops and pl.kernel != "della"):
                 return None
             plans[gi] = (gp, pl, dens.tolist())
         size = torch.empty(0, dtype=self.dtype).element_size()
         rows: list[tuple[Any, ...]] = []
+        rest: list[str] = []
         fixed: dict[int, tuple[Any, ...]] = {}  # group index -> its columns from op to below, as lists
         for name in self.names:
-            if name in self.passthrough:
+            gi = index[self._position[name]]
+            gp, pl, dens = plans[gi]
+            if name in self.passthrough or (pl is not None and pl.kernel == "della"):
+                rest.append(name)
                 continue
             t, b, d = targets[name], self.base[name], self.deltas[name].reshape(k, -1)
             if not (t.dtype == self.dtype and t.device.type == "cpu" and t.is_contiguous() and d.stride(1) == 1):
                 return None
-            gi = index[self._position[name]]
-            gp, pl, dens = plans[gi]
             if pl is None:  # SLERP, Model Stock: a linear form per tensor, from its cached statistics
                 lin = self._linear_form(spec, gp, name)
                 if lin is None:
@@ -1111,7 +1116,7 @@ class Materializer:
                              min(n - s, draws_mod.SEGMENT), d.stride(0), *cols, keys))  # fmt: skip
         segs = np.zeros(len(rows), dtype=native.SEGMENT)
         if not rows:
-            return segs
+            return segs, rest
         fields = ("b", "d", "out", "n", "dstride", "op", "normalize", "lam", "bscale")
         cols_t = list(zip(*rows, strict=True))
         for f, v in zip(fields, cols_t, strict=False):
@@ -1121,7 +1126,7 @@ class Materializer:
         keyed = [i for i, r in enumerate(rows) if r[-1] is not None]
         if keyed:
             segs["keys"][keyed, : (k + 1) // 2] = [rows[i][-1] for i in keyed]
-        return segs
+        return segs, rest
 
     @torch.no_grad()
     def load_base(self, model: torch.nn.Module) -> None:
