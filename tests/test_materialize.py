@@ -670,6 +670,21 @@ def test_native_apply_falls_back_where_it_does_not_apply(family, monkeypatch):
     assert Materializer(*family)._native_segments(r, *fused._check(r), fused._targets(fused.new_model())) is None
 
 
+def test_native_apply_trims_as_its_trim_index_says(family):
+    """The C path's TIES thresholds come from the index, or with ``trim_index="none"`` from a
+    selection per candidate that builds no index: the same model either way."""
+    r = recipe(family, "ties")
+    out = {}
+    for mode in ("exact", "none"):
+        m = Materializer(*family, native=True, trim_index=mode)
+        model = m.new_model()
+        m.apply(r, model)
+        out[mode] = model.state_dict()
+        assert bool(m._sorted) == (mode == "exact")
+    for t, v in out["exact"].items():
+        assert torch.equal(v, out["none"][t]), t
+
+
 @pytest.mark.parametrize("method", ["della", "della_linear"])
 def test_della_draws_go_tensor_by_tensor_beside_the_table(wide_family, method, monkeypatch):
     """DELLA groups that draw leave the one-call table and run DELLA's C kernel per tensor; groups

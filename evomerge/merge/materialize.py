@@ -539,9 +539,11 @@ class Materializer:
         return torch.tensor(self._threshold_values(name, densities.tolist()), dtype=torch.float32)
 
     def _threshold_values(self, name: str, densities: list[float]) -> list[float]:
-        """:meth:`thresholds` from an index, as Python floats (per tensor of every TIES candidate: no
+        """:meth:`thresholds` as Python floats (per tensor of every TIES candidate: from the index, no
         torch call per source)."""
         d = self.deltas[name]
+        if self.trim_index == "none":
+            return magnitude_thresholds(d, torch.tensor(densities, dtype=torch.float32)).tolist()
         n = d[0].numel()
         out = []
         for i, dens in enumerate(densities):
