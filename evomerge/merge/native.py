@@ -38,6 +38,7 @@ from evomerge.cache import cache_root
 __all__ = ["SEGMENT", "available", "della", "merge_segments"]
 
 _SOURCES = [Path(__file__).with_name(f) for f in ("native_della.c", "native_merge.c")]
+_HEADERS = [Path(__file__).with_name("native_common.h")]  # part of the cache key, not compiled alone
 # No fused multiply-add: the kernels must round exactly as the compiled (and the eager) ones do.
 # -fno-trapping-math: lets the vectoriser turn ``cond ? v * w : 0`` into a select (nothing here
 # reads floating-point exception flags).
@@ -92,7 +93,7 @@ def _cpu_identity() -> str:
 def _build(cc: str) -> Path:
     """The shared library for these sources, compiler and CPU: built once, then taken from the cache."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    srcs = [p.read_bytes() for p in _SOURCES]
+    srcs = [p.read_bytes() for p in (*_SOURCES, *_HEADERS)]
     tag = hashlib.sha256(b"\0".join([*srcs, cc.encode(), version.encode(), _cpu_identity().encode(),
                                      " ".join(_FLAGS).encode()])).hexdigest()[:16]  # fmt: skip
     out = cache_dir() / f"kernels-{tag}.so"
@@ -115,7 +116,7 @@ def _build(cc: str) -> Path:
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     cc = _compiler()
-    if cc is None or not all(p.is_file() for p in _SOURCES):
+    if cc is None or not all(p.is_file() for p in (*_SOURCES, *_HEADERS)):
         return None
     try:
         lib = ctypes.CDLL(str(_build(cc)))  # CDLL, not PyDLL: a call releases the GIL while it runs

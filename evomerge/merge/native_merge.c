@@ -12,9 +12,9 @@
  * draws are evomerge.merge.draws' hash: the output is bit-identical to the compiled kernels', which
  * the tests check.
  */
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
+
+#include "native_common.h"
 
 #define KMAX 8
 #define CHUNK 16384 /* entries per work item: 32-64 KB of each stream */
@@ -33,27 +33,6 @@ typedef struct {
 
 int seg_size(void) { return (int)sizeof(seg_t); }
 
-static inline float as_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static inline uint32_t as_u32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-
-/* draws.pair_hash: lowbias32 with wrap-around (logical shifts) */
-static inline uint32_t pair_hash(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x7FEB352Du;
-    x ^= x >> 15;
-    x *= 0x846CA68Bu;
-    return x ^ (x >> 16);
-}
-
-/* float32 to bfloat16 as torch rounds (to nearest even); a NaN becomes 0x7FC0 (kernels._to_bf16_bits) */
-static inline uint16_t st_bf16(float f) {
-    uint32_t u = as_u32(f);
-    uint32_t r = ((u + (0x7FFFu + ((u >> 16) & 1u))) >> 16) & 0xFFFFu;
-    return f != f ? (uint16_t)0x7FC0u : (uint16_t)r;
-}
-static inline float ld_bf16(const uint16_t *p, int64_t i) { return as_f32((uint32_t)p[i] << 16); }
-static inline float ld_f32(const float *p, int64_t i) { return p[i]; }
-static inline float st_f32(float f) { return f; }
 
 /* kernels._ties_value on x[0..K): base + lam * (disjoint sum of the entries that agree with the
  * elected sign), divided by the agreeing weights' sum when NORM */
@@ -164,8 +143,8 @@ static inline float st_f32(float f) { return f; }
     VARIANTS(T, LD, ST, 1) VARIANTS(T, LD, ST, 2) VARIANTS(T, LD, ST, 3) VARIANTS(T, LD, ST, 4) \
     VARIANTS(T, LD, ST, 5) VARIANTS(T, LD, ST, 6) VARIANTS(T, LD, ST, 7) VARIANTS(T, LD, ST, 8)
 
-ALL_K(uint16_t, ld_bf16, st_bf16)
-ALL_K(float, ld_f32, st_f32)
+ALL_K(uint16_t, load_bf16, store_bf16)
+ALL_K(float, load_f32, store_f32)
 
 typedef void (*variant_t)(const seg_t *, int64_t, int64_t);
 
