@@ -276,6 +276,7 @@ class Plan:
     normalize: bool
     below: Tensor | None = None  # K int32: the draws' keep thresholds (dare, dare_ties)
     trim: bool = False  # ties: per-tensor magnitude thresholds (else every entry is kept)
+    inverse: bool = False  # della: the 1/p rescale (DARE's is folded into coef)
 
 
 def plan(name: str, params: dict[str, Any], w: Tensor, dens: Tensor, drawn: bool) -> Plan | None:
@@ -322,7 +323,7 @@ def plan(name: str, params: dict[str, Any], w: Tensor, dens: Tensor, drawn: bool
     # della, della_linear: with nothing dropped (p = 1 everywhere), TIES or task arithmetic
     if not drawn:
         return ties() if name == "della" else ta(w * (lam / divisor(w)))
-    return ties("della", lam=lam if name == "della" else lam / divisor(w))
+    return ties("della", lam=lam if name == "della" else lam / divisor(w), inverse=inverse)
 
 
 def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Callable[..., Tensor] | None:
@@ -334,8 +335,6 @@ def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Cal
     if plan(name, params, probe, probe, False) is None or not available(device):
         return None
     eps = float(params.get("epsilon", 0.15))
-    r = params.get("rescale")
-    inverse = r in ("inverse", "1/density", "inv")
 
     def kern(out, b, d, w, dens, extra):
         p = plan(name, params, w, dens, "noise_keys" in extra)
@@ -350,7 +349,7 @@ def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Cal
         elif p.kernel == "dare_ties":
             _call("dare_ties", out, b, d, extra["noise_keys"], p.below, p.coef, p.w, lam, p.normalize)
         else:
-            _della(out, b, d, p, dens, eps, inverse, name == "della", extra)
+            _della(out, b, d, p, dens, eps, name == "della", extra)
         return out
 
     return kern
@@ -371,7 +370,6 @@ def native_della(name: str, params: dict[str, Any], dtype: torch.dtype, k: int) 
     ):
         return None
     eps = float(params.get("epsilon", 0.15))
-    inverse = params.get("rescale") in ("inverse", "1/density", "inv")
 
     def kern(out, b, d, w, dens, extra):
         if "noise_keys" not in extra:  # the materializer sends only groups that draw here
@@ -379,18 +377,18 @@ def native_della(name: str, params: dict[str, Any], dtype: torch.dtype, k: int) 
         p = plan(name, params, w, dens, True)
         keys, cdf, scale = extra["noise_keys"], extra["della_cdf"], extra["della_scale"]
         if not native.della(out, b, d, keys, cdf, scale, dens, eps, p.coef, p.w, p.lam, p.normalize, name == "della",
-                            inverse):  # fmt: skip
+                            p.inverse):  # fmt: skip
             raise RuntimeError("native DELLA kernel refused tensors it was chosen for")
         return out
 
     return kern
 
 
-def _della(out: Tensor, b: Tensor, d: Tensor, p: Plan, dens: Tensor, eps: float, inverse: bool, ties: bool,
+def _della(out: Tensor, b: Tensor, d: Tensor, p: Plan, dens: Tensor, eps: float, ties: bool,
            extra: dict[str, Any]) -> None:  # fmt: skip
     """DELLA with draws: the C kernel where it runs, else the compiled one (on int32 pairs for bfloat16)."""
     keys, cdf, scale = extra["noise_keys"], extra["della_cdf"], extra["della_scale"]
-    if native.della(out, b, d, keys, cdf, scale, dens, eps, p.coef, p.w, p.lam, p.normalize, ties, inverse):
+    if native.della(out, b, d, keys, cdf, scale, dens, eps, p.coef, p.w, p.lam, p.normalize, ties, p.inverse):
         return
     name_, out_, b_, d_ = "della", out, b, d
     if _pairs_ok(out, b, d):
@@ -399,5 +397,5 @@ def _della(out: Tensor, b: Tensor, d: Tensor, p: Plan, dens: Tensor, eps: float,
         name_, out_, b_, d_, keys, cdf, scale, dens,
         torch.full((), eps, dtype=torch.float32),
         torch.full((), 2.0 * eps, dtype=torch.float32),
-        p.coef, p.w, torch.full((), p.lam), p.normalize, ties, inverse,
+        p.coef, p.w, torch.full((), p.lam), p.normalize, ties, p.inverse,
     )  # fmt: skip
