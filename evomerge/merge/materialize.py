@@ -805,7 +805,7 @@ class Materializer:
         gives what :meth:`merged_tensor` gives (the reference for the streamed and fused paths)."""
         spec, params = self._check_light(recipe)
         params, w, dens, sp, ctx, extra = self._inputs(recipe, spec, params, name)
-        if sp in ("random", "della") and bool((dens < 1).any()):
+        if self._draws(sp, dens):
             extra["noise"] = self.noise(recipe.seed, name)
             if sp == "della":
                 extra["ranks"] = self.ranks(name).reshape(self.deltas[name].shape)
@@ -823,6 +823,11 @@ class Materializer:
             raise ValueError(f"passthrough source {src} out of range for {self.n_sources} sources")
         t = self._readers[src].get_tied(name)
         return t.to(self.device)
+
+    @staticmethod
+    def _draws(sp: str | None, dens: Tensor) -> bool:
+        """Whether an operator of this sparsification drops entries at random at these densities."""
+        return sp in ("random", "della") and bool((dens < 1).any())
 
     def _chunkable(self, sp: str | None, ctx: frozenset[str], params: dict[str, Any]) -> bool:
         if ctx & {"whole", "source_tensor"}:
@@ -842,7 +847,7 @@ class Materializer:
         d = self.deltas[name]
         k = d.shape[0]
         n = base.numel()
-        draw = sp in ("random", "della") and bool((dens < 1).any())
+        draw = self._draws(sp, dens)
         lin = self._linear_form(spec, params, name)
         if lin is not None:
             yield from self._linear_chunks(name, lin[0], lin[1], out_flat)
@@ -1079,8 +1084,7 @@ class Materializer:
             sp, ctx = spec.resolved(gp)
             if not self._chunkable(sp, ctx, gp):
                 return None
-            drawn = sp in ("random", "della") and bool((dens < 1).any())
-            pl = kernels.plan(spec.name, gp, torch.tensor(g.weights, dtype=torch.float32), dens, drawn)
+            pl = kernels.plan(spec.name, gp, torch.tensor(g.weights, dtype=torch.float32), dens, self._draws(sp, dens))
             if pl is None or (pl.kernel not in ops and pl.kernel != "della"):
                 return None
             plans[gi] = (gp, pl, dens.tolist())
@@ -1111,8 +1115,8 @@ class Materializer:
                 if pl.trim:
                     cols = (*cols[:6], self._threshold_values(name, dens), cols[7])
             n = b.numel()
+            drawn = pl is not None and pl.below is not None
             for s in range(0, n, draws_mod.SEGMENT):  # draw segments: a key each (one for most tensors)
-                drawn = pl is not None and pl.below is not None
                 keys = self._keys(recipe.seed, name, s // draws_mod.SEGMENT).tolist() if drawn else None
                 rows.append((b.data_ptr() + s * size, d.data_ptr() + s * size, t.data_ptr() + s * size,
                              min(n - s, draws_mod.SEGMENT), d.stride(0), *cols, keys))  # fmt: skip
