@@ -26,7 +26,7 @@ class SpaceError(ValueError):
     """
 
 
-class Genome(Protocol):
+class GenomeDecoder(Protocol):
     """Maps a point of the unit cube [0, 1]^dim onto a recipe, and names every gene."""
 
     kind: str
@@ -102,7 +102,7 @@ class GenomeKind:
     name: str
     spec: type[BaseModel]
     recipe: type[BaseModel]
-    make_genome: Callable[[SearchSpace], Genome]
+    make_genome: Callable[[SearchSpace], GenomeDecoder]
     check_space: Callable[[SearchSpace], None]
     materializer: Callable[[WorkerSettings, str, Any], Materializing]
     export: Callable[[Any, Path, ExportCard], Path]
