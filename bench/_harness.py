@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from evomerge import front as frontlib  # noqa: E402
 from evomerge.driver import algorithm_settings, worker_config  # noqa: E402
-from evomerge.genome import make_genome  # noqa: E402
+from evomerge.genomes import make_genome  # noqa: E402
 from evomerge.search import make_algorithm  # noqa: E402
 from evomerge.space import SearchSpace, load_space  # noqa: E402
 from evomerge.workers import MergeWorker  # noqa: E402

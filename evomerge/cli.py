@@ -95,7 +95,7 @@ def _check_algorithm(sp, path: Path, genome=None) -> None:
         raise UserError(f"{path}: field 'algorithm.name': unknown algorithm {sp.algorithm.name!r} "
                         f"(known: {', '.join(sorted(REGISTRY))})")
     if genome is None:
-        from evomerge.genome import make_genome
+        from evomerge.genomes import make_genome
 
         genome = make_genome(sp)
     try:
@@ -123,7 +123,7 @@ def search(
     progress: Annotated[bool, typer.Option(help="live progress on the terminal")] = True,
 ) -> None:
     """Start a new study on a search space and run it to its budget."""
-    from evomerge.genome import describe_genome, make_genome
+    from evomerge.genomes import describe_genome, make_genome
     from evomerge.space import dump_space, load_space
 
     sp = load_space(space)
@@ -200,7 +200,7 @@ def status(
 
 
 def _print_front(store, study: str, as_json: bool = False) -> None:
-    from evomerge.dfs.recipe import recipe_from_json
+    from evomerge.genomes import recipe_from_json, recipe_summary
 
     st = store.get_study(study)
     rows = store.front(study)
@@ -224,13 +224,6 @@ def _print_front(store, study: str, as_json: bool = False) -> None:
         held = [f"{c.scores[k]:.4f}" if k in c.scores else "-" for k in extra]
         t.add_row(str(c.number), *(f"{c.scores[n]:.4f}" for n in names), *held, genes, c.recipe_hash)
     out.print(t)
-
-
-def recipe_summary(r) -> str:
-    if r.kind == "data_flow":
-        steps = " ".join(f"m{m}.{layer}" for m, layer in r.path)
-        return f"path ({r.path_length}): {steps}"
-    return "weights " + "  ".join(f"{g.name}:" + "/".join(f"{w:.2f}" for w in g.weights) for g in r.groups)
 
 
 @app.command()

@@ -23,7 +23,7 @@ import numpy as np
 from rich.console import Console
 
 from evomerge import front as frontlib
-from evomerge.genome import make_genome
+from evomerge.genomes import make_genome
 from evomerge.search import make_algorithm
 from evomerge.space import SearchSpace, portable_space
 from evomerge.store import Store, StudyLocked

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evomerge.genome import ParameterSpaceGenome
+from evomerge.genomes.parameter_space import ParameterSpaceGenome
 from evomerge.search import M2N2, REGISTRY, make_algorithm, restore_algorithm
 from evomerge.search.m2n2 import (
     attraction,

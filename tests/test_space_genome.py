@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.genome import ParameterSpaceGenome, plan_groups
+from evomerge.genomes.parameter_space import ParameterSpaceGenome, plan_groups
 from evomerge.recipe import Recipe, tensor_slot
 from evomerge.space import SpaceError, dump_space, load_space, parse_space_text
 

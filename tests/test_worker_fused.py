@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evomerge.driver import worker_config
-from evomerge.genome import make_genome
+from evomerge.genomes import make_genome
 from evomerge.space import load_space
 from evomerge.workers import MergeWorker
 

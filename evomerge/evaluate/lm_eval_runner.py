@@ -460,7 +460,7 @@ class Evaluator:
                     n = float(count_nonzero_params(model))
                     out[o.name] = ObjectiveResult(n, [])
                 else:
-                    from evomerge.dfs.model import COST_MEASURES, cost_measure
+                    from evomerge.genomes import COST_MEASURES, cost_measure
 
                     if o.measure not in COST_MEASURES:
                         raise EvaluationError(f"objective '{o.name}': unknown cost measure '{o.measure}'")
