@@ -302,7 +302,7 @@ def test_ps_result_as_source(family, tmp_path, monkeypatch):
 
 
 def test_hflm_evaluator_on_demo_tasks(mat, tok, tmp_path):
-    from evomerge.evaluate import Evaluator, count_nonzero_params
+    from evomerge.objectives import Evaluator, count_nonzero_params
     from evomerge.space import Objective
 
     objs = [

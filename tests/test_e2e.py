@@ -123,7 +123,7 @@ def test_search_status_front_export(tiny_zoo: Path, tmp_path: Path) -> None:
     # The exported folder loads with transformers and scores exactly what the search recorded.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.evaluate import Evaluator
+    from evomerge.objectives import Evaluator
     from evomerge.space import load_space
 
     space = load_space(sp)
@@ -261,7 +261,7 @@ seed: 1
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.evaluate import Evaluator
+    from evomerge.objectives import Evaluator
     from evomerge.space import load_space
 
     space = load_space(sp)

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
 
-from evomerge.evaluate import EvaluationError, Evaluator, ObjectiveResult, count_nonzero_params  # noqa: E402
+from evomerge.objectives import EvaluationError, Evaluator, ObjectiveResult, count_nonzero_params  # noqa: E402
 from evomerge.space import Objective  # noqa: E402
 
 TASKS = Path(__file__).parent / "fixtures" / "tasks"

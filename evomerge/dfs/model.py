@@ -13,7 +13,7 @@ its own KV-cache slot, so ``generate()`` with a cache works when a block repeats
 
 Cost measures (for the evaluator's ``cost`` objectives): :func:`path_length` (steps of the path) and
 :func:`path_params` (parameters the candidate uses, each shared tensor once: embeddings, the distinct
-blocks of the path, final norm, head). :func:`evomerge.evaluate.count_nonzero_params` also works on
+blocks of the path, final norm, head). :func:`evomerge.objectives.count_nonzero_params` also works on
 a candidate and counts the same tensors (non-zero entries only).
 """
 
