@@ -187,6 +187,14 @@ def test_python_scorer_errors(tok, tmp_path: Path) -> None:
         run(scorer="tests.fixtures.scorers:nope")
 
 
+def test_no_lm_eval_evaluator_without_lm_eval_objectives(tok) -> None:
+    py = parse_objective({"name": "x", "kind": "python", "scorer": "tests.fixtures.scorers:constant"})
+    ev = Evaluator([py], [], tok, batch_size=1, measure=lambda name: 7.0)
+    cost = parse_objective({"name": "c", "kind": "cost", "measure": "path_length"})
+    assert ev.evaluate(tiny_llama(), [cost])["c"].value == 7.0  # the worker's measure, whatever the name
+    assert set(ev._kinds) == {"python", "cost"}
+
+
 # ------------------------------------------------------------------------------------ end to end on a worker
 
 

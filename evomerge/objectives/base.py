@@ -59,7 +59,8 @@ class KindEvaluator(Protocol):
     def evaluate(
         self, model: Any, objectives: Sequence[Objective], window: Window | None = None
     ) -> dict[str, ObjectiveResult]:
-        """Scores of ``model`` keyed by objective name; ``window`` restricts per-example objectives to a slice."""
+        """Scores of ``model`` keyed by objective name (objectives not prepared yet are prepared first);
+        ``window`` restricts per-example objectives to a slice of their examples."""
 
 
 class Objective(BaseModel):

@@ -79,9 +79,7 @@ class Evaluator:
         objs = list(self.objectives if objectives is None else objectives)
         out: dict[str, ObjectiveResult] = {}
         for kind, mine in _by_kind(objs).items():
-            ev = self.for_kind(kind)
-            ev.prepare(mine)
-            out.update(ev.evaluate(model, mine, window))
+            out.update(self.for_kind(kind).evaluate(model, mine, window))
         return {o.name: out[o.name] for o in objs}
 
 

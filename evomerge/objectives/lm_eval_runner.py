@@ -1,13 +1,14 @@
 """The ``lm_eval`` kind's evaluator: an in-memory model scored on lm-eval tasks, in-process.
 
-One :class:`LmEvalEvaluator` lives as long as its worker. At construction it sets the offline flags, builds
-one ``lm_eval.tasks.TaskManager(include_defaults=False, include_path=<task dirs>)``, resolves every
-objective's task, loads its data once (into a private ``datasets`` cache) and checks that the metric
-exists. Each :meth:`Evaluator.evaluate` call then runs every lm-eval objective of that call in one
-``lm_eval.evaluator.evaluate`` pass over the already-built task objects (no dataset reload, no request
-cache, no stderr bootstrap, no git/env probing) through one ``HFLM`` per model object, reused across
-calls: the worker writes each candidate into the same preallocated model in place, and nothing in
-that path caches model outputs between calls (``cache_requests=False``, no ``CachingLM``).
+One :class:`LmEvalEvaluator` lives as long as its worker (the offline flags are set when this module
+loads). At construction it builds one ``lm_eval.tasks.TaskManager(include_defaults=False,
+include_path=<task dirs>)``; preparing an objective resolves its task, loads its data once (into a
+private ``datasets`` cache) and checks that the metric exists. Each :meth:`LmEvalEvaluator.evaluate`
+call then runs every lm-eval objective of that call in one ``lm_eval.evaluator.evaluate`` pass over the
+already-built task objects (no dataset reload, no request cache, no stderr bootstrap, no git/env
+probing) through one ``HFLM`` per model object, reused across calls: the worker writes each candidate
+into the same preallocated model in place, and nothing in that path caches model outputs between calls
+(``cache_requests=False``, no ``CachingLM``).
 
 Speed: on CPU, give torch one thread per core the worker owns (``torch.set_num_threads``); tiny
 models run many times slower when torch's threads contend with other processes for the cores.
@@ -17,7 +18,7 @@ Task YAML conventions (what the task files in a space's ``task_paths`` must foll
 * Local data only: ``dataset_path: json`` (or csv/parquet) and ``dataset_kwargs: {data_files: {test:
   data/x.jsonl}}``. Relative ``data_files`` / ``data_dir`` are relative to the directory of the YAML
   file that names the task (falling back to the directories of the files it ``include:``-s), never to
-  the current directory: the Evaluator rewrites them to absolute paths, so it works from any cwd.
+  the current directory: the evaluator rewrites them to absolute paths, so it works from any cwd.
 * Shared settings may live in an include file without a ``task:`` key (lm-eval's
   ``_default_template_yaml`` convention); ``!function module.fn`` resolves next to the YAML file.
 * An objective names one task (not a group or tag) and a metric as lm-eval reports it,
