@@ -86,7 +86,8 @@ def load_scorer(ref: str, base_dir: str | Path | None = None) -> Callable[..., S
         try:
             module = importlib.import_module(module_ref)
         except ImportError as e:
-            raise EvaluationError(f"scorer '{ref}': cannot import {module_ref}: {e}") from e
+            hint = f" (a file beside the space is written '{module_ref.replace('.', '/')}.py:{name}')"
+            raise EvaluationError(f"scorer '{ref}': cannot import {module_ref}: {e}{hint}") from e
     fn = getattr(module, name, None)
     if not callable(fn):
         raise EvaluationError(f"scorer '{ref}': {module_ref} has no function {name}")
