@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,16 @@ def solved():
     model = tiny_llama()
     make_bigram(model, LOWER)  # answers every "lower X" right
     return model
+
+
+def test_specs_load_without_torch_or_lm_eval() -> None:
+    # The CLI validates spaces through the kinds' models: those must not pull the evaluators' libraries.
+    code = (
+        "import sys, evomerge.objectives, evomerge.space\n"
+        "print(sorted(m for m in ('torch', 'lm_eval', 'datasets', 'transformers') if m in sys.modules))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
 
 
 def test_every_kind_has_a_case() -> None:
