@@ -20,38 +20,10 @@ from pydantic import (
 
 from evomerge.fidelity import MultiFidelity
 from evomerge.genomes import DEFAULT_KIND, KINDS, SpaceError, check_space
+from evomerge.objectives import KIND_TAGS, Objective, ObjectiveSpec
 from evomerge.zoo import ZOO_MODELS, ZOO_PREFIX, resolve_ref
 
-# lm-eval metrics whose task score is the mean of per-example scores in [0, 1].
-FIDELITY_METRICS = {"exact_match", "acc", "acc_norm"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class Objective(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    # lm_eval: an lm-eval task; cost: a property of the merged model (no evaluation needed).
-    kind: Literal["lm_eval", "cost"] = "lm_eval"
-    # lm-eval task name (looked up in the space's task_paths) or a path to a task YAML file.
-    task: str | None = None
-    # lm-eval metric key, "metric,filter" as lm-eval reports it (e.g. "exact_match,none").
-    metric: str | None = None
-    # For kind == cost: "params" (non-zero parameters of the candidate); for data-flow candidates also
-    # "path_length" (blocks on the path) and "path_params" (parameters the path uses, shared ones once).
-    measure: Literal["params", "path_length", "path_params"] | None = None
-    direction: Literal["maximize", "minimize"] = "maximize"
-    limit: int | None = Field(default=None, gt=0)
-    # Weight in the scalarised objective of single-objective algorithms (CMA-ES).
-    weight: float = 1.0
-
-    @model_validator(mode="after")
-    def _check(self) -> Objective:
-        if self.kind == "lm_eval" and (not self.task or not self.metric):
-            raise ValueError("an lm_eval objective needs task and metric")
-        if self.kind == "cost" and self.measure is None:
-            raise ValueError("a cost objective needs measure")
-        return self
 
 
 def _genome_type(v: Any) -> str:
@@ -114,9 +86,10 @@ class SearchSpace(BaseModel):
     base_model: str | None = None
     models: list[str] = Field(min_length=1)
     genome: GenomeSpec = Field(default_factory=KINDS[DEFAULT_KIND].spec)
-    objectives: list[Objective] = Field(min_length=1)
+    # Each entry is validated by the model of its `kind` (lm_eval when absent), see evomerge/objectives/kinds.
+    objectives: list[ObjectiveSpec] = Field(min_length=1)
     # Objectives evaluated on the final front only, never used to steer the search.
-    report: list[Objective] = Field(default_factory=list)
+    report: list[ObjectiveSpec] = Field(default_factory=list)
     algorithm: Algorithm = Field(default_factory=Algorithm)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     budget: int = Field(default=50, gt=0)
@@ -140,9 +113,10 @@ class SearchSpace(BaseModel):
             raise ValueError(f"objective names must be unique, repeated: {sorted(dup)}")
         if self.evaluation.multi_fidelity is not None:
             for o in self.objectives:
-                if o.kind == "lm_eval" and o.metric.split(",")[0] not in FIDELITY_METRICS:
-                    raise ValueError(f"multi_fidelity needs per-example scores in [0, 1] with a mean "
-                                     f"(exact_match, acc, ...); objective {o.name!r} is {o.metric}")
+                problem = o.fidelity_problem()
+                if problem:
+                    raise ValueError(f"multi_fidelity needs per-example scores in [0, 1] with a mean; "
+                                     f"objective {o.name!r} {problem}")
         check_space(self)
         if self.base_model is not None and self.base_model in self.models:
             raise ValueError("the base model must not be one of the source models")
@@ -192,7 +166,7 @@ class SearchSpace(BaseModel):
         return self.objectives + self.report
 
 
-_UNION_TAGS = set(KINDS)
+_UNION_TAGS = {*KINDS, *KIND_TAGS}
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -229,9 +203,7 @@ def portable_space(space: SearchSpace) -> SearchSpace:
     """The space with every reference made absolute, so it means the same from any directory."""
 
     def task_ref(o: Objective) -> Objective:
-        if o.task and (o.task.endswith((".yaml", ".yml"))):
-            return o.model_copy(update={"task": str(space._rel(o.task).resolve())})
-        return o
+        return o.portable(lambda ref: str(space._rel(ref).resolve()))
 
     return space.model_copy(
         update={

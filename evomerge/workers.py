@@ -14,7 +14,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 
 from evomerge.fidelity import MultiFidelity, can_reach_front, optimistic_value
-from evomerge.genomes import materializer, recipe_from_json
+from evomerge.genomes import cost_measure, materializer, recipe_from_json
+from evomerge.objectives import Evaluator, ObjectiveResult, parse_objective, supports_fidelity
 from evomerge.space import Objective
 
 
@@ -54,7 +55,6 @@ class MergeWorker:
         import torch
         from transformers import AutoTokenizer
 
-        from evomerge.evaluate import Evaluator
 
         t0 = time.perf_counter()
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,8 +70,10 @@ class MergeWorker:
         self.merge_kernels, self.merge_kernels_note = built.merge_kernels, built.note
         self.model = self.materializer.new_model()
         self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
-        self.objectives = [Objective.model_validate(o) for o in cfg.objectives]
-        self.evaluator = Evaluator(self.objectives, cfg.task_paths, self.tokenizer, cfg.batch_size)
+        self.objectives = [parse_objective(o) for o in cfg.objectives]
+        self.evaluator = Evaluator(
+            self.objectives, cfg.task_paths, self.tokenizer, cfg.batch_size, measure=cost_measure
+        )
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
         self.startup_s = time.perf_counter() - t0
 
@@ -128,22 +130,22 @@ class MergeWorker:
 
     def _staged(self, objs: list[Objective], front: list[list[float]], fid: MultiFidelity):
         """Slice first, then the rest if the optimistic scores are not dominated by the front."""
-        from evomerge.evaluate import ObjectiveResult
-
-        lm = [o for o in objs if o.kind == "lm_eval"]
-        n = {o.name: self.evaluator.num_docs(o) for o in lm}
+        staged = [o for o in objs if supports_fidelity(o)]
+        if not staged:
+            return self.evaluator.evaluate(self.model, objs), {"fidelity": 1.0}
+        n = {o.name: self.evaluator.num_docs(o) for o in staged}
         k = max(1, math.ceil(fid.fraction * max(n.values())))
         first = self.evaluator.evaluate(self.model, objs, window=(0, k))
-        seen = sum(len(first[o.name].samples) for o in lm)
+        seen = sum(len(first[o.name].samples) for o in staged)
         full = sum(n.values())
         optimistic = [
-            optimistic_value(first[o.name].samples, n[o.name], o.direction, fid) if o.kind == "lm_eval"
+            optimistic_value(first[o.name].samples, n[o.name], o.direction, fid) if o.name in n
             else first[o.name].value
             for o in objs
         ]
         if not can_reach_front(optimistic, front, [o.direction for o in objs]):
             return first, {"fidelity": seen / full, "pruned": 1.0}
-        todo = [o for o in lm if n[o.name] > k]
+        todo = [o for o in staged if n[o.name] > k]
         rest = self.evaluator.evaluate(self.model, todo, window=(k, max(n.values()))) if todo else {}
         out = dict(first)
         for o in todo:

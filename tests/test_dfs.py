@@ -297,7 +297,9 @@ def test_ps_result_as_source(family, tmp_path, monkeypatch):
 
 
 def test_hflm_evaluator_on_demo_tasks(mat, tok, tmp_path):
-    from evomerge.evaluate import Evaluator, count_nonzero_params
+    from evomerge.genomes import cost_measure
+    from evomerge.genomes.base import nonzero_params as count_nonzero_params
+    from evomerge.objectives import Evaluator
     from evomerge.space import Objective
 
     objs = [
@@ -305,7 +307,7 @@ def test_hflm_evaluator_on_demo_tasks(mat, tok, tmp_path):
         Objective(name="script", task="demo_script_search", metric="exact_match,none", limit=4),
         Objective(name="size", kind="cost", measure="params", direction="minimize"),
     ]
-    ev = Evaluator(objs, [str(DEMO_TASKS)], tok, batch_size=4, cache_dir=str(tmp_path / "c"))
+    ev = Evaluator(objs, [str(DEMO_TASKS)], tok, batch_size=4, cache_dir=str(tmp_path / "c"), measure=cost_measure)
     model = mat.new_model()
     for path in (MIXED, [(0, 0), (0, 2)]):  # the same model object, re-wired in place
         mat.apply(recipe(mat, path, [1.0] * len(path)), model)
