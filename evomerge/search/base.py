@@ -48,6 +48,27 @@ class Proposal:
                    generation=int(d["generation"]))
 
 
+@dataclass(frozen=True)
+class GenomeLayout:
+    """How a parameter-space genome lays out its genes: per layer group, ``genes_per_source`` genes for
+    each of ``n_sources`` source models (weight first, then e.g. a density)."""
+
+    n_sources: int
+    genes_per_source: int
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What the study loop knows of the problem, as plain data, for ``Algorithm.derive_settings``.
+
+    ``bounded`` says per objective whether its values lie in [0, 1]; ``layout`` is the genome's layout
+    (None when the genome has none, e.g. a data-flow genome).
+    """
+
+    bounded: tuple[bool, ...]
+    layout: GenomeLayout | None = None
+
+
 def normalize_directions(directions: Sequence[str]) -> list[str]:
     out = []
     for d in directions:
@@ -70,6 +91,17 @@ class Algorithm(ABC):
     generational: ClassVar[bool] = False
     #: settings this algorithm accepts, with their defaults (``None`` = computed from dim etc.)
     default_settings: ClassVar[dict[str, Any]] = {}
+    #: True when ``tell`` wants per-example scores: results come as ``(key, values, samples)``, the
+    #: samples flattened objective by objective (a multi-fidelity stop, with a slice only, is refused)
+    needs_samples: ClassVar[bool] = False
+    #: True when ``derive_settings`` reads the genome's layout (``SearchContext.layout``)
+    needs_layout: ClassVar[bool] = False
+
+    @classmethod
+    def derive_settings(cls, settings: dict[str, Any], context: SearchContext) -> dict[str, Any]:
+        """The user's settings completed from the problem (what the user left out and the objectives or
+        the genome determine); the study loop calls this, so it needs to know no algorithm by name."""
+        return dict(settings)
 
     def __init__(self, dim: int, directions: list[str], seed: int, weights: list[float] | None = None,
                  **settings: Any) -> None:
