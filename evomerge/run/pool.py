@@ -5,9 +5,9 @@
 result or why the worker died; ``idle`` is how many workers could take a task now; ``close`` ends them.
 
 Deciding whether a candidate whose worker died is tried again is the loop's (it counts attempts in the
-store, so the bound holds across restarts); the pool replaces the dead worker, and gives a worker slot up
-after ``max_restarts`` deaths in a row with no result in between (a worker that cannot even start). A
-pool whose every slot was given up raises ``PoolError``.
+store, so the bound holds across restarts); the pool replaces the dead worker, and raises ``PoolError``
+after ``max_deaths`` deaths in a row with no result in between (workers that cannot even start, a
+cluster with no node left), instead of replacing workers forever.
 
 Implementations: ``RayPool`` (one Ray actor per worker, one GPU each when the cluster has GPUs) and
 ``InProcessPool`` (workers run in this process, one task at a time: tests, benchmarks, debugging).
@@ -29,7 +29,7 @@ from evomerge.workers import MergeWorker, WorkerConfig
 if TYPE_CHECKING:
     from evomerge.space import SearchSpace
 
-MAX_RESTARTS = 3
+DEATHS_PER_WORKER = 10  # a pool gives up after this many deaths per worker in a row, with no result between
 
 
 class PoolError(RuntimeError):
@@ -104,32 +104,25 @@ class WorkerPool(ABC):
 
 
 class _Slots:
-    """Bookkeeping shared by the pools: which slots are idle, restarts left, slots given up."""
+    """Bookkeeping shared by the pools: which worker slots are idle, and deaths in a row."""
 
-    def __init__(self, n: int, max_restarts: int) -> None:
+    def __init__(self, n: int, max_deaths: int | None) -> None:
         if n < 1:
             raise ValueError(f"a pool needs at least one worker, got {n}")
         self.idle: list[int] = list(range(n))
-        self.deaths = [0] * n  # deaths in a row since the slot's last result
-        self.max_restarts = max_restarts
-        self.dead: set[int] = set()
-        self.n = n
+        self.max_deaths = max_deaths if max_deaths is not None else DEATHS_PER_WORKER * n
+        self.deaths = 0  # worker deaths since the pool's last result
 
     def finished(self, slot: int) -> None:
-        self.deaths[slot] = 0
+        self.deaths = 0
         self.idle.append(slot)
 
-    def died(self, slot: int) -> bool:
-        """Count a death; True when the slot gets a new worker, False when it is given up."""
-        self.deaths[slot] += 1
-        if self.deaths[slot] > self.max_restarts:
-            self.dead.add(slot)
-            return False
-        return True
-
-    def check_alive(self, why: str) -> None:
-        if len(self.dead) == self.n:
-            raise PoolError(f"every worker died more than {self.max_restarts} times in a row; last: {why}")
+    def died(self, slot: int, why: str) -> None:
+        """Count a death (the caller has replaced the worker); too many in a row end the pool."""
+        self.deaths += 1
+        if self.deaths >= self.max_deaths:
+            raise PoolError(f"{self.deaths} worker deaths in a row with no result in between; last: {why}")
+        self.idle.append(slot)
 
 
 def worker_config(space: SearchSpace) -> WorkerConfig:
@@ -152,10 +145,9 @@ class InProcessPool(WorkerPool):
     """Workers in this process; ``wait`` runs one submitted task to its end. A worker whose ``evaluate``
     raises (``MergeWorker`` itself turns every failure into an error result) counts as dead."""
 
-    def __init__(self, factory: Callable[[], Evaluates], workers: int = 1,
-                 max_restarts: int = MAX_RESTARTS) -> None:
+    def __init__(self, factory: Callable[[], Evaluates], workers: int = 1, max_deaths: int | None = None) -> None:
         self.factory = factory
-        self.slots = _Slots(workers, max_restarts)
+        self.slots = _Slots(workers, max_deaths)
         self.workers: list[Evaluates | None] = [factory() for _ in range(workers)]
         self.pending: deque[tuple[int, int, Task]] = deque()  # (handle, slot, task)
         self._handles = itertools.count(1)
@@ -181,12 +173,8 @@ class InProcessPool(WorkerPool):
             return [self._done(slot, Outcome(handle, task, name, result=worker.evaluate(*task.args())))]
         except Exception as e:  # noqa: BLE001 - the worker broke, not the candidate: report, replace
             why = f"{type(e).__name__}: {e}"
-            if self.slots.died(slot):
-                self.workers[slot] = self.factory()
-                self.slots.idle.append(slot)
-            else:
-                self.workers[slot] = None
-                self.slots.check_alive(why)
+            self.workers[slot] = self.factory()
+            self.slots.died(slot, why)
             return [Outcome(handle, task, name, died=why)]
 
     def worker_of(self, handle: int) -> str:
@@ -231,7 +219,7 @@ class RayPool(WorkerPool):
     """
 
     def __init__(self, cfg: WorkerConfig, workers: int = 1, address: str | None = None,
-                 max_restarts: int = MAX_RESTARTS) -> None:
+                 max_deaths: int | None = None) -> None:
         import ray  # kept off the path of the commands that do not search (status, front, --help)
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -249,7 +237,7 @@ class RayPool(WorkerPool):
         gpus = ray.cluster_resources().get("GPU", 0)
         self.actor_opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus >= 1 else {"num_cpus": 1}
         self.remote_cls = ray.remote(MergeWorker)
-        self.slots = _Slots(workers, max_restarts)
+        self.slots = _Slots(workers, max_deaths)
         self.actors: list[Any] = [self._new_actor() for _ in range(workers)]
         self.refs: dict[Any, tuple[int, int, Task]] = {}  # ObjectRef -> (handle, slot, task)
         self._handles = itertools.count(1)
@@ -276,11 +264,8 @@ class RayPool(WorkerPool):
             except self.died_errors as e:
                 why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 self.ray.kill(self.actors[slot])  # no-op for a dead actor; frees a half-dead one
-                if self.slots.died(slot):
-                    self.actors[slot] = self._new_actor()
-                    self.slots.idle.append(slot)
-                else:
-                    self.slots.check_alive(why)
+                self.actors[slot] = self._new_actor()
+                self.slots.died(slot, why)
                 out.append(Outcome(handle, task, name, died=why))
                 continue
             self.slots.finished(slot)
@@ -299,8 +284,7 @@ class RayPool(WorkerPool):
         return len(self.refs)
 
     def close(self) -> None:
-        for slot, a in enumerate(self.actors):
-            if slot not in self.slots.dead:
-                self.ray.kill(a)
+        for a in self.actors:
+            self.ray.kill(a)
         self.slots.idle.clear()
         self.refs.clear()
