@@ -9,12 +9,12 @@ import pytest
 from fixtures_models import make_tiny_llama_family
 
 from evomerge.genome import make_genome
-from evomerge.run import InProcessPool, PoolError, RunError, StudyRun, Task, algorithm_settings, build_algorithm
+from evomerge.run import InProcessPool, Lease, PoolError, RunError, StudyRun, Task, algorithm_settings, build_algorithm
 from evomerge.run.problem import search_context
 from evomerge.run.signals import ctrl_c
 from evomerge.search import REGISTRY, GenomeLayout, Proposal
 from evomerge.space import SearchSpace, dump_space, load_space
-from evomerge.store import Store
+from evomerge.store import Store, StudyLocked
 from evomerge.view import StudyView
 
 SPACE = """
@@ -225,3 +225,25 @@ def test_every_algorithm_is_built_from_what_it_declares(tmp_path: Path, name: st
         assert algo.links == ["sigmoid", "sigmoid"]
     if name == "m2n2":
         assert algo.settings["n_sources"] == 2 and algo.granularity == 2
+
+
+def test_lease_takes_over_from_a_dead_run_of_this_host_only(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    store = Store(f"sqlite:///{tmp_path / 'l.db'}")
+    store.create_study("s", "", [{"name": "a", "direction": "maximize"}], budget=1)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead = f"{socket.gethostname()}:{int(gone.stdout)}:x"  # a pid that has exited
+    store.acquire_lease("s", dead, 600)
+    with Lease(store, "s") as lease:
+        assert store.get_study("s").lease_owner == lease.owner != dead
+        assert not lease.renew_if_due()  # renewed only every renew_s
+        lease.renew_s = 0.0
+        assert lease.renew_if_due()
+    assert store.get_study("s").lease_owner is None
+    store.acquire_lease("s", f"otherhost:{int(gone.stdout)}:x", 600)  # another host's pids say nothing here
+    with pytest.raises(StudyLocked, match="otherhost"):
+        Lease(store, "s").acquire()
