@@ -201,7 +201,7 @@ def _print_front(store, study: str, as_json: bool = False) -> None:
     view = StudyView(store)
     st = view.study(study)
     rows = view.front(study)
-    names = st.objective_names
+    names = [o["name"] for o in st.objectives]
     if as_json:
         print(json.dumps([{"candidate": c.number, "scores": c.scores, "recipe_hash": c.recipe_hash,
                            "recipe": json.loads(c.recipe_json)} for c in rows], indent=2))

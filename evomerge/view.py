@@ -107,21 +107,21 @@ class StudyView:
         """Non-dominated complete candidates on the study's objectives, in number order; candidates
         missing a score of one of them are left out."""
         st = self.store.get_study(study)
-        return _front(self.store.candidates(study, "complete"), st.objective_names, st.directions)
+        return _front(self.store.candidates(study, "complete"), _names(st), _directions(st))
 
     def best(self, study: str) -> dict[str, float]:
         st = self.store.get_study(study)
-        return _best(_values(self.store.candidates(study, "complete"), st.objective_names), st)
+        return _best(_values(self.store.candidates(study, "complete"), _names(st)), st)
 
     def hypervolume(self, study: str) -> float | None:
         st = self.store.get_study(study)
-        return _hypervolume(_values(self.store.candidates(study, "complete"), st.objective_names), st)
+        return _hypervolume(_values(self.store.candidates(study, "complete"), _names(st)), st)
 
     def summary(self, study: str) -> StudySummary:
         """Counts, best per objective and hypervolume in three queries."""
         st = self.store.get_study(study)
         counts = self.store.study_counts(study)
-        F = _values(self.store.candidates(study, "complete"), st.objective_names)
+        F = _values(self.store.candidates(study, "complete"), _names(st))
         return StudySummary(
             study=study,
             state=effective_state(st.status, st.lease_expires),
@@ -148,6 +148,14 @@ class StudyView:
         return out
 
 
+def _names(st: StudyRow) -> list[str]:
+    return [o["name"] for o in st.objectives]
+
+
+def _directions(st: StudyRow) -> list[str]:
+    return [o["direction"] for o in st.objectives]
+
+
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -170,7 +178,7 @@ def _best(F: np.ndarray, st: StudyRow) -> dict[str, float]:
     if len(F) == 0:
         return {}
     return {n: float(F[:, j].max() if d == "maximize" else F[:, j].min())
-            for j, (n, d) in enumerate(zip(st.objective_names, st.directions, strict=True))}
+            for j, (n, d) in enumerate(zip(_names(st), _directions(st), strict=True))}
 
 
 def _hypervolume(F: np.ndarray, st: StudyRow) -> float | None:
@@ -178,4 +186,4 @@ def _hypervolume(F: np.ndarray, st: StudyRow) -> float | None:
         return None
     if len(F) == 0:
         return 0.0
-    return frontlib.hypervolume(frontlib.to_minimization(F, st.directions), st.reference_point)
+    return frontlib.hypervolume(frontlib.to_minimization(F, _directions(st)), st.reference_point)

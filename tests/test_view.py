@@ -3,12 +3,13 @@ read. It must never write: proven on a SQLite database opened read-only, and by 
 
 from __future__ import annotations
 
+import inspect
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import Engine, event
 
 from evomerge.run.progress import summary_text
 from evomerge.store import Store, StudyNotFound
@@ -109,19 +110,28 @@ def test_view_never_writes(tmp_path: Path) -> None:
             con.close()
 
     before = dump()
-    # 1. SQLite opened read-only: any write the view attempted would raise.
-    ro = Store(f"sqlite:///file:{path}?mode=ro&uri=true")
-    with pytest.raises(Exception, match="readonly"):
+    # 1. The database opened read-only: any write the view attempted would raise.
+    if "read_only" in inspect.signature(Store).parameters:
+        ro = Store(f"sqlite:///{path}", read_only=True)
+    else:
+        ro = Store(f"sqlite:///file:{path}?mode=ro&uri=true")
+    with pytest.raises(Exception, match="(?i)read.?only"):
         ro.set_study_status("s", "paused")  # the guard works
     _exercise(StudyView(ro))
     # 2. On a writable store, the view sends no statement that changes anything, and takes no write lock.
     statements: list[str] = []
     rw = Store(f"sqlite:///{path}")
-    event.listen(rw.engine, "before_cursor_execute",
-                 lambda conn, cursor, statement, *a: statements.append(" ".join(statement.split()[:2]).upper()))
-    _exercise(StudyView(rw))
-    kinds = {st.split()[0] for st in statements}
-    assert kinds and kinds <= {"SELECT", "BEGIN", "PRAGMA"} and "BEGIN IMMEDIATE" not in statements, statements
-    assert dump() == before
-    rw.set_study_status("s", "paused")  # the listener sees writes
-    assert "BEGIN IMMEDIATE" in statements and any(st.startswith("UPDATE") for st in statements)
+
+    def record(conn, cursor, statement, *args) -> None:
+        statements.append(" ".join(statement.split()[:2]).upper())
+
+    event.listen(Engine, "before_cursor_execute", record)  # every engine: whatever the store keeps
+    try:
+        _exercise(StudyView(rw))
+        kinds = {st.split()[0] for st in statements}
+        assert kinds and kinds <= {"SELECT", "BEGIN", "PRAGMA"} and "BEGIN IMMEDIATE" not in statements, statements
+        assert dump() == before
+        rw.set_study_status("s", "paused")  # the listener sees writes
+        assert "BEGIN IMMEDIATE" in statements and any(st.startswith("UPDATE") for st in statements)
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
