@@ -1,4 +1,4 @@
-"""Search algorithms with ask/tell and plain-data state (DESIGN.md section 6).
+"""Search algorithms with ask/tell and plain-data state.
 
 ``make_algorithm(name, dim=..., directions=[...], seed=..., weights=None, **settings)`` builds one;
 ``REGISTRY`` maps names to classes; ``restore_algorithm(state)`` rebuilds one from its ``state_dict()``.

@@ -1,6 +1,6 @@
 """The ask/tell interface every search algorithm implements, and the registry of algorithms.
 
-Conventions (DESIGN.md section 6):
+Conventions:
 
 * genotypes live in the unit cube ``[0, 1]^dim``; the genome module decodes them into recipes;
 * ``tell`` receives objective values in the user's units, one per objective, with ``directions`` saying
@@ -149,7 +149,7 @@ class Algorithm(ABC):
     @property
     @abstractmethod
     def outstanding(self) -> list[int]:
-        """Keys handed out and not yet told (a resumed driver re-tells exactly these from the store)."""
+        """Keys handed out and not yet told (a resumed run re-tells exactly these from the store)."""
 
     # ----------------------------------------------------------------- helpers
     def config(self) -> dict[str, Any]:
@@ -200,7 +200,7 @@ def _jsonish(obj: Any) -> Any:
 def private_global_rng(holder: Any, attr: str = "_global_rng") -> Iterator[None]:
     """Run library code against a private copy of numpy's and Python's global RNGs.
 
-    ``cma`` samples from ``np.random`` (and seeds it); whatever else the driver does with the global
+    ``cma`` samples from ``np.random`` (and seeds it); whatever else the study loop does with the global
     RNGs between two asks must not change the proposals, and the library must not disturb the caller's
     RNG. ``holder.<attr>`` keeps the private (numpy, python) states between calls.
     """

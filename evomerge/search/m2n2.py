@@ -1,5 +1,5 @@
 """M2N2: Model Merging of Natural Niches (Abrantes, Lange, Tang: "Competition and Attraction Improve
-Model Fusion", Sakana AI 2025; reference code github.com/SakanaAI/natural_niches). DESIGN.md section 6.
+Model Fusion", Sakana AI 2025; reference code github.com/SakanaAI/natural_niches).
 
 The algorithm keeps an *archive* of ``pop`` members (default 20) with their per-example scores
 ``s_ij`` in [0, 1] (member ``i``, training example ``j``; higher is better). Every step:

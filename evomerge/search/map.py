@@ -1,4 +1,4 @@
-"""MAP: amortized Pareto fronts from quadratic surrogates (DESIGN.md section 6).
+"""MAP: amortized Pareto fronts from quadratic surrogates.
 
 Li et al. 2024, "Low-compute Model Merging with Amortized Pareto Fronts via Quadratic Approximation".
 For task-arithmetic coefficients the genes are the per-model coefficients; the genotype ``x`` in
