@@ -11,6 +11,10 @@ cluster with no node left), instead of replacing workers forever.
 
 Implementations: ``RayPool`` (one Ray actor per worker, one GPU each when the cluster has GPUs) and
 ``InProcessPool`` (workers run in this process, one task at a time: tests, benchmarks, debugging).
+
+On a cluster: the loop reads ``idle`` on every turn and asks the algorithm for that many proposals
+(less what is queued), so a pool may grow or shrink between turns (nodes joining, leaving); a worker
+on a node that dies comes back as a ``died`` outcome and is replaced wherever Ray finds resources.
 """
 
 from __future__ import annotations
