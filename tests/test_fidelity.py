@@ -39,7 +39,7 @@ def test_can_reach_front() -> None:
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    from evomerge.driver import worker_config
+    from evomerge.run import worker_config
     from evomerge.workers import MergeWorker
     from evomerge.zoo import build_zoo
 

@@ -237,8 +237,8 @@ evaluation: {{batch_size: 16, task_paths: [{DEMO_TASKS}], multi_fidelity: {{frac
 
 
 def test_python_objective_on_a_worker(worker_space, tmp_path: Path, monkeypatch) -> None:
-    from evomerge.driver import worker_config
     from evomerge.genomes import make_genome
+    from evomerge.run import worker_config
     from evomerge.workers import MergeWorker
 
     monkeypatch.chdir(tmp_path)  # the scorer file resolves against the space file, not the cwd

@@ -1,4 +1,4 @@
-"""Search algorithms with ask/tell and plain-data state (DESIGN.md section 6).
+"""Search algorithms with ask/tell and plain-data state.
 
 ``make_algorithm(name, dim=..., directions=[...], seed=..., weights=None, **settings)`` builds one;
 ``REGISTRY`` maps names to classes; ``restore_algorithm(state)`` rebuilds one from its ``state_dict()``.
@@ -7,7 +7,9 @@
 from evomerge.search.base import (
     REGISTRY,
     Algorithm,
+    GenomeLayout,
     Proposal,
+    SearchContext,
     make_algorithm,
     normalize_directions,
     private_global_rng,
@@ -25,6 +27,7 @@ __all__ = [
     "REGISTRY",
     "Algorithm",
     "CMAES",
+    "GenomeLayout",
     "MAP",
     "M2N2",
     "NSGA2",
@@ -33,6 +36,7 @@ __all__ = [
     "OptunaTPE",
     "Proposal",
     "RandomSearch",
+    "SearchContext",
     "make_algorithm",
     "nested_map_pairs",
     "normalize_directions",
