@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -80,19 +80,20 @@ class Objective(BaseModel):
     # Weight in the scalarised objective of single-objective algorithms (CMA-ES).
     weight: float = 1.0
 
+    # Set by evomerge.objectives.registry once it has imported every kind (the kinds subclass this class,
+    # so it cannot import them): how the base class builds the kind an entry names.
+    _kind_class: ClassVar[Callable[[str | None], type[Objective]]]
+    _parse: ClassVar[Callable[..., Objective]]
+
     def __new__(cls, *args: Any, **data: Any) -> Objective:
         if cls is Objective:
-            from evomerge.objectives.registry import kind_class  # the registry imports the kinds: subclasses
-
-            cls = kind_class(data.get("kind"))
+            cls = Objective._kind_class(data.get("kind"))
         return super().__new__(cls)
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> Objective:  # type: ignore[override]
         if cls is Objective:
-            from evomerge.objectives.registry import parse_objective  # the registry imports the kinds: subclasses
-
-            return parse_objective(obj, **kwargs)
+            return Objective._parse(obj, **kwargs)
         return super().model_validate(obj, **kwargs)
 
     @model_validator(mode="before")

@@ -54,7 +54,7 @@ from collections.abc import Iterable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # datasets and huggingface_hub read these when they are first imported: set them before lm-eval imports them.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -69,7 +69,9 @@ from lm_eval.tasks._yaml_loader import _make_loader, load_yaml  # noqa: E402
 
 from evomerge.objectives import lm_eval_patches  # noqa: E402
 from evomerge.objectives.base import EvalContext, EvaluationError, Objective, ObjectiveResult, Window  # noqa: E402
-from evomerge.objectives.kinds.lm_eval import LmEvalObjective  # noqa: E402
+
+if TYPE_CHECKING:  # the kind module imports this one when it builds an evaluator
+    from evomerge.objectives.kinds.lm_eval import LmEvalObjective
 
 DEFAULT_FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 DEFAULT_TORCH_SEED = 1234  # lm-eval's default torch seed (matters only for sampling tasks)
@@ -262,7 +264,7 @@ class LmEvalEvaluator:
 
     def prepare(self, objectives: Iterable[Objective]) -> None:
         """Resolve, load and check the tasks of these objectives (done once per task)."""
-        objectives = [o for o in objectives if isinstance(o, LmEvalObjective)]
+        objectives = [o for o in objectives if o.kind == "lm_eval"]
         by_name = {sl.name: sl for sl in self._slots.values()}
         new: dict[str, tuple[dict[str, Any], Path]] = {}  # task name -> (config, YAML file)
         refs: dict[str, str] = {}  # objective reference -> task name
@@ -321,7 +323,7 @@ class LmEvalEvaluator:
 
     def num_examples(self, objective: Objective) -> int:
         """How many examples a full evaluation of ``objective`` scores (its limit, or the whole split)."""
-        assert isinstance(objective, LmEvalObjective)
+        assert objective.kind == "lm_eval"
         self.prepare([objective])
         n = self._slots[objective.task].n_docs
         return n if objective.limit is None else min(objective.limit, n)
@@ -335,7 +337,7 @@ class LmEvalEvaluator:
         limit); the value is then the task's aggregation over the window. NaN / infinite values come back as
         they are. A metric missing from lm-eval's results raises :class:`EvaluationError`.
         """
-        objs = [o for o in objectives if isinstance(o, LmEvalObjective)]
+        objs = [o for o in objectives if o.kind == "lm_eval"]
         if not objs:
             return {}
         self.prepare(objs)

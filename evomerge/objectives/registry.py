@@ -73,3 +73,7 @@ def is_bounded(objective: Objective) -> bool:
 def supports_fidelity(objective: Objective) -> bool:
     """Whether the objective's value is a mean of per-example scores in [0, 1] (multi-fidelity can slice it)."""
     return objective.supports_fidelity()
+
+
+Objective._kind_class = kind_class
+Objective._parse = parse_objective

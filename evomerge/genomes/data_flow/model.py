@@ -18,7 +18,6 @@ The cost measures of a candidate (``path_length``, ``path_params``, ``params``) 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -69,7 +68,7 @@ class DataFlowMaterializer:
     (use :meth:`from_refs` for recipe references: zoo://, PS recipe JSON, exported folders).
     ``embed_source``: the model whose embeddings (and tokenizer) :meth:`new_model` starts from.
     Same shape as :class:`evomerge.merge.Materializer`: ``new_model()``, ``apply(recipe, model)``,
-    ``param_count(recipe)``, ``save_merged(recipe, out_dir)``.
+    ``param_count(recipe)``; :func:`evomerge.genomes.data_flow.export.save_dataflow` writes a candidate.
     """
 
     def __init__(
@@ -224,10 +223,4 @@ class DataFlowMaterializer:
                     seen.add(id(p))
                     total += p.numel()
         return total
-
-    def save_merged(self, recipe: DataFlowRecipe, out_dir: str | Path, **kw) -> Path:
-        """Export ``recipe`` as a Hugging Face folder (see :func:`evomerge.genomes.data_flow.export.save_dataflow`)."""
-        from evomerge.genomes.data_flow.export import save_dataflow  # the exporter imports this module
-
-        return save_dataflow(recipe, self, out_dir, **kw)
 
