@@ -2,7 +2,12 @@
 
 ``make_algorithm(name, dim=..., directions=[...], seed=..., weights=None, **settings)`` builds one;
 ``REGISTRY`` maps names to classes; ``restore_algorithm(state)`` rebuilds one from its ``state_dict()``.
+Every module of this package is imported here, so an algorithm is one new module whose class is
+decorated with ``@register``; ``tests/test_algorithms.py`` runs every registered one.
 """
+
+import importlib
+import pkgutil
 
 from evomerge.search.base import (
     REGISTRY,
@@ -22,6 +27,9 @@ from evomerge.search.map import MAP, nested_map_pairs
 from evomerge.search.nsga2 import NSGA2
 from evomerge.search.optuna_samplers import OptunaGP, OptunaNSGA2, OptunaTPE
 from evomerge.search.uniform import RandomSearch
+
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
     "REGISTRY",
