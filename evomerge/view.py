@@ -24,7 +24,7 @@ from evomerge.store import CandidateRow, Store, StudyRow
 
 
 @dataclass(frozen=True)
-class Objective:
+class ObjectiveDirection:
     name: str
     direction: str  # "maximize" or "minimize"
 
@@ -37,7 +37,7 @@ class StudySummary:
     state: str  # the stored status, or "interrupted" (see ``StudyView.state``)
     budget: int | None
     counts: dict[str, int]  # queued, running, complete, failed, total, attempts
-    objectives: list[Objective]
+    objectives: list[ObjectiveDirection]
     best: dict[str, float]  # per search objective, the best complete value (absent before any result)
     hypervolume: float | None  # None: fewer than two objectives, or no reference point stored yet
     reference_point: list[float] | None
@@ -87,8 +87,8 @@ class StudyView:
         st = self.store.get_study(study)
         return effective_state(st.status, st.lease_expires)
 
-    def objectives(self, study: str) -> list[Objective]:
-        return [Objective(o["name"], o["direction"]) for o in self.store.get_study(study).objectives]
+    def objectives(self, study: str) -> list[ObjectiveDirection]:
+        return [ObjectiveDirection(o["name"], o["direction"]) for o in self.store.get_study(study).objectives]
 
     def counts(self, study: str) -> dict[str, int]:
         return self.store.study_counts(study)
@@ -127,7 +127,7 @@ class StudyView:
             state=effective_state(st.status, st.lease_expires),
             budget=st.budget,
             counts=counts,
-            objectives=[Objective(o["name"], o["direction"]) for o in st.objectives],
+            objectives=[ObjectiveDirection(o["name"], o["direction"]) for o in st.objectives],
             best=_best(F, st),
             hypervolume=_hypervolume(F, st),
             reference_point=st.reference_point,
