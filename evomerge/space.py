@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -58,11 +59,16 @@ class Objective(BaseModel):
         return self
 
 
+_NEEDS_DATA = ("per-source Fisher information computed from data, which a search does not supply; "
+               "use it in a recipe for `evomerge merge`")
+
+
 class Genome(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["parameter_space"] = "parameter_space"
-    method: Literal["linear", "task_arithmetic", "ties", "dare", "dare_ties"] = "dare_ties"
+    # Any registered merge operator (evomerge.merge.operators); its spec says which genes it has.
+    method: str = "dare_ties"
     # How many contiguous runs of blocks get their own gene set ("block": one per block). The
     # embeddings and the head get one each, so the genome has layer_groups + 2 gene sets; "model" is
     # one gene set for every tensor (the coarsest granularity, e.g. for MAP's per-model coefficients).
@@ -74,6 +80,43 @@ class Genome(BaseModel):
     density_bounds: tuple[float, float] = (0.1, 1.0)
     # Method-wide parameters passed through to the operator (e.g. {"lambda": 1.0}).
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        # the registry imports torch: loaded when a space is validated, not when the CLI starts
+        from evomerge.merge.operators import OPERATORS
+
+        if v not in OPERATORS:
+            raise ValueError(f"unknown merge method {v!r}; known: {', '.join(sorted(OPERATORS))}")
+        if OPERATORS[v].needs_data():
+            raise ValueError(f"method {v!r} needs {_NEEDS_DATA}")
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from evomerge.merge.operators import OPERATORS  # torch: see _method
+
+        method = info.data.get("method")
+        if method is None:  # already refused
+            return v
+        try:
+            needs_data = OPERATORS[method].needs_data(v)
+        except (KeyError, ValueError):  # the merge reports bad params, as it did before this check (old spaces)
+            return v
+        if needs_data:
+            raise ValueError(f"with these params method {method!r} needs {_NEEDS_DATA}")
+        return v
+
+    def check_models(self, n_models: int) -> None:
+        """Cross-field check against the space's model list (call from SearchSpace's validator)."""
+        from evomerge.merge.operators import get_operator  # torch: see _method
+
+        try:
+            get_operator(self.method).check_sources(n_models)
+        except ValueError as e:
+            raise ValueError(f"genome.method: {e}") from None
 
     @field_validator("weight_bounds", "density_bounds")
     @classmethod
@@ -185,9 +228,8 @@ class SearchSpace(BaseModel):
                 if o.kind == "lm_eval" and o.metric.split(",")[0] not in FIDELITY_METRICS:
                     raise ValueError(f"multi_fidelity needs per-example scores in [0, 1] with a mean "
                                      f"(exact_match, acc, ...); objective {o.name!r} is {o.metric}")
-        if isinstance(self.genome, DataFlowGenomeSpec):
-            self.genome.check_models(len(self.models))
-        elif self.base_model is None:
+        self.genome.check_models(len(self.models))
+        if isinstance(self.genome, Genome) and self.base_model is None:
             raise ValueError("a parameter-space genome needs base_model")
         if self.base_model is not None and self.base_model in self.models:
             raise ValueError("the base model must not be one of the source models")
