@@ -5,6 +5,12 @@ Every module of this package (but the ``_``-private helpers) is imported below a
 the rest of evomerge reads: the search space's allowed methods and the genome's genes, what the
 materializer precomputes, the fused kernel that runs it, and how it translates to mergekit.
 
+To add an operator: write ``evomerge/merge/operators/NAME.py`` with the tensor function (the signature
+below) and a ``register(OperatorSpec(...))`` call naming its source genes, params (with ``param_bounds``
+for the ones a search evolves per layer group), precomputation (``sparsify``/``context``) and mergekit
+name and defaults; ``tests/test_operator_registry.py`` then checks it. A fused kernel is optional
+(``fused=``, a :class:`~evomerge.merge.operators._fused.Plan` for :mod:`evomerge.merge.kernels`).
+
 Notation: ``theta0`` is the base tensor, ``tau_t = theta_t - theta0`` the task vector of source
 ``t``, ``w_t`` its weight and ``d_t`` its density. Every operator has the signature::
 
