@@ -38,14 +38,14 @@ COST = [{"name": "size", "kind": "cost", "measure": "params"}]
 EXPORT_GAPS = {
     "slerp": "recipe_to_mergekit writes no slerp config yet",
     "passthrough": "recipe_to_mergekit writes no passthrough config yet",
-    "model_stock": "recipe_to_mergekit has no model_stock defaults yet",
+    "model_stock": "mergekit_io.MERGEKIT_DEFAULTS does not read OperatorSpec.mergekit_defaults yet",
     "breadcrumbs": "recipe_to_mergekit writes no gamma yet",
     "breadcrumbs_ties": "recipe_to_mergekit writes no gamma yet",
     "della": "recipe_to_mergekit writes no epsilon yet",
     "della_linear": "recipe_to_mergekit writes no epsilon yet",
     "sce": "mergekit_io.MERGEKIT_DEFAULTS does not read OperatorSpec.mergekit_defaults yet",
 }
-TABLE_GAPS = {"sce": EXPORT_GAPS["sce"]}
+TABLE_GAPS = {n: EXPORT_GAPS[n] for n in ("model_stock", "sce")}
 
 
 def _gap(names: list[str], gaps: dict[str, str] = EXPORT_GAPS) -> list:

@@ -76,6 +76,7 @@ register(
         stats=model_stock_stats,
         linear=lambda stats, k, filter_wise=False, **_: None if filter_wise else model_stock_linear(stats, k),
         mergekit_method="model_stock",
+        mergekit_defaults={"filter_wise": False},
         description="average moved towards the base by the task vectors' angle",
     )
 )
