@@ -15,8 +15,7 @@ from mergekit.config import MergeConfiguration
 from evomerge.genome import ParameterSpaceGenome, plan_groups
 from evomerge.merge import Materializer, kernels
 from evomerge.merge.mergekit_io import MERGEKIT_DEFAULTS, dump_mergekit_yaml, mergekit_to_recipe, recipe_to_mergekit
-from evomerge.merge.operators import OPERATORS, get_operator, resolve_params
-from evomerge.merge.operators._fused import KERNELS
+from evomerge.merge.operators import KERNELS, OPERATORS, get_operator, resolve_params
 from evomerge.recipe import LayerGroup, Recipe
 from evomerge.space import SearchSpace, SpaceError, load_space
 

@@ -30,8 +30,7 @@ from torch import Tensor
 
 from evomerge.merge import native
 from evomerge.merge.draws import source_bits, source_uniform
-from evomerge.merge.operators import OPERATORS, get_operator
-from evomerge.merge.operators._fused import Plan
+from evomerge.merge.operators import OPERATORS, Plan, get_operator
 
 __all__ = ["available", "for_operator", "fused_operators", "plan", "Plan"]
 

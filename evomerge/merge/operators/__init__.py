@@ -9,7 +9,7 @@ To add an operator: write ``evomerge/merge/operators/NAME.py`` with the tensor f
 below) and a ``register(OperatorSpec(...))`` call naming its source genes, params (with ``param_bounds``
 for the ones a search evolves per layer group), precomputation (``sparsify``/``context``) and mergekit
 name and defaults; ``tests/test_operator_registry.py`` then checks it. A fused kernel is optional
-(``fused=``, a :class:`~evomerge.merge.operators._fused.Plan` for :mod:`evomerge.merge.kernels`).
+(``fused=``, a :class:`Plan` for :mod:`evomerge.merge.kernels`).
 
 Notation: ``theta0`` is the base tensor, ``tau_t = theta_t - theta0`` the task vector of source
 ``t``, ``w_t`` its weight and ``d_t`` its density. Every operator has the signature::
@@ -70,13 +70,16 @@ from evomerge.merge.operators._common import (
     magnitude_thresholds,
     trim_count,
 )
+from evomerge.merge.operators._fused import KERNELS, Plan
 
 __all__ = [
     "ALIASES",
     "CONTEXTS",
+    "KERNELS",
     "OPERATORS",
     "SPARSIFY",
     "OperatorSpec",
+    "Plan",
     "Workspace",
     "breadcrumb_thresholds",
     "della_keep_prob",
@@ -128,8 +131,7 @@ class OperatorSpec:
     sum_i coefs_i * tau_i`` (or ``None`` when these params need the operator itself), so a candidate
     streams like task arithmetic instead of taking the whole tensor at once.
     ``fused``: ``fused(params, weights, densities, drawn) -> Plan | None``, the fused/native kernel
-    call for one group's genes (:class:`~evomerge.merge.operators._fused.Plan`), ``None`` where the
-    eager operator must run.
+    call for one group's genes (:class:`Plan`), ``None`` where the eager operator must run.
 
     Sources: ``needs_base`` (``linear`` only uses the base as an origin), ``min_sources`` /
     ``max_sources``.
@@ -155,7 +157,7 @@ class OperatorSpec:
     linear: Callable[..., tuple[float, list[float]] | None] | None = None
     param_bounds: dict[str, Bounds] = field(default_factory=dict)
     mergekit_defaults: dict[str, Any] | None = None
-    fused: Callable[..., Any] | None = None
+    fused: Callable[..., Plan | None] | None = None
 
     def __post_init__(self) -> None:
         bad = set(self.context) - CONTEXTS

@@ -29,9 +29,7 @@ def sce_mask(deltas: Tensor, select_topk: float) -> Tensor:
     return mask
 
 
-def sce(
-    base, deltas, weights=None, densities=None, *, select_topk: float = 1.0, workspace=None, **_: Any
-) -> Tensor:
+def sce(base, deltas, weights=None, densities=None, *, select_topk: float = 1.0, workspace=None, **_: Any) -> Tensor:
     """SCE as mergekit 0.1.5's ``sce``: per tensor,
 
     1. Select: keep the ``select_topk`` fraction of entries whose task vectors vary most across the
