@@ -196,6 +196,11 @@ def test_decoded_genome_merges(name, family, mat):
         assert t.shape == mat.base[key].shape and t.dtype == mat.base[key].dtype, key
         assert torch.isfinite(t).all(), key
     assert any(not torch.equal(t, mat.base[key]) for key, t in out.items())
+    model = mat.new_model()  # a worker's path: in place, the C batch or streamed chunks
+    mat.apply(recipe, model)
+    state = model.state_dict()
+    for key, t in out.items():
+        torch.testing.assert_close(state[key], t, rtol=0, atol=1e-6, msg=key)
 
 
 # --------------------------------------------------------------------------------------------------
