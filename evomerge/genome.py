@@ -10,7 +10,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from evomerge.merge.operators import get_operator
 from evomerge.recipe import LayerGroup, Recipe
 from evomerge.space import SearchSpace, SpaceError
 
@@ -69,6 +68,9 @@ class ParameterSpaceGenome:
 
     def __init__(self, space: SearchSpace, num_layers: int | None = None):
         self.space = space
+        # the operator registry imports torch; a genome kind's module stays light for the CLI's validation
+        from evomerge.merge.operators import get_operator
+
         self.method = space.genome.method
         self.spec = get_operator(self.method)
         self.num_layers = num_layers if num_layers is not None else read_num_layers(space)
