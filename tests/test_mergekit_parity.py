@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from evomerge.merge import Materializer, load_state_dict
+from evomerge.merge.mergekit_io import mergekit_to_recipe
 from evomerge.recipe import LayerGroup, Recipe
 
 try:
@@ -314,6 +315,22 @@ def test_model_stock(family, mat):
     theirs = run_mergekit(root, "model_stock", cfg)
     ours = mat.merged_state_dict(params_recipe(base, experts, "model_stock", {}))
     assert_close(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.6, 0.25])
+def test_sce(family, mat, select_topk):
+    """SCE (a single operator file) against mergekit's ``sce``, through the materializer as a search runs it,
+    and through ``evomerge merge``'s translation of the same mergekit config."""
+    _BASES[:] = [mat.base]
+    root, base, experts = family
+    cfg = {"merge_method": "sce", "base_model": base, "models": [{"model": e} for e in experts],
+           "parameters": {"select_topk": select_topk}}  # fmt: skip
+    theirs = run_mergekit(root, f"sce{select_topk}", cfg)
+    ours = mat.merged_state_dict(params_recipe(base, experts, "sce", {"select_topk": select_topk}))
+    assert_close(ours, theirs)
+    translated = mergekit_to_recipe({**cfg, "dtype": "float32"}).recipe
+    assert translated.method == "sce"
+    assert_close(mat.merged_state_dict(translated), theirs)
 
 
 def test_passthrough_whole_model_is_bit_exact(family):

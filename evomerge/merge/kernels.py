@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from evomerge.merge import native
-from evomerge.merge.draws import keep_threshold, source_bits, source_uniform
+from evomerge.merge.draws import source_bits, source_uniform
+from evomerge.merge.operators import OPERATORS, Plan, get_operator
 
-__all__ = ["available", "for_operator", "plan", "Plan", "FUSED_OPERATORS"]
-
-FUSED_OPERATORS = ("linear", "task_arithmetic", "ties", "dare", "dare_ties", "della", "della_linear")
+__all__ = ["available", "for_operator", "fused_operators", "plan", "Plan"]
 
 
 def _ta_body(out: Tensor, b: Tensor, d: Tensor, coef: Tensor, bscale: Tensor) -> None:
@@ -263,67 +261,18 @@ def linear_kernel(
     return kern
 
 
-@dataclass(frozen=True)
-class Plan:
-    """One fused kernel call's arguments for one set of genes (a layer group): the same for every
-    tensor of the group, but for the per-tensor magnitude thresholds and draw keys."""
-
-    kernel: str  # "ta", "ties", "dare", "dare_ties" or "della"
-    coef: Tensor  # K float32: the task vectors' factors (ta, dare, dare_ties, della)
-    w: Tensor  # K float32: the TIES weights, what normalize sums
-    lam: float  # lambda (ties, dare_ties, della)
-    bscale: float  # the base's factor (ta)
-    normalize: bool
-    below: Tensor | None = None  # K int32: the draws' keep thresholds (dare, dare_ties)
-    trim: bool = False  # ties: per-tensor magnitude thresholds (else every entry is kept)
-    inverse: bool = False  # della: the 1/p rescale (DARE's is folded into coef)
+def fused_operators() -> tuple[str, ...]:
+    """The operators whose spec declares a fused kernel."""
+    return tuple(name for name, spec in OPERATORS.items() if spec.fused is not None)
 
 
 def plan(name: str, params: dict[str, Any], w: Tensor, dens: Tensor, drawn: bool) -> Plan | None:
     """The kernel and its arguments for operator ``name`` with ``params`` and one group's host (CPU)
     weights and densities, ``drawn`` when the operator drops entries at random (a density below 1);
-    ``None`` when no fused kernel applies (other operators, the L1 rescale of DARE and DELLA)."""
-    if name not in FUSED_OPERATORS:
-        return None
-    lam = float(params.get("lambda", 1.0))
-    normalize = bool(params.get("normalize", False))
-    inverse = False
-    if name in ("dare", "dare_ties", "della", "della_linear"):
-        r = params.get("rescale")
-        if r is True or r == "l1":
-            return None
-        inverse = r in ("inverse", "1/density", "inv")
-
-    def divisor(c: Tensor) -> float:
-        """What ``normalize`` divides by: the coefficients' sum, unless it is (near) zero."""
-        t = float(c.sum())
-        return t if normalize and abs(t) >= 1e-8 else 1.0
-
-    def ta(coef: Tensor, bscale: float = 1.0) -> Plan:
-        return Plan("ta", coef, w, lam, bscale, normalize)
-
-    def ties(kernel: str = "ties", **kw: Any) -> Plan:
-        return Plan(kernel, kw.pop("coef", w), w, kw.pop("lam", lam), 1.0, normalize, **kw)
-
-    if name == "linear":
-        return ta(w / divisor(w)) if normalize else ta(w, float(w.sum()))
-    if name == "task_arithmetic":
-        return ta(w * (lam / divisor(w)))
-    if name == "ties":
-        return ties(trim=True)
-    # DARE's 1/p rescale, folded into the factors (only where something is dropped)
-    rescaled = name in ("dare", "dare_ties") and inverse and bool((dens < 1).any())
-    coef = torch.where(dens > 0, w / dens.clamp(1e-12, 1.0), torch.zeros_like(w)) if rescaled else w
-    if name == "dare":
-        if not drawn:
-            return ta(w * (lam / divisor(coef)))
-        return Plan("dare", coef * (lam / divisor(coef)), w, lam, 1.0, normalize, keep_threshold(dens))
-    if name == "dare_ties":
-        return ties("dare_ties", coef=coef, below=keep_threshold(dens)) if drawn else ties()
-    # della, della_linear: with nothing dropped (p = 1 everywhere), TIES or task arithmetic
-    if not drawn:
-        return ties() if name == "della" else ta(w * (lam / divisor(w)))
-    return ties("della", lam=lam if name == "della" else lam / divisor(w), inverse=inverse)
+    ``None`` when no fused kernel applies (operators without one, the L1 rescale of DARE and DELLA).
+    The operator's spec says which (its ``fused``)."""
+    fused = get_operator(name).fused
+    return None if fused is None else fused(params, w, dens, drawn)
 
 
 def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Callable[..., Tensor] | None:
@@ -349,7 +298,7 @@ def for_operator(name: str, params: dict[str, Any], device: torch.device) -> Cal
         elif p.kernel == "dare_ties":
             _call("dare_ties", out, b, d, extra["noise_keys"], p.below, p.coef, p.w, lam, p.normalize)
         else:
-            _della(out, b, d, p, dens, eps, name == "della", extra)
+            _della(out, b, d, p, dens, eps, extra)
         return out
 
     return kern
@@ -361,9 +310,10 @@ def native_della(name: str, params: dict[str, Any], dtype: torch.dtype, k: int) 
     L1 rescale, or where the C kernel does not take these tensors (then the operator runs eager).
     It serves the tensors of groups where DELLA draws; the others go through the segment table."""
     probe = torch.ones(1)
+    drawn = plan(name, params, probe, probe * 0.5, True)
     if (
-        name not in ("della", "della_linear")
-        or plan(name, params, probe, probe, True) is None
+        drawn is None
+        or drawn.kernel != "della"
         or dtype not in (torch.bfloat16, torch.float32)
         or not 1 <= k <= 16
         or not native.available()
@@ -376,7 +326,7 @@ def native_della(name: str, params: dict[str, Any], dtype: torch.dtype, k: int) 
             raise RuntimeError("native DELLA kernel called without draws")
         p = plan(name, params, w, dens, True)
         keys, cdf, scale = extra["noise_keys"], extra["della_cdf"], extra["della_scale"]
-        if not native.della(out, b, d, keys, cdf, scale, dens, eps, p.coef, p.w, p.lam, p.normalize, name == "della",
+        if not native.della(out, b, d, keys, cdf, scale, dens, eps, p.coef, p.w, p.lam, p.normalize, p.elect,
                             p.inverse):  # fmt: skip
             raise RuntimeError("native DELLA kernel refused tensors it was chosen for")
         return out
@@ -384,11 +334,10 @@ def native_della(name: str, params: dict[str, Any], dtype: torch.dtype, k: int) 
     return kern
 
 
-def _della(out: Tensor, b: Tensor, d: Tensor, p: Plan, dens: Tensor, eps: float, ties: bool,
-           extra: dict[str, Any]) -> None:  # fmt: skip
+def _della(out: Tensor, b: Tensor, d: Tensor, p: Plan, dens: Tensor, eps: float, extra: dict[str, Any]) -> None:
     """DELLA with draws: the C kernel where it runs, else the compiled one (on int32 pairs for bfloat16)."""
     keys, cdf, scale = extra["noise_keys"], extra["della_cdf"], extra["della_scale"]
-    if native.della(out, b, d, keys, cdf, scale, dens, eps, p.coef, p.w, p.lam, p.normalize, ties, p.inverse):
+    if native.della(out, b, d, keys, cdf, scale, dens, eps, p.coef, p.w, p.lam, p.normalize, p.elect, p.inverse):
         return
     name_, out_, b_, d_ = "della", out, b, d
     if _pairs_ok(out, b, d):
@@ -397,5 +346,5 @@ def _della(out: Tensor, b: Tensor, d: Tensor, p: Plan, dens: Tensor, eps: float,
         name_, out_, b_, d_, keys, cdf, scale, dens,
         torch.full((), eps, dtype=torch.float32),
         torch.full((), 2.0 * eps, dtype=torch.float32),
-        p.coef, p.w, torch.full((), p.lam), p.normalize, ties, p.inverse,
+        p.coef, p.w, torch.full((), p.lam), p.normalize, p.elect, p.inverse,
     )  # fmt: skip

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from evomerge.cache import cache_root
 
-__all__ = ["SEGMENT", "available", "della", "merge_segments"]
+__all__ = ["KERNEL_OPS", "SEGMENT", "available", "della", "merge_segments"]
 
 _SOURCES = [Path(__file__).with_name(f) for f in ("native_della.c", "native_merge.c")]
 _HEADERS = [Path(__file__).with_name("native_common.h")]  # part of the cache key, not compiled alone
@@ -52,6 +52,8 @@ _MIN_PER_THREAD = 1 << 15  # entries: below this a parallel region costs more th
 
 KMAX = 8  # sources a merge_segments call takes (native_merge.c's KMAX)
 OP_LINEAR, OP_TIES, OP_DARE, OP_DARE_TIES = 0, 1, 2, 3
+#: the C op code of each fused kernel a Plan names (``della`` runs through :func:`della` instead).
+KERNEL_OPS = {"ta": OP_LINEAR, "ties": OP_TIES, "dare": OP_DARE, "dare_ties": OP_DARE_TIES}
 
 # One row per tensor (or per draw segment of a tensor): native_merge.c's seg_t, field for field
 # (aligned as the C compiler lays it out; _library checks the size against the C one).

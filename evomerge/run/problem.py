@@ -19,7 +19,8 @@ def genome_layout(genome: Any) -> GenomeLayout | None:
     n, per = getattr(genome, "n_sources", None), getattr(genome, "genes_per_source", None)
     if n is None or per is None:
         return None
-    return GenomeLayout(n_sources=int(n), genes_per_source=int(per))
+    return GenomeLayout(n_sources=int(n), genes_per_source=int(per),
+                        group_params=len(getattr(genome, "group_genes", ())))
 
 
 def search_context(space: SearchSpace, genome: Any, cls: type[Algorithm] = Algorithm) -> SearchContext:

@@ -51,10 +51,12 @@ class Proposal:
 @dataclass(frozen=True)
 class GenomeLayout:
     """How a parameter-space genome lays out its genes: per layer group, ``genes_per_source`` genes for
-    each of ``n_sources`` source models (weight first, then e.g. a density)."""
+    each of ``n_sources`` source models (weight first, then e.g. a density), then ``group_params`` genes
+    of the group's own (the operator's searchable params: SLERP's t, consensus k, ...)."""
 
     n_sources: int
     genes_per_source: int
+    group_params: int = 0
 
 
 @dataclass(frozen=True)

@@ -272,6 +272,7 @@ class M2N2(Algorithm):
         "n_init": None,  # initial points (None: n_sources when seeded with corners, else pop)
         "n_sources": None,  # source models in the genome (for corners and split_granularity="group")
         "genes_per_source": 1,  # genes per source per layer group (2 with densities: TIES/DARE)
+        "group_params": 0,  # genes of each layer group's own after its sources' (e.g. consensus k)
         "scores": "auto",  # "auto", "samples" (per-example) or "values" (rank fallback)
         "max_evals": None,  # done() once this many proposals were handed out
     }
@@ -284,8 +285,16 @@ class M2N2(Algorithm):
         if context.layout is not None:
             out.setdefault("n_sources", context.layout.n_sources)
             out.setdefault("genes_per_source", context.layout.genes_per_source)
+            if context.layout.group_params:
+                out.setdefault("group_params", context.layout.group_params)
             out.setdefault("split_granularity", "group")
         return out
+
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        if not cfg["group_params"]:
+            del cfg["group_params"]  # as checkpoints written before the setting existed say it: they resume
+        return cfg
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -312,13 +321,14 @@ class M2N2(Algorithm):
         else:
             self.n_init = int(s["n_sources"]) if seeded else self.pop
         gps = int(s["genes_per_source"])
+        extra = int(s["group_params"])
         n_src = None if s["n_sources"] is None else int(s["n_sources"])
         group_genes = None
         if n_src is not None:
-            if n_src < 1 or gps < 1 or self.dim % (n_src * gps):
+            if n_src < 1 or gps < 1 or extra < 0 or self.dim % (n_src * gps + extra):
                 raise ValueError(f"m2n2: dim {self.dim} is not a multiple of n_sources {n_src} x "
-                                 f"genes_per_source {gps}")
-            group_genes = n_src * gps
+                                 f"genes_per_source {gps} + group_params {extra}")
+            group_genes = n_src * gps + extra
         g = s["split_granularity"]
         if g == "group":
             if group_genes is None:
@@ -338,6 +348,8 @@ class M2N2(Algorithm):
                 for grp in range(self.dim // group_genes):  # density genes (if any) keep everything
                     for other in range(n_src):
                         x[grp * group_genes + other * gps + 1: grp * group_genes + (other + 1) * gps] = 1.0
+                    # a group's own params sit mid-range: a source alone does not say what they should be
+                    x[(grp + 1) * group_genes - extra: (grp + 1) * group_genes] = 0.5
                 self._corners.append([float(v) for v in x])
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
         self._next_key = 0

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 def _check_space(space: SearchSpace) -> None:
     if space.base_model is None:
         raise ValueError("a parameter-space genome needs base_model")
+    space.genome.check_models(len(space.models))
 
 
 def _materializer(cfg: WorkerSettings, device: str, dtype: Any) -> Materializing:
@@ -40,8 +41,10 @@ def _export(recipe: Recipe, out_dir: Path, card: ExportCard) -> Path:
 
 
 def _describe(genome: ParameterSpaceGenome) -> str:
-    return (f"{genome.method}, {len(genome.groups)} layer groups x {genome.n_sources} models x "
-            f"{genome.genes_per_source} genes = {genome.dim} genes")
+    per_group = f"{genome.n_sources} models x {genome.genes_per_source} genes"
+    if genome.group_genes:
+        per_group = f"({per_group} + {len(genome.group_genes)} group params)"
+    return f"{genome.method}, {len(genome.groups)} layer groups x {per_group} = {genome.dim} genes"
 
 
 def _summary(r: Recipe) -> str:

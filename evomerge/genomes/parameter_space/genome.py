@@ -18,8 +18,6 @@ from evomerge.zoo import RECIPE, is_complete, zoo_path
 if TYPE_CHECKING:
     from evomerge.space import SearchSpace
 
-_DENSITY_METHODS = {"ties", "dare", "dare_ties"}
-
 
 def read_num_layers(space: SearchSpace) -> int:
     """Block count of the base model, from its config or, for hub models, from the space."""
@@ -65,52 +63,67 @@ def plan_groups(num_layers: int, layer_groups: int | str) -> list[GroupPlan]:
 
 
 class ParameterSpaceGenome:
-    """Per layer group and per source model: a weight, and a density for TIES-like methods."""
+    """Per layer group: the operator's per-source genes (a weight, a density for TIES-like methods),
+    then one gene per searchable group param (SLERP's ``t``, consensus ``k``...), as its spec declares.
+
+    A group param fixed in the space's ``genome.params`` is not searched.
+    """
 
     kind = "parameter_space"
 
     def __init__(self, space: SearchSpace, num_layers: int | None = None):
         self.space = space
+        # the operator registry imports torch; a genome kind's module stays light for the CLI's validation
+        from evomerge.merge.operators import get_operator
+
         self.method = space.genome.method
+        self.spec = get_operator(self.method)
         self.num_layers = num_layers if num_layers is not None else read_num_layers(space)
         self.groups = plan_groups(self.num_layers, space.genome.layer_groups)
         self.n_sources = len(space.models)
-        self.genes_per_source = 2 if self.method in _DENSITY_METHODS else 1
+        self.source_genes = self.spec.source_genes
+        self.genes_per_source = len(self.source_genes)
+        fixed = space.genome.params
+        self.group_genes = tuple(p for p in self.spec.param_bounds if p not in fixed)
+        self._bounds = {"weight": space.genome.weight_bounds, "density": space.genome.density_bounds}
+
+    @property
+    def genes_per_group(self) -> int:
+        return self.n_sources * self.genes_per_source + len(self.group_genes)
 
     @property
     def dim(self) -> int:
-        return len(self.groups) * self.n_sources * self.genes_per_source
+        return len(self.groups) * self.genes_per_group
 
     def gene_names(self) -> list[str]:
         names = []
         for g in self.groups:
-            for s in range(self.n_sources):
-                names.append(f"{g.name}/m{s}/weight")
-                if self.genes_per_source == 2:
-                    names.append(f"{g.name}/m{s}/density")
+            names += [f"{g.name}/m{s}/{gene}" for s in range(self.n_sources) for gene in self.source_genes]
+            names += [f"{g.name}/{p}" for p in self.group_genes]
         return names
 
     def decode(self, x: list[float]) -> Recipe:
         if len(x) != self.dim:
             raise ValueError(f"genome has {self.dim} genes, got {len(x)}")
-        wlo, whi = self.space.genome.weight_bounds
-        dlo, dhi = self.space.genome.density_bounds
         it = iter(min(1.0, max(0.0, float(v))) for v in x)
         groups = []
         for g in self.groups:
-            weights, densities = [], []
+            per_source: dict[str, list[float]] = {gene: [] for gene in self.source_genes}
             for _ in range(self.n_sources):
-                weights.append(wlo + (whi - wlo) * next(it))
-                if self.genes_per_source == 2:
-                    densities.append(dlo + (dhi - dlo) * next(it))
+                for gene in self.source_genes:
+                    lo, hi = self._bounds[gene]
+                    per_source[gene].append(lo + (hi - lo) * next(it))
+            params = {p: self.spec.decode_param(p, next(it), self.n_sources) for p in self.group_genes}
             groups.append(
                 LayerGroup(
                     name=g.name,
                     kind=g.kind,  # type: ignore[arg-type]
                     start=g.start,
                     stop=g.stop,
-                    weights=weights,
-                    densities=densities or None,
+                    # operators without a weight gene (SLERP, Model Stock...) read none
+                    weights=per_source.get("weight", [1.0] * self.n_sources),
+                    densities=per_source.get("density"),
+                    params=params or None,
                 )
             )
         return Recipe(
@@ -121,4 +134,3 @@ class ParameterSpaceGenome:
             groups=groups,
             seed=self.space.seed,
         )
-
