@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from evomerge.genomes.parameter_space.genome import ParameterSpaceGenome, plan_groups
 from mergekit.config import MergeConfiguration
 
+from evomerge.genomes.parameter_space.genome import ParameterSpaceGenome, plan_groups
 from evomerge.merge import Materializer, kernels
 from evomerge.merge.mergekit_io import MERGEKIT_DEFAULTS, dump_mergekit_yaml, mergekit_to_recipe, recipe_to_mergekit
 from evomerge.merge.operators import KERNELS, OPERATORS, get_operator, resolve_params
