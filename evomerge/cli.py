@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evomerge.merge_cli import merge_command
+from evomerge.zoo import build_zoo
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Search for model-merge recipes.")
 zoo_app = typer.Typer(no_args_is_help=True, help="The demo model zoo.")
@@ -37,7 +38,7 @@ class UserError(Exception):
 
 
 def _store(url: str | None):
-    from evomerge.store import Store, default_storage_url
+    from evomerge.store import Store, default_storage_url  # SQLAlchemy: not on --help or merge
 
     try:
         return Store(url or default_storage_url())
@@ -46,14 +47,14 @@ def _store(url: str | None):
 
 
 def _study_space(store, study: str):
-    from evomerge.space import parse_space_text
+    from evomerge.space import parse_space_text  # pydantic and the kind registries: not on --help or merge
 
     st = store.get_study(study)
     return parse_space_text(st.space_yaml, origin=f"study {study!r}")
 
 
 def _run_study(space, store, study: str, workers: int, ray_address: str | None, progress: bool) -> None:
-    from evomerge.run import StudyRun
+    from evomerge.run import StudyRun  # the run package (SQLAlchemy): only when a study runs
 
     study_run = StudyRun(space, store, study, workers=workers, ray_address=ray_address, console=err,
                          show_progress=progress)
@@ -64,7 +65,7 @@ def _run_study(space, store, study: str, workers: int, ray_address: str | None, 
         raise typer.Exit(130) from None
     finally:
         try:
-            import ray
+            import ray  # optional and heavy: only after a run, to shut down the Ray it started
 
             if ray.is_initialized():
                 ray.shutdown()
@@ -88,6 +89,7 @@ def _run_study(space, store, study: str, workers: int, ray_address: str | None, 
 
 def _check_algorithm(sp, path: Path, genome=None) -> None:
     """Build the space's algorithm once, so a bad name or setting fails before any study exists."""
+    # the run package and the search libraries' registry: only for search and validate
     from evomerge.run import build_algorithm
     from evomerge.search import REGISTRY
 
@@ -95,7 +97,7 @@ def _check_algorithm(sp, path: Path, genome=None) -> None:
         raise UserError(f"{path}: field 'algorithm.name': unknown algorithm {sp.algorithm.name!r} "
                         f"(known: {', '.join(sorted(REGISTRY))})")
     if genome is None:
-        from evomerge.genomes import make_genome
+        from evomerge.genomes import make_genome  # the genome kinds: not on --help or merge
 
         genome = make_genome(sp)
     try:
@@ -106,8 +108,6 @@ def _check_algorithm(sp, path: Path, genome=None) -> None:
 
 def _ensure_zoo(space) -> None:
     if space.uses_zoo:
-        from evomerge.zoo import build_zoo
-
         build_zoo(log=lambda m: err.print(m, markup=False, highlight=False))
 
 
@@ -122,6 +122,7 @@ def search(
     progress: Annotated[bool, typer.Option(help="live progress on the terminal")] = True,
 ) -> None:
     """Start a new study on a search space and run it to its budget."""
+    # pydantic, the genome and objective kinds: not on --help or merge
     from evomerge.genomes import describe_genome, make_genome
     from evomerge.space import dump_space, load_space
 
@@ -179,7 +180,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """List studies with candidate counts."""
-    from evomerge.view import StudyView
+    from evomerge.view import StudyView  # SQLAlchemy: not on --help or merge
 
     # A "running" study whose run lease has lapsed reads "interrupted" (kill -9 or a lost node leaves
     # running behind); resume picks it up.
@@ -195,6 +196,7 @@ def status(
 
 
 def _print_front(store, study: str, as_json: bool = False) -> None:
+    # the genome kinds and SQLAlchemy: not on --help or merge
     from evomerge.genomes import recipe_from_json, recipe_summary
     from evomerge.view import StudyView
 
@@ -241,7 +243,7 @@ def export(
     storage: StorageOpt = None,
 ) -> None:
     """Write a candidate as a Hugging Face model folder with a model card naming its recipe."""
-    from evomerge.export import export_candidate
+    from evomerge.export import export_candidate  # the genome kinds' exporters: not on --help or merge
 
     store = _store(storage)
     path = export_candidate(store, study, candidate, out_dir)
@@ -251,7 +253,7 @@ def export(
 @app.command()
 def validate(space: Annotated[Path, typer.Option("--space", help="search space YAML")]) -> None:
     """Check a search space file."""
-    from evomerge.space import load_space
+    from evomerge.space import load_space  # pydantic and the kind registries: not on --help or merge
 
     sp = load_space(space)
     _check_algorithm(sp, space)
@@ -262,8 +264,6 @@ def validate(space: Annotated[Path, typer.Option("--space", help="search space Y
 @zoo_app.command("build")
 def zoo_build(force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False) -> None:
     """Build (or reuse) the demo zoo: a tiny base model and experts trained here."""
-    from evomerge.zoo import build_zoo
-
     path = build_zoo(force=force, log=lambda m: err.print(m, markup=False, highlight=False))
     out.print(str(path))
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from evomerge.search.base import normalize_directions
+
 
 def _directions_signs(directions: Sequence[str]) -> np.ndarray:
-    from evomerge.search.base import normalize_directions
-
     return np.array([-1.0 if d == "maximize" else 1.0 for d in normalize_directions(directions)])
 
 
@@ -116,7 +116,7 @@ def hypervolume(F_min: np.ndarray, ref: Sequence[float]) -> float:
 
     Rows not strictly better than ``ref`` in every objective contribute nothing; an empty set gives 0.
     """
-    from pymoo.indicators.hv import HV
+    from pymoo.indicators.hv import HV  # pymoo loads with the first hypervolume, not with the CLI or the store
 
     ref = np.asarray(ref, dtype=float).reshape(-1)
     F = np.asarray(F_min, dtype=float)

@@ -52,6 +52,7 @@ class MergeWorker:
     """Holds base and task vectors resident; each call materializes one recipe and scores it."""
 
     def __init__(self, cfg: WorkerConfig):
+        # torch and transformers load in the worker process only: the driver and the CLI stay light
         import torch
         from transformers import AutoTokenizer
 

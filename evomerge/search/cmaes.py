@@ -38,7 +38,7 @@ class CMAES(GenerationalAlgorithm):
     }
 
     def _lib_new(self) -> None:
-        import cma
+        import cma  # cma only for cmaes studies: the algorithm registry stays light
 
         x0 = self.settings["x0"]
         x0 = [float(x0)] * self.dim if np.isscalar(x0) else [float(v) for v in x0]
@@ -91,7 +91,7 @@ class CMAES(GenerationalAlgorithm):
 
     @staticmethod
     def _lib_versions() -> dict[str, str]:
-        import cma
+        import cma  # cma only for cmaes studies: the algorithm registry stays light
 
         return {"cma": str(cma.__version__), "numpy": np.__version__}
 

@@ -368,6 +368,7 @@ class MAP(Algorithm):
 
     def _run_nsga(self, fit: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Approximate front of the surrogates: (X, predictions in user units)."""
+        # pymoo only for map studies (the surrogate front): the algorithm registry stays light
         from pymoo.algorithms.moo.nsga2 import NSGA2 as _NSGA2
         from pymoo.core.problem import Problem
         from pymoo.optimize import minimize

@@ -54,6 +54,7 @@ class NSGA2(GenerationalAlgorithm):
     }
 
     def _lib_new(self) -> None:
+        # pymoo only for nsga2 studies: the algorithm registry stays light
         from pymoo.algorithms.moo.nsga2 import NSGA2 as _NSGA2
         from pymoo.core.problem import Problem
         from pymoo.core.termination import NoTermination
@@ -87,7 +88,7 @@ class NSGA2(GenerationalAlgorithm):
 
 
     def _lib_tell(self, results: list[list[float] | None]) -> None:
-        from pymoo.core.evaluator import Evaluator
+        from pymoo.core.evaluator import Evaluator  # pymoo only for nsga2 studies
         from pymoo.problems.static import StaticProblem
 
         ok = [np.asarray(r, dtype=float) for r in results if r is not None]
@@ -108,7 +109,7 @@ class NSGA2(GenerationalAlgorithm):
 
     @staticmethod
     def _lib_versions() -> dict[str, str]:
-        import pymoo
+        import pymoo  # pymoo only for nsga2 studies
 
         return {"pymoo": str(pymoo.__version__), "numpy": np.__version__}
 

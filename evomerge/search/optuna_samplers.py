@@ -60,7 +60,7 @@ _STATES = ("running", "complete", "fail")
 @contextlib.contextmanager
 def _quiet_optuna() -> Iterator[None]:
     """Silence Optuna's INFO logging ("Trial N finished ...") and experimental warnings, then restore."""
-    import optuna
+    import optuna  # optuna only for optuna_* studies: the algorithm registry stays light
 
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(logging.WARNING)
@@ -102,7 +102,7 @@ class OptunaAlgorithm(Algorithm):
         raise NotImplementedError
 
     def _new_study(self) -> Any:
-        import optuna
+        import optuna  # optuna only for optuna_* studies
 
         with _quiet_optuna():
             return optuna.create_study(storage=optuna.storages.InMemoryStorage(),
@@ -110,7 +110,7 @@ class OptunaAlgorithm(Algorithm):
                                        directions=list(self.directions))
 
     def _distributions(self) -> dict[str, Any]:
-        from optuna.distributions import FloatDistribution
+        from optuna.distributions import FloatDistribution  # optuna only for optuna_* studies
 
         return {n: FloatDistribution(0.0, 1.0) for n in self._names}
 
@@ -142,7 +142,7 @@ class OptunaAlgorithm(Algorithm):
         return out
 
     def tell(self, results: list[tuple[int, list[float] | None]]) -> None:
-        from optuna.trial import TrialState
+        from optuna.trial import TrialState  # optuna only for optuna_* studies
 
         trials = self._study._get_trials(deepcopy=False)
         with _quiet_optuna():
@@ -159,7 +159,7 @@ class OptunaAlgorithm(Algorithm):
 
     @property
     def outstanding(self) -> list[int]:
-        from optuna.trial import TrialState
+        from optuna.trial import TrialState  # optuna only for optuna_* studies
 
         return [t.number for t in self._study._get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
 
@@ -169,7 +169,7 @@ class OptunaAlgorithm(Algorithm):
 
     def told(self) -> list[tuple[int, list[float], list[float] | None]]:
         """(key, x, values or None for a failure) of every told trial, in key order."""
-        from optuna.trial import TrialState
+        from optuna.trial import TrialState  # optuna only for optuna_* studies
 
         out = []
         for t in self._study._get_trials(deepcopy=False):
@@ -181,7 +181,7 @@ class OptunaAlgorithm(Algorithm):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        import optuna
+        import optuna  # optuna only for optuna_* studies
         from optuna.trial import TrialState
 
         names = {TrialState.RUNNING: "running", TrialState.COMPLETE: "complete", TrialState.FAIL: "fail"}
@@ -203,7 +203,7 @@ class OptunaAlgorithm(Algorithm):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        import optuna
+        import optuna  # optuna only for optuna_* studies
         from optuna.trial import TrialState
 
         self._check_header(state)
@@ -261,7 +261,7 @@ class OptunaTPE(OptunaAlgorithm):
     sampler_settings = ("n_startup_trials", "n_ei_candidates", "multivariate", "constant_liar")
 
     def _make_sampler(self, seed: int) -> Any:
-        import optuna
+        import optuna  # optuna only for optuna_* studies
 
         kw = self._sampler_kwargs()
         kw["n_startup_trials"] = int(kw["n_startup_trials"])
@@ -284,7 +284,7 @@ class OptunaNSGA2(OptunaAlgorithm):
     sampler_settings = ("population_size", "mutation_prob", "crossover_prob", "swapping_prob")
 
     def _make_sampler(self, seed: int) -> Any:
-        import optuna
+        import optuna  # optuna only for optuna_* studies
 
         kw = self._sampler_kwargs()
         kw["population_size"] = int(kw["population_size"])
@@ -292,7 +292,7 @@ class OptunaNSGA2(OptunaAlgorithm):
             return optuna.samplers.NSGAIISampler(seed=seed, **kw)
 
     def _generation_of(self, trial: Any) -> int:
-        from optuna.samplers import NSGAIISampler
+        from optuna.samplers import NSGAIISampler  # optuna only for optuna_* studies
 
         return int(trial.system_attrs.get(NSGAIISampler._get_generation_key(), 0))
 
@@ -312,7 +312,7 @@ class OptunaGP(OptunaAlgorithm):
     sampler_settings = ("n_startup_trials", "deterministic_objective")
 
     def _make_sampler(self, seed: int) -> Any:
-        import optuna
+        import optuna  # optuna only for optuna_* studies
 
         try:
             import scipy  # noqa: F401

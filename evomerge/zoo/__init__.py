@@ -27,6 +27,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from evomerge.zoo import tasks as T
+
 ZOO_VERSION = 1
 ZOO_PREFIX = "zoo://"
 ZOO_MODELS = ("base", "arith", "script")
@@ -93,8 +95,6 @@ def _recipe(steps_scale: float) -> dict[str, Any]:
 
 
 def _task_constants() -> dict[str, Any]:
-    from evomerge.zoo import tasks as T
-
     return {
         "alphabet": "".join(T.alphabet()),
         "arith_max": T.ARITH_MAX,
@@ -186,9 +186,11 @@ def _alive(pid: int) -> bool:
 
 
 def _build_into(out: Path, recipe: dict[str, Any], say: Callable[[str], None], evaluate: bool) -> None:
+    # torch and transformers load only when a zoo is built: spaces that merely name zoo models stay light
     import torch
+    from transformers.utils import logging as hf_logging
 
-    from evomerge.zoo import tasks as T
+    # (modeling imports torch and transformers at load)
     from evomerge.zoo.modeling import ModelSpec, TrainSpec, greedy_accuracy, make_model, make_tokenizer, train
 
     t0 = time.monotonic()
@@ -216,8 +218,6 @@ def _build_into(out: Path, recipe: dict[str, Any], say: Callable[[str], None], e
                 scores[name] = {k: round(greedy_accuracy(model, tok, v), 4) for k, v in evals.items()}
                 msg += " | " + " ".join(f"{k} {v:.2f}" for k, v in scores[name].items())
             say(msg)
-            from transformers.utils import logging as hf_logging
-
             hf_logging.disable_progress_bar()  # "Writing model shards" bars would bury the zoo's own lines
             model.save_pretrained(out / name)
             tok.save_pretrained(out / name)

@@ -8,6 +8,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from torch.nn.utils import parametrize
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from evomerge.zoo.tasks import Example, alphabet
 
@@ -17,9 +20,6 @@ SPECIALS = [PAD, BOS, EOS, UNK]
 
 def make_tokenizer():
     """A character-level fast tokenizer: one token per character, BOS prepended on encode."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {t: i for i, t in enumerate(SPECIALS + alphabet())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -50,8 +50,6 @@ class ModelSpec:
 
 
 def make_model(spec: ModelSpec, vocab_size: int, tok, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     cfg = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=spec.hidden,
@@ -128,8 +126,6 @@ class _LoRA(torch.nn.Module):
 
 
 def _add_lora(model, rank: int, alpha: float) -> list:
-    from torch.nn.utils import parametrize
-
     mods = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     for m in mods:
         parametrize.register_parametrization(m, "weight", _LoRA(*m.weight.shape, rank, alpha))
@@ -137,8 +133,6 @@ def _add_lora(model, rank: int, alpha: float) -> list:
 
 
 def _drop_lora(mods: list) -> None:
-    from torch.nn.utils import parametrize
-
     for m in mods:
         parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
 

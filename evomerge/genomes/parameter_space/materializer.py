@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from evomerge.genomes.base import Materializing, WorkerSettings
-from evomerge.merge import Materializer
+from evomerge.merge import Materializer, kernels, native
 from evomerge.zoo import resolve_ref
 
 
@@ -17,16 +17,12 @@ def _use_fused(setting: str, device) -> tuple[str, str]:
     if setting == "off":
         return "eager", "fused_kernels: off"
     if setting == "auto" and device.type != "cuda":
-        from evomerge.merge import native
-
         if device.type == "cpu" and native.available():  # built now: the build lands in the start-up time
             return "native", (
                 "fused_kernels: auto, on cpu the C kernels (no torch.compile: a CPU compile costs more than "
                 "it saves); operators without one run eager"
             )
         return "eager", f"fused_kernels: auto, off on {device.type} (a CPU compile costs more than it saves)"
-    from evomerge.merge import kernels
-
     # Checked now rather than at the first candidate, so the compile lands in the start-up time.
     if not kernels.available(device):
         return "eager", f"fused_kernels: {setting}, but torch.compile does not work here: eager operators"
