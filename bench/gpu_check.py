@@ -14,6 +14,7 @@ Prints a table per part, then ``RESULT <json>``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -110,22 +111,13 @@ def check_worker(n_candidates: int = 6) -> dict:
 
     from evomerge.genomes import make_genome
     from evomerge.space import load_space, portable_space
+    from evomerge.run import worker_config
     from evomerge.workers import MergeWorker, WorkerConfig
 
     space = portable_space(load_space(ROOT / "search_spaces" / "demo.yaml"))
 
     def cfg(device: str) -> WorkerConfig:
-        return WorkerConfig(
-            kind=space.genome.type,
-            base=space.model_ref(space.base_model),
-            sources=[space.model_ref(m) for m in space.models],
-            objectives=[o.model_dump() for o in space.all_objectives()],
-            task_paths=space.task_dirs,
-            batch_size=space.evaluation.batch_size,
-            dtype=space.evaluation.dtype,
-            device=device,
-            fused=space.evaluation.fused_kernels,
-        )
+        return dataclasses.replace(worker_config(space), device=device)
 
     genome = make_genome(space)
     rng = np.random.default_rng(1)

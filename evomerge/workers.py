@@ -29,7 +29,8 @@ class WorkerConfig:
     dtype: str = "float32"
     device: str | None = None  # None: cuda when this process sees a GPU, else cpu
     kind: str = "parameter_space"  # the genome kind (evomerge.genomes.KINDS), which builds the candidates
-    embed_source: int = 0  # data-flow: the model whose embeddings and tokenizer the path uses
+    # The space's genome block (its kind's spec, dumped): the kind's materializer reads what it needs.
+    genome: dict = field(default_factory=dict)
     # Fused merge kernels (the space's evaluation.fused_kernels): "auto" (on for CUDA, the C kernels on CPU),
     # "on" (eager where torch.compile does not work) or "off". Data-flow workers ignore it.
     fused: str = "auto"

@@ -115,7 +115,7 @@ def test_decode_materialize_export_reload(name: str, zoo: Path, tmp_path: Path) 
         base=space.model_ref(space.base_model) if space.base_model else None,
         sources=[space.model_ref(m) for m in space.models],
         fused="off",
-        embed_source=space.genome.model_dump().get("embed_source", 0),
+        genome=space.genome.model_dump(mode="json"),
     )
     built = materializer(name, cfg, "cpu", torch.float32)
     model = built.materializer.new_model()

@@ -55,7 +55,7 @@ class WorkerSettings(Protocol):
     base: str | None
     sources: list[str]
     fused: str  # the space's evaluation.fused_kernels: "auto", "on" or "off"
-    embed_source: int
+    genome: dict[str, Any]  # the space's genome block, as data: each kind reads its own settings
 
 
 @dataclass(frozen=True)

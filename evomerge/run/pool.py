@@ -134,7 +134,7 @@ def worker_config(space: SearchSpace) -> WorkerConfig:
     space = portable_space(space)  # workers may run in another directory, or on another node
     return WorkerConfig(
         kind=space.genome.type,
-        embed_source=getattr(space.genome, "embed_source", 0),
+        genome=space.genome.model_dump(mode="json"),
         base=space.model_ref(space.base_model) if space.base_model else None,
         sources=[space.model_ref(m) for m in space.models],
         objectives=[o.model_dump() for o in space.all_objectives()],

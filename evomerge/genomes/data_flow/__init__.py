@@ -39,7 +39,8 @@ def _check_space(space: SearchSpace) -> None:
 def _materializer(cfg: WorkerSettings, device: str, dtype: Any) -> Materializing:
     from evomerge.genomes.data_flow.model import DataFlowMaterializer  # torch, transformers: workers only
 
-    mat = DataFlowMaterializer.from_refs(cfg.sources, device=device, dtype=dtype, embed_source=cfg.embed_source)
+    embed = cfg.genome.get("embed_source", 0)
+    mat = DataFlowMaterializer.from_refs(cfg.sources, device=device, dtype=dtype, embed_source=embed)
     return Materializing(mat, mat.tokenizer_path(), "eager", "data-flow genomes have no fused kernels")
 
 
