@@ -110,8 +110,8 @@ def check_worker(n_candidates: int = 6) -> dict:
     import numpy as np
 
     from evomerge.genomes import make_genome
-    from evomerge.space import load_space, portable_space
     from evomerge.run import worker_config
+    from evomerge.space import load_space, portable_space
     from evomerge.workers import MergeWorker, WorkerConfig
 
     space = portable_space(load_space(ROOT / "search_spaces" / "demo.yaml"))
