@@ -180,6 +180,35 @@ budget: 10
             assert pytest.approx(known[0] + known[-1]) == 1.0
 
 
+
+def test_group_params_follow_their_group(tmp_path: Path):
+    """An operator with searchable group params (consensus k) adds genes after each group's sources':
+    M2N2 takes them from the genome's layout, seeds corners with them mid-range and splits on groups."""
+    from evomerge.run import algorithm_settings
+    from evomerge.search.base import GenomeLayout, SearchContext
+
+    (tmp_path / "space.yaml").write_text("""
+base_model: base
+models: [a, b]
+genome: {method: consensus, layer_groups: 1, num_layers: 4}
+objectives:
+  - {name: x, task: t1, metric: "exact_match,none"}
+algorithm: {name: m2n2}
+""")
+    space = load_space(tmp_path / "space.yaml")
+    genome = ParameterSpaceGenome(space)
+    assert genome.genes_per_group == 2 * 2 + len(genome.group_genes) and genome.group_genes
+    settings = algorithm_settings(space, genome)
+    assert settings["group_params"] == len(genome.group_genes)
+    algo = make_algorithm("m2n2", dim=genome.dim, directions=["maximize"], seed=0, **settings)
+    assert algo.granularity == genome.genes_per_group
+    for src, p in enumerate(algo.ask(2)):
+        for g in genome.decode(p.x).groups:
+            assert g.weights == [1.0 if s == src else 0.0 for s in range(2)] and g.densities == [1.0, 1.0]
+    # a genome without group params leaves the setting out of the config, as old checkpoints have it
+    plain = M2N2.derive_settings({}, SearchContext(bounded=(True,), layout=GenomeLayout(2, 2)))
+    assert "group_params" not in make_algorithm("m2n2", dim=8, directions=["maximize"], seed=0, **plain).config()
+
 # ------------------------------------------------------------------------------------ replacement
 def test_replacement_only_when_better():
     arch = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
