@@ -62,3 +62,14 @@ def fresh_pg_url(pg_admin_url):
         admin.dispose()
 
 
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module of tiny models (more threads only contend on a small machine)."""
+    import torch  # only for the modules that ask for it: the store's tests need no torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

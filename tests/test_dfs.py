@@ -26,12 +26,8 @@ DEMO_TASKS = ROOT / "search_spaces" / "demo_tasks"
 L = 3  # blocks per tiny model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# Tiny matrices: extra threads only contend with the other processes on a small machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import torch  # noqa: E402
 
 from evomerge.genomes import cost_measure  # noqa: E402
 from evomerge.genomes.base import nonzero_params as count_nonzero_params  # noqa: E402
@@ -85,12 +84,8 @@ def write_space(tmp_path: Path, objectives: list[dict], **evaluation: Any) -> Pa
     return p
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# Tiny matrices: extra threads only contend with the other processes on a small machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
