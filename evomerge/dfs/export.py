@@ -85,7 +85,7 @@ def save_dataflow(
     models; pass ``model`` to reuse a candidate it made (it is re-wired to ``recipe``), and ``readme``
     to write a model card (e.g. :func:`dataflow_model_card`) as ``README.md``.
     """
-    from evomerge.merge.materialize import TOKENIZER_FILES
+    from evomerge.merge.checkpoint import TOKENIZER_FILES
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
