@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from evomerge.dfs.recipe import recipe_from_json
-from evomerge.merge.mergekit_io import dump_mergekit_yaml, recipe_to_mergekit
+from evomerge.merge.mergekit_export import dump_mergekit_yaml, recipe_to_mergekit
 from evomerge.recipe import Recipe
 from evomerge.space import resolve_ref
 

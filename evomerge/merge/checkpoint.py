@@ -19,6 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from evomerge.zoo import ZOO_PREFIX, resolve_zoo_uri
+
 __all__ = [
     "TOKENIZER_FILES",
     "TensorSource",
@@ -29,6 +31,7 @@ __all__ = [
     "config_layers",
     "copy_tokenizer",
     "load_state_dict",
+    "model_path",
     "read_config",
     "save_state_dict",
     "tied_alias",
@@ -144,6 +147,11 @@ class Renamed:
     def get_tied(self, name: str) -> Tensor | None:
         src = self.names.get(name)
         return None if src is None else self.inner.get_tied(src)
+
+
+def model_path(ref: str) -> str:
+    """A recipe's model reference as a local path (``zoo://`` models built on demand) or a hub id."""
+    return str(resolve_zoo_uri(ref)) if ref.startswith(ZOO_PREFIX) else ref
 
 
 def tied_alias(name: str, sd: dict[str, Tensor]) -> Tensor | None:

@@ -83,16 +83,18 @@ def tensor_needs(spec: OperatorSpec, params: dict[str, Any], dens: Tensor) -> Ne
 NATIVE_OPS = {"ta": native.OP_LINEAR, "ties": native.OP_TIES, "dare": native.OP_DARE, "dare_ties": native.OP_DARE_TIES}
 
 
-def group_params(spec: OperatorSpec, params: dict[str, Any], g: LayerGroup) -> dict[str, Any]:
-    """Method params with the group's overrides (genes such as SLERP's ``t``)."""
+def group_params(spec: OperatorSpec, params: dict[str, Any], g: LayerGroup, free: bool = False) -> dict[str, Any]:
+    """Method params with the group's overrides: the operator's per-group genes (such as SLERP's ``t``),
+    or with ``free`` any of its params (a mergekit config may vary every parameter per tensor)."""
     gp = getattr(g, "params", None) or {}
     if not gp:
         return params
-    bad = set(gp) - set(spec.group_params)
+    allowed = spec.params if free else spec.group_params
+    bad = set(gp) - set(allowed)
     if bad:
         raise ValueError(
             f"group {g.name!r}: method {spec.name!r} takes no per-group {sorted(bad)} "
-            f"(per-group params: {list(spec.group_params)})"
+            f"(per-group params: {list(allowed)})"
         )
     return {**params, **gp}
 
@@ -116,8 +118,11 @@ class Executor:
     One executor serves one thread at a time (its chunks' scratch buffers are shared).
     """
 
-    def __init__(self, res: Resident, *, chunk: int, fused: bool, native: bool, num_layers: int = 0) -> None:
+    def __init__(
+        self, res: Resident, *, chunk: int, fused: bool, native: bool, num_layers: int = 0, free_params: bool = False
+    ) -> None:
         self.res = res
+        self.free_params = free_params  # groups may override any method param (see group_params)
         self.num_layers = num_layers  # the model's block count, for operators that read the "layer"
         self.device, self.dtype = res.device, res.dtype
         self.chunk = int(chunk)
@@ -129,7 +134,7 @@ class Executor:
     def _inputs(
         self, spec: OperatorSpec, params: dict[str, Any], g: LayerGroup, name: str
     ) -> tuple[dict[str, Any], Tensor, Tensor, Needs, dict[str, Any]]:
-        params = group_params(spec, params, g)
+        params = group_params(spec, params, g, self.free_params)
         # genes and what derives from them are built on the host and sent without a synchronisation,
         # so a GPU materializer never waits on the device between tensors
         w = torch.tensor(g.weights, dtype=torch.float32)
@@ -313,7 +318,7 @@ class Executor:
         plans: dict[int, tuple[dict[str, Any], kernels.Plan | None, list[float]]] = {}  # None: a linear form
         for gi in sorted(set(index)):
             g = recipe.groups[gi]
-            gp = group_params(spec, params, g)
+            gp = group_params(spec, params, g, self.free_params)
             dens = _densities(g, k)
             if spec.linear is not None and spec.stats is not None:
                 plans[gi] = (gp, None, [])

@@ -92,6 +92,14 @@ class Materializer:
         on the CPU, let :meth:`apply` run those C kernels even when not ``fused``: they need no
         ``torch.compile`` (a C compiler builds them in seconds, once per machine). Operators without
         one stay eager.
+    free_group_params:
+        let a recipe group override any method parameter (``lambda``, ``normalize``...), as translated
+        mergekit configs do; by default a group overrides only the operator's per-group genes
+        (``OperatorSpec.group_params``), so a misspelt gene fails.
+    readers:
+        ``(base, sources)`` to read instead of the folders at ``base_path`` and ``source_paths`` (which
+        then only name them; the base's ``config.json`` is still read), e.g.
+        :class:`~evomerge.merge.checkpoint.Renamed` views for a layer-stacking merge.
     """
 
     def __init__(
@@ -108,6 +116,7 @@ class Materializer:
         fused: bool = False,
         lazy: bool = False,
         native: bool = False,
+        free_group_params: bool = False,
         readers: tuple[TensorSource, list[TensorSource]] | None = None,
     ) -> None:
         if not source_paths:
@@ -133,12 +142,17 @@ class Materializer:
             readers[0], readers[1], self.source_paths, device=self.device, dtype=dtype, trim_index=trim_index,
             quantile_points=quantile_points, lazy=self.lazy,
         )  # fmt: skip
-        self.executor = Executor(
-            self.resident, chunk=self.chunk, fused=fused, native=self.native, num_layers=self.num_layers
-        )
+        self.free_group_params = bool(free_group_params)
+        self.executor = self._executor(self.resident)
         # group layout (kind, range, filter of each group) -> index of the group of each tensor in names
         self._layouts: dict[tuple, list[int]] = {}
         self._current: tuple[Recipe, list[int]] | None = None  # the recipe being built, its group index
+
+    def _executor(self, res: Resident) -> Executor:
+        return Executor(
+            res, chunk=self.chunk, fused=self.fused, native=self.native, num_layers=self.num_layers,
+            free_params=self.free_group_params,
+        )  # fmt: skip
 
     # what callers read of the resident sources
     names = property(lambda self: self.resident.names, doc="Tensor names of the base checkpoint, in order.")
@@ -154,9 +168,7 @@ class Materializer:
         sub.__dict__.update(self.__dict__)
         sub.resident = self.resident.subset(indices)
         sub.source_paths = sub.resident.source_paths
-        sub.executor = Executor(
-            sub.resident, chunk=self.chunk, fused=self.fused, native=self.native, num_layers=self.num_layers
-        )
+        sub.executor = self._executor(sub.resident)
         sub._layouts, sub._current = {}, None
         return sub
 
@@ -240,7 +252,7 @@ class Materializer:
         spec, params = self._check_light(recipe)
         index = self._group_index(recipe)  # every tensor must be covered (fail before writing anything)
         for gi in sorted(set(index)):
-            group_params(spec, params, recipe.groups[gi])
+            group_params(spec, params, recipe.groups[gi], self.free_group_params)
         self._current = (recipe, index)
         return spec, params
 
