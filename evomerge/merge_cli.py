@@ -38,7 +38,8 @@ def merge_command(
     from evomerge.merge.build import merge_to_folder
     from evomerge.merge.lora import LoraError
     from evomerge.merge.mergekit_export import dump_mergekit_yaml, recipe_to_mergekit
-    from evomerge.merge.mergekit_io import ConfigError, dtype_of, load_merge_config
+    from evomerge.merge.mergekit_io import dtype_of, load_merge_config
+    from evomerge.merge.mergekit_settings import ConfigError
 
     t0 = time.perf_counter()
     try:

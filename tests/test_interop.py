@@ -15,7 +15,8 @@ import yaml
 from evomerge.merge import Materializer, load_state_dict
 from evomerge.merge.build import build_state_dict
 from evomerge.merge.mergekit_export import dump_mergekit_yaml, recipe_to_mergekit
-from evomerge.merge.mergekit_io import ConfigError, evaluate_setting, load_merge_config, mergekit_to_recipe
+from evomerge.merge.mergekit_io import load_merge_config, mergekit_to_recipe
+from evomerge.merge.mergekit_settings import ConfigError, evaluate_setting
 from evomerge.recipe import LayerGroup, Recipe
 
 try:

@@ -30,7 +30,8 @@ from evomerge.merge.checkpoint import (
     save_state_dict,
 )
 from evomerge.merge.materialize import Materializer, stacked_config
-from evomerge.merge.mergekit_io import ConfigError, MergeJob, config_of, dtype_of
+from evomerge.merge.mergekit_io import MergeJob, config_of, dtype_of
+from evomerge.merge.mergekit_settings import ConfigError
 from evomerge.merge.operators import get_operator
 from evomerge.merge.resident import source_reader
 from evomerge.recipe import LayerGroup, LayerSlice, Recipe, tensor_slot

@@ -2,7 +2,7 @@
 
 :func:`recipe_to_mergekit` gives the config (a dict for YAML) when mergekit can express the recipe,
 else ``None``; :func:`dump_mergekit_yaml` writes it as mergekit writes its own. Each emitted setting is
-checked against mergekit's evaluation (:func:`~evomerge.merge.mergekit_io.evaluate_setting`).
+checked against mergekit's evaluation (:func:`~evomerge.merge.mergekit_settings.evaluate_setting`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from evomerge.merge.checkpoint import checkpoint_names, model_path
-from evomerge.merge.mergekit_io import MERGEKIT_DEFAULTS, block_t, evaluate_setting
+from evomerge.merge.mergekit_settings import MERGEKIT_DEFAULTS, block_t, evaluate_setting
 from evomerge.merge.operators import get_operator, resolve_params
 from evomerge.recipe import Recipe, tensor_slot
 

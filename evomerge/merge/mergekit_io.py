@@ -6,24 +6,12 @@
   defaults written out explicitly, ``slices:``). :mod:`evomerge.merge.build` then merges it with the
   :class:`~evomerge.merge.Materializer`, the search's own engine.
 - :mod:`evomerge.merge.mergekit_export` goes the other way (recipe to mergekit YAML).
-
-mergekit semantics reproduced here (mergekit 0.1.5, ``mergekit/config.py`` and ``plan.py``):
-
-- a list value is a gradient: for block ``i`` of an output slice of ``n`` blocks, ``t = i / (n - 1)``
-  (``t = 1`` when ``n == 1``) and the list is interpolated piecewise-linearly at ``t * (len - 1)``;
-  the tensors outside the blocks (embeddings, final norm, head) use ``t = 0`` with the first slice
-  (embeddings) or the last slice (norm, head);
-- a list of ``{filter, value}`` conditions takes the first whose filter is a substring of the tensor
-  name (no filter, or ``*``, matches all);
-- per-model parameters override the slice's, which override the top-level ones; method-wide
-  parameters (``normalize``, ``lambda``, ``t``...) are read from the slice and the top level only.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,38 +22,26 @@ from pydantic import ValidationError
 
 from evomerge.merge.checkpoint import checkpoint_names, config_layers, model_path, read_config
 from evomerge.merge.lora import is_lora_adapter
+from evomerge.merge.mergekit_settings import (
+    MERGEKIT_DEFAULTS,
+    ConfigError,
+    block_t,
+    filters_in,
+    resolve_setting,
+)
 from evomerge.merge.operators import ALIASES, OPERATORS
 from evomerge.recipe import LayerGroup, LayerSlice, Recipe, SliceSource, tensor_slot
 
 __all__ = [
-    "ConfigError",
-    "MERGEKIT_DEFAULTS",
     "MergeJob",
-    "block_t",
     "config_of",
     "dtype_of",
-    "evaluate_setting",
     "load_merge_config",
     "mergekit_to_recipe",
 ]
 
 _LAYER_NAME_RE = re.compile(r"^(?P<pre>.*?(?:^|\.)layers\.)(?P<idx>\d+)\.(?P<suf>.+)$")
 
-# mergekit 0.1.5's defaults of the method-wide parameters (they differ per method, so a translated
-# recipe states them explicitly instead of relying on evomerge's defaults).
-MERGEKIT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "linear": {"normalize": True},
-    "task_arithmetic": {"normalize": False, "rescale": False, "lambda": 1.0},
-    "ties": {"normalize": True, "rescale": False, "lambda": 1.0},
-    "dare_ties": {"normalize": False, "rescale": True, "lambda": 1.0},
-    "dare_linear": {"normalize": False, "rescale": True, "lambda": 1.0},
-    "breadcrumbs": {"normalize": False, "rescale": False, "lambda": 1.0},
-    "breadcrumbs_ties": {"normalize": False, "rescale": False, "lambda": 1.0},
-    "della": {"normalize": True, "rescale": True, "lambda": 1.0},
-    "della_linear": {"normalize": False, "rescale": True, "lambda": 1.0},
-    "slerp": {},
-    "passthrough": {},
-}
 # Methods whose weight is required per model in mergekit.
 _WEIGHT_REQUIRED = {"linear", *(m for m in MERGEKIT_DEFAULTS if "lambda" in MERGEKIT_DEFAULTS[m])}
 # Per-model parameters (mergekit's INPUT / NON_BASE scope); all others are method-wide.
@@ -81,10 +57,6 @@ _DTYPES = {
 }  # fmt: skip
 
 
-class ConfigError(ValueError):
-    """A merge config evomerge cannot run: one line naming the field. The CLI exits with code 2."""
-
-
 @dataclass
 class MergeJob:
     """What ``evomerge merge`` builds: the recipe and the output options around it."""
@@ -94,70 +66,6 @@ class MergeJob:
     tokenizer_source: str | None = None  # model folder to copy the tokenizer from (None: the base)
     source_text: str | None = None  # the mergekit YAML it came from, kept beside the output
     notes: list[str] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------------------------
-# mergekit parameter evaluation
-
-
-def evaluate_setting(setting: Any, tensor_name: str, t: float = 0.0) -> Any:
-    """mergekit's ``evaluate_setting``: resolve filters and gradients of one parameter value."""
-    if isinstance(setting, dict):
-        setting = [setting]
-    if setting is None or isinstance(setting, (bool, int, float, str)):
-        return _scalar(setting)
-    if isinstance(setting, list):
-        if not setting:
-            return None
-        if all(not isinstance(e, (dict, list)) for e in setting):
-            vals = [_scalar(e) for e in setting]
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-                return vals[int(t * (len(vals) - 1))]
-            scaled = t * (len(vals) - 1)
-            i0 = int(scaled)
-            i1 = min(len(vals) - 1, i0 + 1)
-            frac = scaled - i0
-            return (1 - frac) * vals[i0] + frac * vals[i1]
-        for cond in setting:
-            if not isinstance(cond, dict) or "value" not in cond:
-                raise ConfigError(f"a conditional parameter must be a mapping with 'value' (got {cond!r})")
-            f = cond.get("filter")
-            if f is None or f == "*" or (tensor_name and str(f) in tensor_name):
-                return evaluate_setting(cond["value"], tensor_name, t)
-        return None
-    raise ConfigError(f"unexpected parameter value {setting!r}")
-
-
-def _scalar(v: Any) -> Any:
-    if isinstance(v, str):
-        low = v.strip().lower()
-        if low in ("true", "false"):
-            return low == "true"
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
-
-
-def _resolve(name: str, scopes: Iterable[dict | None], tensor_name: str, t: float) -> Any:
-    for sc in scopes:
-        if sc and name in sc:
-            v = evaluate_setting(sc[name], tensor_name, t)
-            if v is not None:
-                return v
-    return None
-
-
-def _filters_in(setting: Any, out: list[str]) -> None:
-    if isinstance(setting, dict):
-        f = setting.get("filter")
-        if f is not None and f != "*" and str(f) not in out:
-            out.append(str(f))
-        _filters_in(setting.get("value"), out)
-    elif isinstance(setting, list):
-        for e in setting:
-            _filters_in(e, out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,21 +398,21 @@ class _Resolver:
     def per_source(self, e: dict, s: dict, name: str, t: float) -> tuple[float, float | None, dict]:
         scopes = (e["params"], s["params"], self.gparams)
         if self.method == "passthrough":
-            sc = _resolve("scale", scopes, name, t)
+            sc = resolve_setting("scale", scopes, name, t)
             return (1.0 if sc is None else float(sc)), None, {}
-        w = _resolve("weight", scopes, name, t)
+        w = resolve_setting("weight", scopes, name, t)
         if w is None:
             if self.method in _WEIGHT_REQUIRED:
                 raise ConfigError(f"{e['where']}.parameters.weight: required by {self.method} (tensor {name})")
             w = 1.0
         dens = None
         if "density" in self.genes:
-            d = _resolve("density", scopes, name, t)
+            d = resolve_setting("density", scopes, name, t)
             dens = float(_PER_INPUT_DEFAULTS["density"] if d is None else d)
         extra = {}
         for k in ("gamma", "epsilon"):
             if k in self.used:
-                v = _resolve(k, scopes, name, t)
+                v = resolve_setting(k, scopes, name, t)
                 extra[k] = float(_PER_INPUT_DEFAULTS[k] if v is None else v)
         return float(w), dens, extra
 
@@ -513,7 +421,7 @@ class _Resolver:
         out: dict[str, Any] = {}
         spec_params = self.spec.params if self.spec is not None else {}
         for k, default in MERGEKIT_DEFAULTS.get(self.method, {}).items():
-            v = _resolve(k, scopes, name, t)
+            v = resolve_setting(k, scopes, name, t)
             v = default if v is None else v
             if k not in spec_params:
                 if k == "rescale" and bool(v) and self.spec is not None and self.spec.sparsify is not None:
@@ -529,16 +437,11 @@ class _Resolver:
         for k in self.used:
             if k in _PER_INPUT or k in _IGNORED_SHARED or k in out or k in MERGEKIT_DEFAULTS.get(self.method, {}):
                 continue
-            v = _resolve(k, scopes, name, t)
+            v = resolve_setting(k, scopes, name, t)
             if v is None:
                 raise ConfigError(f"parameters.{k}: no value for tensor {name}")
             out[k] = v
         return out
-
-
-def block_t(i: int, n: int) -> float:
-    """mergekit's gradient position of block ``i`` of an output slice of ``n`` blocks."""
-    return i / (n - 1) if n > 1 else 1.0
 
 
 def _signature(resolver: _Resolver, s: dict, merged: list[dict], name: str, t: float) -> tuple:
@@ -644,7 +547,7 @@ def _all_filters(gparams: dict, slices: list[dict]) -> list[str]:
     out: list[str] = []
     for d in [gparams] + [s["params"] for s in slices] + [e["params"] for s in slices for e in s["sources"]]:
         for v in d.values():
-            _filters_in(v, out)
+            filters_in(v, out)
     return out
 
 
