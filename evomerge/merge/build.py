@@ -11,7 +11,6 @@ views (its block groups moved by ``L0``) and draws its random masks under the ou
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from evomerge.merge.checkpoint import (
+    LAYER_NAME_RE,
     Reader,
     Renamed,
     TensorSource,
@@ -37,8 +37,6 @@ from evomerge.merge.resident import source_reader
 from evomerge.recipe import LayerGroup, LayerSlice, Recipe, tensor_slot
 
 __all__ = ["build_state_dict", "merge_to_folder"]
-
-_LAYER_NAME_RE = re.compile(r"^(?P<pre>.*?(?:^|\.)layers\.)(?P<idx>\d+)\.(?P<suf>.+)$")
 
 
 def _materializer(base: str, sources: list[str], dtype: torch.dtype, device: str, **kw: Any) -> Materializer:
@@ -96,7 +94,7 @@ def _iter_sliced(
     names = reader(recipe.base).keys()
     pre = [n for n in names if tensor_slot(n) == "embed"]
     post = [n for n in names if tensor_slot(n) == "head"]
-    sufs = [(m["pre"], m["suf"]) for m in map(_LAYER_NAME_RE.match, names) if m and m["idx"] == "0"]
+    sufs = [(m["pre"], m["suf"]) for m in map(LAYER_NAME_RE.match, names) if m and m["idx"] == "0"]
     blocks_from: list[int] = []
     for si, sl in enumerate(recipe.slices):
         first, last = si == 0, si == len(recipe.slices) - 1

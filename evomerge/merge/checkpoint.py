@@ -10,6 +10,7 @@ index, the layout ``transformers`` and mergekit write.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ __all__ = [
     "TensorSource",
     "Reader",
     "Renamed",
+    "LAYER_NAME_RE",
     "block_config",
     "checkpoint_names",
     "config_layers",
@@ -50,6 +52,9 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
+
+# a block's tensor name: the prefix up to ``layers.``, the block index, the rest
+LAYER_NAME_RE = re.compile(r"^(?P<pre>.*?(?:^|\.)layers\.)(?P<idx>\d+)\.(?P<suf>.+)$")
 
 # the input embeddings an untied-looking checkpoint's output head is tied to, by architecture family
 _TIED_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")

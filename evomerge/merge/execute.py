@@ -16,7 +16,7 @@ resident sources must supply for a group's tensors, and which strategies can run
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,7 +179,9 @@ class Executor:
             _put(out[s:e], chunk)
         return out.reshape(base.shape)
 
-    def write(self, seed: int, spec: OperatorSpec, params: dict[str, Any], g: LayerGroup, name: str, tgt: Tensor):
+    def write(
+        self, seed: int, spec: OperatorSpec, params: dict[str, Any], g: LayerGroup, name: str, tgt: Tensor
+    ) -> None:
         """Merge tensor ``name`` into ``tgt`` (a model's parameter) in place."""
         if name in self.res.passthrough:
             tgt.copy_(self.res.base[name])
@@ -279,7 +281,7 @@ class Executor:
                     acc.add_(dflat[i, s:e], alpha=c)
             yield s, e, acc
 
-    def _kernel(self, spec: OperatorSpec, params: dict[str, Any]):
+    def _kernel(self, spec: OperatorSpec, params: dict[str, Any]) -> Callable[..., Tensor] | None:
         if self.fused:
             return kernels.for_operator(spec.name, params, self.device)
         if self.native and self.device.type == "cpu":

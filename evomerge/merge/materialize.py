@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from evomerge.merge import native
 from evomerge.merge.checkpoint import (
+    LAYER_NAME_RE,
     Reader,
     TensorSource,
     block_config,
@@ -42,8 +42,6 @@ from evomerge.merge.resident import Resident, source_reader
 from evomerge.recipe import LayerGroup, Recipe
 
 __all__ = ["Materializer", "stacked_config"]
-
-_BLOCK_RE = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
 
 
 def stacked_config(cfg: dict[str, Any], blocks_from: list[int]) -> dict[str, Any]:
@@ -460,8 +458,8 @@ class Materializer:
                 for name in self.names:
                     if self.slots[name] != layer:
                         continue
-                    m = _BLOCK_RE.match(name)
-                    out[f"{m.group(1)}{idx}{m.group(3)}"] = reader.get(name)
+                    m = LAYER_NAME_RE.match(name)
+                    out[f"{m['pre']}{idx}.{m['suf']}"] = reader.get(name)
                 idx += 1
         return out, idx
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from evomerge.merge.checkpoint import checkpoint_names, config_layers, model_path, read_config
+from evomerge.merge.checkpoint import LAYER_NAME_RE, checkpoint_names, config_layers, model_path, read_config
 from evomerge.merge.lora import is_lora_adapter
 from evomerge.merge.mergekit_settings import (
     MERGEKIT_DEFAULTS,
@@ -39,8 +38,6 @@ __all__ = [
     "load_merge_config",
     "mergekit_to_recipe",
 ]
-
-_LAYER_NAME_RE = re.compile(r"^(?P<pre>.*?(?:^|\.)layers\.)(?P<idx>\d+)\.(?P<suf>.+)$")
 
 # Methods whose weight is required per model in mergekit.
 _WEIGHT_REQUIRED = {"linear", *(m for m in MERGEKIT_DEFAULTS if "lambda" in MERGEKIT_DEFAULTS[m])}
@@ -281,7 +278,7 @@ def mergekit_to_recipe(config: dict, *, config_dir: str | Path | None = None) ->
     aligned = method != "passthrough" and _aligned(slices, n_base)
     param_names = _check_params(method, spec, gparams, slices)
     names = checkpoint_names(base.split("+")[0] if not Path(base).exists() else base)
-    if any(_LAYER_NAME_RE.match(n) is None and tensor_slot(n) not in ("embed", "head") for n in names):
+    if any(LAYER_NAME_RE.match(n) is None and tensor_slot(n) not in ("embed", "head") for n in names):
         raise ConfigError(f"{base}: cannot tell the blocks of this checkpoint apart")
 
     sources: list[str] = []
@@ -521,7 +518,7 @@ def _build_groups(
     run_start, run_lay = None, None
     for b in blocks:
         # compare layouts on names with the block index removed, so equal blocks merge into one run
-        entries = [(_LAYER_NAME_RE.sub(r"\g<pre>#.\g<suf>", n), sig) for n, sig in by_slot[b]]
+        entries = [(LAYER_NAME_RE.sub(r"\g<pre>#.\g<suf>", n), sig) for n, sig in by_slot[b]]
         lay = layout(entries, True)
         if lay is None:
             lay_exact = layout(by_slot[b], False)
@@ -589,7 +586,7 @@ def _slice_groups(resolver, s, merged, names, *, first: bool, last: bool):
     n = s["sources"][0]["range"][1] - s["sources"][0]["range"][0]
     layer_sufs, seen = [], set()
     for nm in names:
-        m = _LAYER_NAME_RE.match(nm)
+        m = LAYER_NAME_RE.match(nm)
         if m and m.group("suf") not in seen:
             seen.add(m.group("suf"))
             layer_sufs.append((m.group("pre"), m.group("suf")))
