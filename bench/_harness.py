@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evomerge import front as frontlib  # noqa: E402
-from evomerge.driver import algorithm_settings, worker_config  # noqa: E402
-from evomerge.genome import make_genome  # noqa: E402
+from evomerge.genomes import make_genome  # noqa: E402
+from evomerge.run import algorithm_settings, worker_config  # noqa: E402
 from evomerge.search import make_algorithm  # noqa: E402
 from evomerge.space import SearchSpace, load_space  # noqa: E402
 from evomerge.workers import MergeWorker  # noqa: E402
@@ -114,7 +114,7 @@ def run_algorithm(ev: Evaluations, name: str, budget: int, seed: int, fidelity: 
         for p in props:
             values, flat = ev.score(p.x, front, fidelity)
             out.append(values)
-            if values is not None and getattr(algo, "uses_samples", False):
+            if values is not None and algo.needs_samples:
                 results.append((p.key, values, flat))
             else:
                 results.append((p.key, values))

@@ -108,7 +108,7 @@ def check_operators(base: str, experts: list[str]) -> dict:
 def check_worker(n_candidates: int = 6) -> dict:
     import numpy as np
 
-    from evomerge.genome import make_genome
+    from evomerge.genomes import make_genome
     from evomerge.space import load_space, portable_space
     from evomerge.workers import MergeWorker, WorkerConfig
 

@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from evomerge.evaluate import Evaluator  # noqa: E402
 from evomerge.merge import Materializer  # noqa: E402
+from evomerge.objectives import Evaluator  # noqa: E402
 from evomerge.recipe import LayerGroup, Recipe  # noqa: E402
 from evomerge.space import Objective  # noqa: E402
 from evomerge.zoo import build_zoo  # noqa: E402

@@ -1,4 +1,4 @@
-"""The `evomerge` command line: thin wrappers over space, driver, store and export."""
+"""The `evomerge` command line: thin wrappers over space, run, study view, store and export."""
 
 from __future__ import annotations
 
@@ -52,13 +52,13 @@ def _study_space(store, study: str):
     return parse_space_text(st.space_yaml, origin=f"study {study!r}")
 
 
-def _run_driver(space, store, study: str, workers: int, ray_address: str | None, progress: bool) -> None:
-    from evomerge.driver import Driver
+def _run_study(space, store, study: str, workers: int, ray_address: str | None, progress: bool) -> None:
+    from evomerge.run import StudyRun
 
-    driver = Driver(space, store, study, workers=workers, ray_address=ray_address, console=err,
-                    show_progress=progress)
+    study_run = StudyRun(space, store, study, workers=workers, ray_address=ray_address, console=err,
+                         show_progress=progress)
     try:
-        driver.run()
+        study_run.run()
     except KeyboardInterrupt:
         err.print(f"interrupted: nothing evaluated is lost; go on with `evomerge resume {study}`")
         raise typer.Exit(130) from None
@@ -71,7 +71,7 @@ def _run_driver(space, store, study: str, workers: int, ray_address: str | None,
         except ImportError:
             pass
     _print_front(store, study)
-    s = driver.stats
+    s = study_run.stats
     fid = [t["fidelity"] for t in s.timings if "fidelity" in t]
     if fid:
         stopped = sum(1 for t in s.timings if t.get("pruned"))
@@ -88,19 +88,18 @@ def _run_driver(space, store, study: str, workers: int, ray_address: str | None,
 
 def _check_algorithm(sp, path: Path, genome=None) -> None:
     """Build the space's algorithm once, so a bad name or setting fails before any study exists."""
-    from evomerge.driver import algorithm_settings
-    from evomerge.search import REGISTRY, make_algorithm
+    from evomerge.run import build_algorithm
+    from evomerge.search import REGISTRY
 
     if sp.algorithm.name not in REGISTRY:
         raise UserError(f"{path}: field 'algorithm.name': unknown algorithm {sp.algorithm.name!r} "
                         f"(known: {', '.join(sorted(REGISTRY))})")
     if genome is None:
-        from evomerge.genome import make_genome
+        from evomerge.genomes import make_genome
 
         genome = make_genome(sp)
     try:
-        make_algorithm(sp.algorithm.name, dim=genome.dim, directions=[o.direction for o in sp.objectives],
-                       seed=sp.seed, weights=[o.weight for o in sp.objectives], **algorithm_settings(sp, genome))
+        build_algorithm(sp, genome)
     except (ValueError, TypeError) as e:
         raise UserError(f"{path}: field 'algorithm.settings': {str(e).splitlines()[0]}") from None
 
@@ -123,7 +122,7 @@ def search(
     progress: Annotated[bool, typer.Option(help="live progress on the terminal")] = True,
 ) -> None:
     """Start a new study on a search space and run it to its budget."""
-    from evomerge.genome import describe_genome, make_genome
+    from evomerge.genomes import describe_genome, make_genome
     from evomerge.space import dump_space, load_space
 
     sp = load_space(space)
@@ -156,7 +155,7 @@ def search(
     )
     err.print(f"study [bold]{name}[/bold]: {genome.dim} genes, {sp.algorithm.name}, budget {sp.budget}, "
               f"{workers} worker(s), storage {store.url_display}")
-    _run_driver(sp, store, name, workers, ray_address, progress)
+    _run_study(sp, store, name, workers, ray_address, progress)
 
 
 @app.command()
@@ -171,7 +170,7 @@ def resume(
     store = _store(storage)
     sp = _study_space(store, study)
     _ensure_zoo(sp)
-    _run_driver(sp, store, study, workers, ray_address, progress)
+    _run_study(sp, store, study, workers, ray_address, progress)
 
 
 @app.command()
@@ -180,15 +179,11 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """List studies with candidate counts."""
-    from datetime import UTC, datetime
+    from evomerge.view import StudyView
 
-    rows = _store(storage).list_studies()
-    now = datetime.now(UTC)
-    for r in rows:
-        # A "running" study whose driver lease has lapsed was interrupted (Ctrl-C is recorded as paused,
-        # kill -9 or a lost node leaves running behind): say so, resume will pick it up.
-        if r["state"] == "running" and (r.get("lease_expires") is None or r["lease_expires"] < now):
-            r["state"] = "interrupted"
+    # A "running" study whose run lease has lapsed reads "interrupted" (kill -9 or a lost node leaves
+    # running behind); resume picks it up.
+    rows = StudyView(_store(storage)).studies()
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
@@ -200,17 +195,19 @@ def status(
 
 
 def _print_front(store, study: str, as_json: bool = False) -> None:
-    from evomerge.dfs.recipe import recipe_from_json
+    from evomerge.genomes import recipe_from_json, recipe_summary
+    from evomerge.view import StudyView
 
-    st = store.get_study(study)
-    rows = store.front(study)
+    view = StudyView(store)
+    st = view.study(study)
+    rows = view.front(study)
     names = [o["name"] for o in st.objectives]
     if as_json:
         print(json.dumps([{"candidate": c.number, "scores": c.scores, "recipe_hash": c.recipe_hash,
                            "recipe": json.loads(c.recipe_json)} for c in rows], indent=2))
         return
     extra = sorted({k for c in rows for k in c.scores} - set(names))
-    t = Table(title=f"Pareto front of {study} ({len(rows)} of {store.study_counts(study)['complete']} complete)")
+    t = Table(title=f"Pareto front of {study} ({len(rows)} of {view.counts(study)['complete']} complete)")
     t.add_column("candidate", justify="right")
     for o in st.objectives:
         t.add_column(f"{o['name']} ({'max' if o['direction'] == 'maximize' else 'min'})", justify="right")
@@ -224,13 +221,6 @@ def _print_front(store, study: str, as_json: bool = False) -> None:
         held = [f"{c.scores[k]:.4f}" if k in c.scores else "-" for k in extra]
         t.add_row(str(c.number), *(f"{c.scores[n]:.4f}" for n in names), *held, genes, c.recipe_hash)
     out.print(t)
-
-
-def recipe_summary(r) -> str:
-    if r.kind == "data_flow":
-        steps = " ".join(f"m{m}.{layer}" for m, layer in r.path)
-        return f"path ({r.path_length}): {steps}"
-    return "weights " + "  ".join(f"{g.name}:" + "/".join(f"{w:.2f}" for w in g.weights) for g in r.groups)
 
 
 @app.command()
@@ -294,11 +284,12 @@ def storage_upgrade(storage: StorageOpt = None) -> None:
 
 # Errors printed as one line with exit code 2, by (module, class). Looked up only once something was
 # raised, in the modules already imported: an exception of a class whose module was never imported
-# cannot have been raised, and importing driver/export/store up front (torch, SQLAlchemy, Ray) would
+# cannot have been raised, and importing run/export/store up front (torch, SQLAlchemy, Ray) would
 # cost seconds of start-up on every command, `--help` and `merge` included.
 USER_ERRORS = (
     ("evomerge.space", "SpaceError"),
-    ("evomerge.driver", "DriverError"),
+    ("evomerge.run.loop", "RunError"),
+    ("evomerge.run.pool", "PoolError"),
     ("evomerge.store.errors", "StoreError"),
     ("evomerge.export", "ExportError"),
 )

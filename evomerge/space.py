@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -18,94 +18,24 @@ from pydantic import (
     model_validator,
 )
 
-from evomerge.dfs.spec import DataFlowGenomeSpec
 from evomerge.fidelity import MultiFidelity
+from evomerge.genomes import DEFAULT_KIND, KINDS, SpaceError, check_space
+from evomerge.objectives import KIND_TAGS, Objective, ObjectiveSpec
+from evomerge.zoo import ZOO_MODELS, ZOO_PREFIX, resolve_ref
 
-ZOO_PREFIX = "zoo://"
-# lm-eval metrics whose task score is the mean of per-example scores in [0, 1].
-FIDELITY_METRICS = {"exact_match", "acc", "acc_norm"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class SpaceError(ValueError):
-    """A search space that cannot be used; the message is one line naming the field."""
-
-
-class Objective(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    # lm_eval: an lm-eval task; cost: a property of the merged model (no evaluation needed).
-    kind: Literal["lm_eval", "cost"] = "lm_eval"
-    # lm-eval task name (looked up in the space's task_paths) or a path to a task YAML file.
-    task: str | None = None
-    # lm-eval metric key, "metric,filter" as lm-eval reports it (e.g. "exact_match,none").
-    metric: str | None = None
-    # For kind == cost: "params" (non-zero parameters of the candidate); for data-flow candidates also
-    # "path_length" (blocks on the path) and "path_params" (parameters the path uses, shared ones once).
-    measure: Literal["params", "path_length", "path_params"] | None = None
-    direction: Literal["maximize", "minimize"] = "maximize"
-    limit: int | None = Field(default=None, gt=0)
-    # Weight in the scalarised objective of single-objective algorithms (CMA-ES).
-    weight: float = 1.0
-
-    @model_validator(mode="after")
-    def _check(self) -> Objective:
-        if self.kind == "lm_eval" and (not self.task or not self.metric):
-            raise ValueError("an lm_eval objective needs task and metric")
-        if self.kind == "cost" and self.measure is None:
-            raise ValueError("a cost objective needs measure")
-        return self
-
-
-class Genome(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["parameter_space"] = "parameter_space"
-    method: Literal["linear", "task_arithmetic", "ties", "dare", "dare_ties"] = "dare_ties"
-    # How many contiguous runs of blocks get their own gene set ("block": one per block). The
-    # embeddings and the head get one each, so the genome has layer_groups + 2 gene sets; "model" is
-    # one gene set for every tensor (the coarsest granularity, e.g. for MAP's per-model coefficients).
-    layer_groups: int | Literal["block", "model"] = 1
-    # Block count of the base; read from its config.json when the base is a local folder, so only
-    # needed for hub models the driver cannot open (dry runs on a laptop for a cluster space).
-    num_layers: int | None = Field(default=None, gt=0)
-    weight_bounds: tuple[float, float] = (0.0, 1.0)
-    density_bounds: tuple[float, float] = (0.1, 1.0)
-    # Method-wide parameters passed through to the operator (e.g. {"lambda": 1.0}).
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("weight_bounds", "density_bounds")
-    @classmethod
-    def _bounds(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if v[0] >= v[1]:
-            raise ValueError("lower bound must be below upper bound")
-        return v
-
-    @field_validator("density_bounds")
-    @classmethod
-    def _density(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if v[0] < 0 or v[1] > 1:
-            raise ValueError("densities lie in [0, 1]")
-        return v
-
-    @field_validator("layer_groups")
-    @classmethod
-    def _groups(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("layer_groups must be >= 1, 'block' or 'model'")
-        return v
 
 
 def _genome_type(v: Any) -> str:
     # Spaces written before data-flow genomes existed have no `type:`; they are parameter-space.
     if isinstance(v, dict):
-        return v.get("type", "parameter_space")
-    return getattr(v, "type", "parameter_space")
+        return v.get("type", DEFAULT_KIND)
+    return getattr(v, "type", DEFAULT_KIND)
 
 
+# The `genome:` block: one spec per registered genome kind, told apart by its `type:` tag.
 GenomeSpec = Annotated[
-    Annotated[Genome, Tag("parameter_space")] | Annotated[DataFlowGenomeSpec, Tag("data_flow")],
+    Union[tuple(Annotated[k.spec, Tag(k.name)] for k in KINDS.values())],  # noqa: UP007 - built at run time
     Discriminator(_genome_type),
 ]
 
@@ -155,10 +85,11 @@ class SearchSpace(BaseModel):
     # base: it wires the source models' own layers.
     base_model: str | None = None
     models: list[str] = Field(min_length=1)
-    genome: GenomeSpec = Field(default_factory=Genome)
-    objectives: list[Objective] = Field(min_length=1)
+    genome: GenomeSpec = Field(default_factory=KINDS[DEFAULT_KIND].spec)
+    # Each entry is validated by the model of its `kind` (lm_eval when absent), see evomerge/objectives/kinds.
+    objectives: list[ObjectiveSpec] = Field(min_length=1)
     # Objectives evaluated on the final front only, never used to steer the search.
-    report: list[Objective] = Field(default_factory=list)
+    report: list[ObjectiveSpec] = Field(default_factory=list)
     algorithm: Algorithm = Field(default_factory=Algorithm)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     budget: int = Field(default=50, gt=0)
@@ -182,19 +113,15 @@ class SearchSpace(BaseModel):
             raise ValueError(f"objective names must be unique, repeated: {sorted(dup)}")
         if self.evaluation.multi_fidelity is not None:
             for o in self.objectives:
-                if o.kind == "lm_eval" and o.metric.split(",")[0] not in FIDELITY_METRICS:
-                    raise ValueError(f"multi_fidelity needs per-example scores in [0, 1] with a mean "
-                                     f"(exact_match, acc, ...); objective {o.name!r} is {o.metric}")
-        if isinstance(self.genome, DataFlowGenomeSpec):
-            self.genome.check_models(len(self.models))
-        elif self.base_model is None:
-            raise ValueError("a parameter-space genome needs base_model")
+                problem = o.fidelity_problem()
+                if problem:
+                    raise ValueError(f"multi_fidelity needs per-example scores in [0, 1] with a mean; "
+                                     f"objective {o.name!r} {problem}")
+        check_space(self)
         if self.base_model is not None and self.base_model in self.models:
             raise ValueError("the base model must not be one of the source models")
         zoo_refs = [r for r in self.model_refs if r.startswith(ZOO_PREFIX)]
         if zoo_refs:
-            from evomerge.zoo import ZOO_MODELS
-
             for r in zoo_refs:
                 if r[len(ZOO_PREFIX):].strip("/") not in ZOO_MODELS:
                     raise ValueError(f"unknown zoo model {r!r}; the zoo has {', '.join(ZOO_MODELS)}")
@@ -239,16 +166,7 @@ class SearchSpace(BaseModel):
         return self.objectives + self.report
 
 
-def resolve_ref(ref: str) -> str:
-    """A recipe's model reference as a local path (zoo:// built on demand) or a hub id."""
-    if ref.startswith(ZOO_PREFIX):
-        from evomerge.zoo import resolve_zoo_uri
-
-        return str(resolve_zoo_uri(ref))
-    return ref
-
-
-_UNION_TAGS = {"parameter_space", "data_flow"}
+_UNION_TAGS = {*KINDS, *KIND_TAGS}
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -285,9 +203,7 @@ def portable_space(space: SearchSpace) -> SearchSpace:
     """The space with every reference made absolute, so it means the same from any directory."""
 
     def task_ref(o: Objective) -> Objective:
-        if o.task and (o.task.endswith((".yaml", ".yml"))):
-            return o.model_copy(update={"task": str(space._rel(o.task).resolve())})
-        return o
+        return o.portable(lambda ref: str(space._rel(ref).resolve()))
 
     return space.model_copy(
         update={

@@ -13,8 +13,9 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 
-from evomerge.dfs.recipe import recipe_from_json
 from evomerge.fidelity import MultiFidelity, can_reach_front, optimistic_value
+from evomerge.genomes import cost_measure, materializer, recipe_from_json
+from evomerge.objectives import Evaluator, ObjectiveResult, parse_objective, supports_fidelity
 from evomerge.space import Objective
 
 
@@ -27,33 +28,11 @@ class WorkerConfig:
     batch_size: int = 32
     dtype: str = "float32"
     device: str | None = None  # None: cuda when this process sees a GPU, else cpu
-    kind: str = "parameter_space"  # or "data_flow"
+    kind: str = "parameter_space"  # the genome kind (evomerge.genomes.KINDS), which builds the candidates
     embed_source: int = 0  # data-flow: the model whose embeddings and tokenizer the path uses
     # Fused merge kernels (the space's evaluation.fused_kernels): "auto" (on for CUDA, the C kernels on CPU),
     # "on" (eager where torch.compile does not work) or "off". Data-flow workers ignore it.
     fused: str = "auto"
-
-
-def _use_fused(setting: str, device) -> tuple[str, str]:
-    """How a parameter-space worker on ``device`` merges: "fused" (compiled kernels, and on the CPU the
-    C kernels), "native" (the C kernels only: CPU, no compile) or "eager"; and why."""
-    if setting == "off":
-        return "eager", "fused_kernels: off"
-    if setting == "auto" and device.type != "cuda":
-        from evomerge.merge import native
-
-        if device.type == "cpu" and native.available():  # built now: the build lands in the start-up time
-            return "native", (
-                "fused_kernels: auto, on cpu the C kernels (no torch.compile: a CPU compile costs more than "
-                "it saves); operators without one run eager"
-            )
-        return "eager", f"fused_kernels: auto, off on {device.type} (a CPU compile costs more than it saves)"
-    from evomerge.merge import kernels
-
-    # Checked now rather than at the first candidate, so the compile lands in the start-up time.
-    if not kernels.available(device):
-        return "eager", f"fused_kernels: {setting}, but torch.compile does not work here: eager operators"
-    return "fused", f"fused_kernels: {setting}" + (f", on for {device.type}" if setting == "auto" else "")
 
 
 @dataclass
@@ -76,9 +55,6 @@ class MergeWorker:
         import torch
         from transformers import AutoTokenizer
 
-        from evomerge.evaluate import Evaluator
-        from evomerge.merge import Materializer
-        from evomerge.space import resolve_ref
 
         t0 = time.perf_counter()
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,29 +65,15 @@ class MergeWorker:
         if cfg.fused not in ("auto", "on", "off"):
             raise ValueError(f"fused must be 'auto', 'on' or 'off', not {cfg.fused!r}")
         self.fused_setting = cfg.fused
-        if cfg.kind == "data_flow":
-            from evomerge.dfs import DataFlowMaterializer
-
-            self.materializer = DataFlowMaterializer.from_refs(
-                cfg.sources, device=device, dtype=dtype, embed_source=cfg.embed_source
-            )
-            tok_path = self.materializer.tokenizer_path()
-            self.merge_kernels, self.merge_kernels_note = "eager", "data-flow genomes have no fused kernels"
-        else:
-            self.merge_kernels, self.merge_kernels_note = _use_fused(cfg.fused, torch.device(device))
-            tok_path = resolve_ref(cfg.base)
-            self.materializer = Materializer(
-                tok_path,
-                [resolve_ref(s) for s in cfg.sources],
-                device=device,
-                dtype=dtype,
-                fused=self.merge_kernels == "fused",
-                native=self.merge_kernels == "native",
-            )
+        built = materializer(cfg.kind, cfg, device, dtype)
+        self.materializer, tok_path = built.materializer, built.tokenizer_path
+        self.merge_kernels, self.merge_kernels_note = built.merge_kernels, built.note
         self.model = self.materializer.new_model()
         self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
-        self.objectives = [Objective.model_validate(o) for o in cfg.objectives]
-        self.evaluator = Evaluator(self.objectives, cfg.task_paths, self.tokenizer, cfg.batch_size)
+        self.objectives = [parse_objective(o) for o in cfg.objectives]
+        self.evaluator = Evaluator(
+            self.objectives, cfg.task_paths, self.tokenizer, cfg.batch_size, measure=cost_measure
+        )
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
         self.startup_s = time.perf_counter() - t0
 
@@ -168,22 +130,22 @@ class MergeWorker:
 
     def _staged(self, objs: list[Objective], front: list[list[float]], fid: MultiFidelity):
         """Slice first, then the rest if the optimistic scores are not dominated by the front."""
-        from evomerge.evaluate import ObjectiveResult
-
-        lm = [o for o in objs if o.kind == "lm_eval"]
-        n = {o.name: self.evaluator.num_docs(o) for o in lm}
+        staged = [o for o in objs if supports_fidelity(o)]
+        if not staged:
+            return self.evaluator.evaluate(self.model, objs), {"fidelity": 1.0}
+        n = {o.name: self.evaluator.num_docs(o) for o in staged}
         k = max(1, math.ceil(fid.fraction * max(n.values())))
         first = self.evaluator.evaluate(self.model, objs, window=(0, k))
-        seen = sum(len(first[o.name].samples) for o in lm)
+        seen = sum(len(first[o.name].samples) for o in staged)
         full = sum(n.values())
         optimistic = [
-            optimistic_value(first[o.name].samples, n[o.name], o.direction, fid) if o.kind == "lm_eval"
+            optimistic_value(first[o.name].samples, n[o.name], o.direction, fid) if o.name in n
             else first[o.name].value
             for o in objs
         ]
         if not can_reach_front(optimistic, front, [o.direction for o in objs]):
             return first, {"fidelity": seen / full, "pruned": 1.0}
-        todo = [o for o in lm if n[o.name] > k]
+        todo = [o for o in staged if n[o.name] > k]
         rest = self.evaluator.evaluate(self.model, todo, window=(k, max(n.values()))) if todo else {}
         out = dict(first)
         for o in todo:

@@ -14,14 +14,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
 
-from evomerge.dfs import (  # noqa: E402
-    DataFlowGenome,
-    DataFlowGenomeSpec,
-    DataFlowRecipe,
-    read_block_count,
-    recipe_from_json,
-)
-from evomerge.dfs.model import DataFlowError, DataFlowMaterializer, cost_measure, path_length, path_params  # noqa: E402
+from evomerge.genomes import cost_measure, recipe_from_json  # noqa: E402
+from evomerge.genomes.data_flow import DataFlowGenome, DataFlowGenomeSpec, DataFlowRecipe, read_block_count  # noqa: E402
+from evomerge.genomes.data_flow.costs import path_length, path_params  # noqa: E402
+from evomerge.genomes.data_flow.model import DataFlowError, DataFlowMaterializer  # noqa: E402
 from evomerge.recipe import LayerGroup, Recipe  # noqa: E402
 from tests.fixtures_models import make_tiny_llama_family  # noqa: E402
 
@@ -197,7 +193,7 @@ def test_costs(mat):
     expect = 2 * emb + len(blocks) * per_block + mat.sources[0].model.norm.weight.numel()
     assert path_params(model) == mat.param_count(r) == expect
     assert path_length(model) == cost_measure(model, "path_length") == len(MIXED)
-    with pytest.raises(DataFlowError):
+    with pytest.raises(ValueError, match="unknown cost measure"):
         cost_measure(model, "latency")
     with pytest.raises(DataFlowError, match="block counts"):
         mat.apply(DataFlowRecipe(models=mat.refs, num_layers=[2, 2], path=[], scales=[]), model)
@@ -210,8 +206,7 @@ def test_export_round_trip(mat, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from evomerge.dfs import save_dataflow
-    from evomerge.dfs.export import dataflow_model_card
+    from evomerge.genomes.data_flow.export import dataflow_model_card, save_dataflow
 
     r = recipe(mat, MIXED, MIXED_SCALES, e=0, h=1)
     model = mat.new_model(r)
@@ -238,7 +233,7 @@ def test_export_round_trip(mat, tmp_path):
 def test_tied_head_export(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.dfs import save_dataflow
+    from evomerge.genomes.data_flow.export import save_dataflow
 
     _, (a, b) = make_tiny_llama_family(tmp_path / "fam", 2, scale=0.3)  # tied embeddings and head
     dm = DataFlowMaterializer([a, b])
@@ -302,7 +297,9 @@ def test_ps_result_as_source(family, tmp_path, monkeypatch):
 
 
 def test_hflm_evaluator_on_demo_tasks(mat, tok, tmp_path):
-    from evomerge.evaluate import Evaluator, count_nonzero_params
+    from evomerge.genomes import cost_measure
+    from evomerge.genomes.base import nonzero_params as count_nonzero_params
+    from evomerge.objectives import Evaluator
     from evomerge.space import Objective
 
     objs = [
@@ -310,7 +307,7 @@ def test_hflm_evaluator_on_demo_tasks(mat, tok, tmp_path):
         Objective(name="script", task="demo_script_search", metric="exact_match,none", limit=4),
         Objective(name="size", kind="cost", measure="params", direction="minimize"),
     ]
-    ev = Evaluator(objs, [str(DEMO_TASKS)], tok, batch_size=4, cache_dir=str(tmp_path / "c"))
+    ev = Evaluator(objs, [str(DEMO_TASKS)], tok, batch_size=4, cache_dir=str(tmp_path / "c"), measure=cost_measure)
     model = mat.new_model()
     for path in (MIXED, [(0, 0), (0, 2)]):  # the same model object, re-wired in place
         mat.apply(recipe(mat, path, [1.0] * len(path)), model)

@@ -123,7 +123,7 @@ def test_search_status_front_export(tiny_zoo: Path, tmp_path: Path) -> None:
     # The exported folder loads with transformers and scores exactly what the search recorded.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.evaluate import Evaluator
+    from evomerge.objectives import Evaluator
     from evomerge.space import load_space
 
     space = load_space(sp)
@@ -261,12 +261,15 @@ seed: 1
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.evaluate import Evaluator
+    from evomerge.genomes import cost_measure
+    from evomerge.objectives import Evaluator
     from evomerge.space import load_space
 
     space = load_space(sp)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
-    ev = Evaluator(space.objectives, [str(TASKS)], AutoTokenizer.from_pretrained(out), space.evaluation.batch_size)
+    # The cost measures come from the genome kind, as a worker supplies them.
+    ev = Evaluator(space.objectives, [str(TASKS)], AutoTokenizer.from_pretrained(out), space.evaluation.batch_size,
+                   measure=cost_measure)
     got = ev.evaluate(model)
     for name, value in best["scores"].items():
         assert got[name].value == pytest.approx(value, abs=1e-12)

@@ -14,7 +14,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
 
-from evomerge.evaluate import EvaluationError, Evaluator, ObjectiveResult, count_nonzero_params  # noqa: E402
+from evomerge.genomes import cost_measure  # noqa: E402
+from evomerge.genomes.base import nonzero_params as count_nonzero_params  # noqa: E402
+from evomerge.objectives import EvaluationError, Evaluator, ObjectiveResult  # noqa: E402
 from evomerge.space import Objective  # noqa: E402
 
 TASKS = Path(__file__).parent / "fixtures" / "tasks"
@@ -103,7 +105,8 @@ def tok():
 
 @pytest.fixture(scope="module")
 def evaluator(tok, tmp_path_factory):
-    return Evaluator(OBJECTIVES, [str(TASKS)], tok, batch_size=8, cache_dir=str(tmp_path_factory.mktemp("c")))
+    return Evaluator(OBJECTIVES, [str(TASKS)], tok, batch_size=8, cache_dir=str(tmp_path_factory.mktemp("c")),
+                     measure=cost_measure)
 
 
 def check_consistent(res: dict[str, ObjectiveResult], n: dict[str, int]) -> None:

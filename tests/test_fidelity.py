@@ -39,7 +39,7 @@ def test_can_reach_front() -> None:
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    from evomerge.driver import worker_config
+    from evomerge.run import worker_config
     from evomerge.workers import MergeWorker
     from evomerge.zoo import build_zoo
 
@@ -56,7 +56,7 @@ objectives:
 evaluation: {{batch_size: 16, task_paths: [{TASKS}], multi_fidelity: {{fraction: 0.25, bound: safe}}}}
 """)
     space = load_space(p)
-    from evomerge.genome import make_genome
+    from evomerge.genomes import make_genome
 
     recipe = make_genome(space).decode([0.5, 0.5])
     return MergeWorker(worker_config(space)), recipe.canonical_json()

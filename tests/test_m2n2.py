@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evomerge.genome import ParameterSpaceGenome
+from evomerge.genomes.parameter_space import ParameterSpaceGenome
 from evomerge.search import M2N2, REGISTRY, make_algorithm, restore_algorithm
 from evomerge.search.m2n2 import (
     attraction,
@@ -266,7 +266,7 @@ def test_ablation_switches_change_behaviour():
 
 
 def test_settings_validation_and_registry():
-    assert REGISTRY["m2n2"] is M2N2 and M2N2.uses_samples and not M2N2.generational
+    assert REGISTRY["m2n2"] is M2N2 and M2N2.needs_samples and M2N2.needs_layout and not M2N2.generational
     with pytest.raises(ValueError):
         make_algorithm("m2n2", dim=4, directions=["maximize"], seed=0, pop=1)
     with pytest.raises(ValueError):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.genome import ParameterSpaceGenome, plan_groups
+from evomerge.genomes.parameter_space import ParameterSpaceGenome, plan_groups
 from evomerge.recipe import Recipe, tensor_slot
 from evomerge.space import SpaceError, dump_space, load_space, parse_space_text
 
@@ -162,7 +162,7 @@ def test_bad_fused_kernels_names_the_field(tmp_path: Path, value: str) -> None:
 
 
 def test_worker_config_carries_fused_kernels(tmp_path: Path) -> None:
-    from evomerge.driver import worker_config
+    from evomerge.run import worker_config
 
     sp = load_space(write(tmp_path, GOOD + "evaluation: {fused_kernels: 'off'}\n"))
     assert worker_config(sp).fused == "off"

@@ -17,15 +17,16 @@ import sqlalchemy as sa
 
 from evomerge.store import (
     CandidateNotFound,
+    StorageOpenError,
     Store,
     StoreError,
+    StoreReadOnly,
     StudyExists,
     StudyLocked,
     StudyNotFound,
     default_storage_url,
 )
 from evomerge.store.models import Base
-from evomerge.store.store import _non_dominated
 
 TABLES = {"studies", "candidates", "scores", "sample_scores", "checkpoints", "alembic_version"}
 OBJ2 = [{"name": "acc", "direction": "maximize"}, {"name": "size", "direction": "minimize"}]
@@ -70,12 +71,12 @@ def _add(store: Store, study: str, key: str, genome=(0.5, 0.5), recipe_hash: str
 def test_migrations_create_schema_and_upgrade_is_idempotent(url):
     st = Store(url)
     try:
-        head = st.head_revision()
+        head = st.db.head_revision()
         assert st.current_revision() == head == "0001" and st.revision_at_open is None
-        insp = sa.inspect(st.engine)
+        insp = sa.inspect(st.db.engine)
         assert TABLES <= set(insp.get_table_names())
         # idempotent: a second upgrade and a second open change nothing
-        assert st.upgrade() == (head, head)
+        assert st.db.upgrade() == (head, head)
         st2 = Store(url, auto_upgrade=False)
         assert st2.current_revision() == st2.revision_at_open == head
         st2.close()
@@ -83,11 +84,11 @@ def test_migrations_create_schema_and_upgrade_is_idempotent(url):
         from alembic.autogenerate import compare_metadata
         from alembic.runtime.migration import MigrationContext
 
-        with st.engine.connect() as conn:
+        with st.db.engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"compare_type": True})
             assert compare_metadata(ctx, Base.metadata) == []
-        if st.dialect == "sqlite":
-            with st.engine.connect() as conn:
+        if st.db.dialect == "sqlite":
+            with st.db.engine.connect() as conn:
                 assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
                 assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
     finally:
@@ -103,8 +104,8 @@ def test_schema_revision_checks(url):
     # downgrade to nothing through alembic, then reopening upgrades again (data was dropped)
     from alembic import command
 
-    cfg = st._alembic_config()
-    with st.engine.begin() as conn:
+    cfg = st.db.alembic_config()
+    with st.db.engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, "base")
     assert st.current_revision() is None
@@ -112,7 +113,7 @@ def test_schema_revision_checks(url):
     st = Store(url)
     assert st.current_revision() == "0001" and st.list_studies() == []
     # a schema newer than this code is refused, even with auto_upgrade
-    with st.engine.begin() as conn:
+    with st.db.engine.begin() as conn:
         conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
     st.close()
     with pytest.raises(StoreError, match="newer"):
@@ -149,7 +150,7 @@ def test_study_create_get_list_counts(store):
 
     a = store.get_study("a")
     assert a.objectives == OBJ2 and a.status == "running" and a.budget == 10 and a.reference_point is None
-    assert store.get_study("b").directions == ["minimize"]
+    assert store.get_study("b").objectives == [{"name": "loss", "direction": "minimize"}]
     store.set_reference_point("a", [0.0, 100.0])
     assert store.get_study("a").reference_point == [0.0, 100.0]
 
@@ -177,10 +178,9 @@ def test_study_create_get_list_counts(store):
     assert store.free_study_name("c") == "c" and store.free_study_name("a") == "a-2"
     _study(store, "a-2")
     assert store.free_study_name("a") == "a-3"
-    store.delete_study("a-2")
 
     rows = {r["study"]: r for r in store.list_studies()}
-    assert list(rows) == ["a", "b"]
+    assert list(rows) == ["a", "b", "a-2"]
     ra = rows["a"]
     assert (ra["state"], ra["budget"], ra["complete"], ra["failed"], ra["running"], ra["queued"]) == (
         "running",
@@ -197,8 +197,6 @@ def test_study_create_get_list_counts(store):
     assert store.get_study("a").status == "paused"
     with pytest.raises(ValueError):
         store.set_study_status("a", "sleeping")
-    store.delete_study("b")
-    assert store.study_names() == ["a"]
 
 
 # ----------------------------------------------------------------------------------------- lease
@@ -286,7 +284,7 @@ def test_add_and_complete_are_idempotent(store):
         "queued",
         0,
     )
-    assert c2.recipe == {"genome": [0.1, 0.9]} and c2.recipe_hash == "h-g0-1"
+    assert json.loads(c2.recipe_json) == {"genome": [0.1, 0.9]} and c2.recipe_hash == "h-g0-1"
     # numbers are per study
     _study(store, "t")
     assert _add(store, "t", "g0-0") == 1
@@ -355,23 +353,6 @@ def test_attempts_count_every_start(store):
     assert store.list_studies()[0]["attempts"] == 3
 
 
-def test_requeue_stale(store):
-    _study(store)
-    for i in range(3):
-        _add(store, "s", f"k{i}")
-    store.mark_running("s", 1, "w0")
-    store.mark_running("s", 2, "w1")
-    time.sleep(0.3)
-    store.heartbeat("s", 2)  # w1 is alive
-    assert store.requeue_stale("s", older_than_s=0.15) == [1]
-    c1 = store.get_candidate("s", 1)
-    assert c1.state == "queued" and c1.worker is None and c1.attempts == 1
-    assert store.get_candidate("s", 2).state == "running"
-    assert store.get_candidate("s", 3).state == "queued"
-    assert store.requeue_stale("s", older_than_s=3600) == []
-    assert [c.number for c in store.pending_candidates("s")] == [1, 2, 3]
-
-
 def test_find_by_hash(store):
     _study(store)
     _add(store, "s", "a", recipe_hash="same")
@@ -387,7 +368,7 @@ def test_find_by_hash(store):
 # ----------------------------------------------------------------------------------- checkpoints
 
 
-def test_checkpoints_round_trip_and_record_tell(store):
+def test_checkpoints_round_trip(store):
     _study(store)
     assert store.latest_checkpoint("s") is None
     state = {
@@ -407,32 +388,9 @@ def test_checkpoints_round_trip_and_record_tell(store):
         store.save_checkpoint("s", k, "nsga2", {"k": k}, keep=3)
     store.save_checkpoint("s", 6, "nsga2", {"k": "six"}, keep=3)  # same step: replaced
     assert store.latest_checkpoint("s") == (6, "nsga2", {"k": "six"})
-    with store.engine.connect() as c:
+    with store.db.engine.connect() as c:
         assert c.execute(sa.text("SELECT step FROM checkpoints ORDER BY step")).scalars().all() == [4, 5, 6]
 
-    # record_tell: checkpoint and told marks in one transaction; untold = results to re-tell on resume
-    for i in range(3):
-        _add(store, "s", f"k{i}")
-        store.mark_running("s", i + 1, "w")
-    store.complete_candidate("s", 1, {"acc": 0.1, "size": 1.0})
-    store.fail_candidate("s", 2, "err")
-    assert [c.number for c in store.untold_candidates("s")] == [1, 2]
-    store.record_tell("s", 7, "nsga2", {"k": 7}, told=[1, 2])
-    assert store.untold_candidates("s") == [] and store.get_candidate("s", 1).told_step == 7
-
-    # a crash between the result and the tell rolls both back together
-    with pytest.raises(RuntimeError, match="crash"):
-        with store.transaction():
-            store.complete_candidate("s", 3, {"acc": 0.9, "size": 1.0})
-            store.record_tell("s", 8, "nsga2", {"k": 8}, told=[3])
-            raise RuntimeError("crash")
-    assert store.latest_checkpoint("s").step == 7
-    assert store.get_candidate("s", 3).state == "running"
-    with store.transaction():
-        store.complete_candidate("s", 3, {"acc": 0.9, "size": 1.0})
-        store.record_tell("s", 8, "nsga2", {"k": 8}, told=[3])
-    assert store.latest_checkpoint("s") == (8, "nsga2", {"k": 8})
-    assert store.get_candidate("s", 3).told_step == 8
     with pytest.raises(ValueError, match="JSON"):
         store.save_checkpoint("s", 9, "x", {"obj": object()})
 
@@ -446,14 +404,6 @@ def _brute_front(F: np.ndarray) -> np.ndarray:
         [not any(np.all(F[j] <= F[i]) and np.any(F[j] < F[i]) for j in range(n)) for i in range(n)],
         dtype=bool,
     )
-
-
-def test_non_dominated_helper_matches_brute_force():
-    rng = np.random.default_rng(0)
-    for _ in range(30):
-        n, m = int(rng.integers(1, 40)), int(rng.integers(1, 4))
-        F = rng.integers(0, 5, size=(n, m)).astype(float)  # small ints: many ties and duplicates
-        assert np.array_equal(_non_dominated(F), _brute_front(F))
 
 
 def test_front_uses_directions(store):
@@ -494,3 +444,73 @@ def test_list_studies_is_json_friendly(store):
     _study(store)
     row = store.list_studies()[0]
     json.dumps({k: v for k, v in row.items() if k not in {"created", "updated", "lease_expires"}})
+
+
+# ------------------------------------------------------------------------------------- read-only
+
+
+def _raw_write(st: Store) -> None:
+    with st.db.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE studies SET status = 'done'"))
+
+
+def test_read_only_reads_and_refuses_writes(url, store):
+    _study(store)
+    _add(store, "s", "k0")
+    store.mark_running("s", 1, "w")
+    store.complete_candidate("s", 1, {"acc": 0.5, "size": 1.0}, {"acc": [0.5, 0.5]})
+    store.save_checkpoint("s", 1, "nsga2", {"k": 1})
+    ro = Store(url, read_only=True)
+    try:
+        assert ro.read_only and "read_only=True" in repr(ro)
+        assert ro.get_study("s").objectives == OBJ2 and ro.has_study("s")
+        assert [c.number for c in ro.front("s")] == [1] and ro.sample_scores("s", 1) == {"acc": [0.5, 0.5]}
+        assert ro.latest_checkpoint("s") == (1, "nsga2", {"k": 1}) and ro.study_counts("s")["complete"] == 1
+        writes = [
+            lambda: ro.create_study("t", "", OBJ2, 1),
+            lambda: _add(ro, "s", "k1"),
+            lambda: ro.mark_running("s", 1, "w"),
+            lambda: ro.complete_candidate("s", 1, {"acc": 0.1, "size": 1.0}),
+            lambda: ro.fail_candidate("s", 1, "x"),
+            lambda: ro.requeue("s", 1),
+            lambda: ro.heartbeat("s", [1]),
+            lambda: ro.add_scores("s", 1, {"acc": 0.9}),
+            lambda: ro.save_checkpoint("s", 2, "nsga2", {}),
+            lambda: ro.acquire_lease("s", "d", ttl_s=30),
+            lambda: ro.release_lease("s", "d"),
+            lambda: ro.set_study_status("s", "done"),
+            lambda: ro.set_reference_point("s", [0.0, 1.0]),
+            lambda: ro.db.upgrade(),
+        ]
+        for write in writes:
+            with pytest.raises(StoreReadOnly, match="read-only"):
+                write()
+        # the database itself refuses writes too (mode=ro file / READ ONLY transactions)
+        with pytest.raises(sa.exc.DBAPIError, match="(?i)read.?only"):
+            _raw_write(ro)
+        # a reader follows the writer's progress
+        _add(store, "s", "k1")
+        assert ro.count_candidates("s") == 2
+    finally:
+        ro.close()
+    assert store.get_study("s").status == "running" and store.count_candidates("s") == 2
+    store.close()  # with no writer left (SQLite has merged its WAL away) a reader still opens
+    with Store(url, read_only=True) as ro2:
+        assert [c.number for c in ro2.candidates("s")] == [1, 2]
+
+
+def test_read_only_never_creates_or_upgrades(url, tmp_path):
+    if url.startswith("sqlite"):
+        missing = tmp_path / "missing.db"
+        with pytest.raises(StorageOpenError, match="no database file"):
+            Store(f"sqlite:///{missing}", read_only=True)
+        assert not missing.exists()
+    eng = sa.create_engine(url)
+    try:
+        with eng.connect():  # an existing but empty database (SQLite creates the file here)
+            pass
+        with pytest.raises(StorageOpenError, match="no evomerge schema"):
+            Store(url, read_only=True)
+        assert sa.inspect(eng).get_table_names() == []  # left empty
+    finally:
+        eng.dispose()

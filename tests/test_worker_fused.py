@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge.driver import worker_config
-from evomerge.genome import make_genome
+from evomerge.genomes import make_genome
+from evomerge.run import worker_config
 from evomerge.space import load_space
 from evomerge.workers import MergeWorker
 

@@ -1,13 +1,20 @@
-"""Search algorithms with ask/tell and plain-data state (DESIGN.md section 6).
+"""Search algorithms with ask/tell and plain-data state.
 
 ``make_algorithm(name, dim=..., directions=[...], seed=..., weights=None, **settings)`` builds one;
 ``REGISTRY`` maps names to classes; ``restore_algorithm(state)`` rebuilds one from its ``state_dict()``.
+Every module of this package is imported here, so an algorithm is one new module whose class is
+decorated with ``@register``; ``tests/test_algorithms.py`` runs every registered one.
 """
+
+import importlib
+import pkgutil
 
 from evomerge.search.base import (
     REGISTRY,
     Algorithm,
+    GenomeLayout,
     Proposal,
+    SearchContext,
     make_algorithm,
     normalize_directions,
     private_global_rng,
@@ -21,10 +28,14 @@ from evomerge.search.nsga2 import NSGA2
 from evomerge.search.optuna_samplers import OptunaGP, OptunaNSGA2, OptunaTPE
 from evomerge.search.uniform import RandomSearch
 
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")
+
 __all__ = [
     "REGISTRY",
     "Algorithm",
     "CMAES",
+    "GenomeLayout",
     "MAP",
     "M2N2",
     "NSGA2",
@@ -33,6 +44,7 @@ __all__ = [
     "OptunaTPE",
     "Proposal",
     "RandomSearch",
+    "SearchContext",
     "make_algorithm",
     "nested_map_pairs",
     "normalize_directions",

@@ -1,6 +1,6 @@
 """The ask/tell interface every search algorithm implements, and the registry of algorithms.
 
-Conventions (DESIGN.md section 6):
+Conventions:
 
 * genotypes live in the unit cube ``[0, 1]^dim``; the genome module decodes them into recipes;
 * ``tell`` receives objective values in the user's units, one per objective, with ``directions`` saying
@@ -48,6 +48,27 @@ class Proposal:
                    generation=int(d["generation"]))
 
 
+@dataclass(frozen=True)
+class GenomeLayout:
+    """How a parameter-space genome lays out its genes: per layer group, ``genes_per_source`` genes for
+    each of ``n_sources`` source models (weight first, then e.g. a density)."""
+
+    n_sources: int
+    genes_per_source: int
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What the study loop knows of the problem, as plain data, for ``Algorithm.derive_settings``.
+
+    ``bounded`` says per objective whether its values lie in [0, 1]; ``layout`` is the genome's layout
+    (None when the genome has none, e.g. a data-flow genome).
+    """
+
+    bounded: tuple[bool, ...]
+    layout: GenomeLayout | None = None
+
+
 def normalize_directions(directions: Sequence[str]) -> list[str]:
     out = []
     for d in directions:
@@ -70,6 +91,17 @@ class Algorithm(ABC):
     generational: ClassVar[bool] = False
     #: settings this algorithm accepts, with their defaults (``None`` = computed from dim etc.)
     default_settings: ClassVar[dict[str, Any]] = {}
+    #: True when ``tell`` wants per-example scores: results come as ``(key, values, samples)``, the
+    #: samples flattened objective by objective (a multi-fidelity stop, with a slice only, is refused)
+    needs_samples: ClassVar[bool] = False
+    #: True when ``derive_settings`` reads the genome's layout (``SearchContext.layout``)
+    needs_layout: ClassVar[bool] = False
+
+    @classmethod
+    def derive_settings(cls, settings: dict[str, Any], context: SearchContext) -> dict[str, Any]:
+        """The user's settings completed from the problem (what the user left out and the objectives or
+        the genome determine); the study loop calls this, so it needs to know no algorithm by name."""
+        return dict(settings)
 
     def __init__(self, dim: int, directions: list[str], seed: int, weights: list[float] | None = None,
                  **settings: Any) -> None:
@@ -117,7 +149,7 @@ class Algorithm(ABC):
     @property
     @abstractmethod
     def outstanding(self) -> list[int]:
-        """Keys handed out and not yet told (a resumed driver re-tells exactly these from the store)."""
+        """Keys handed out and not yet told (a resumed run re-tells exactly these from the store)."""
 
     # ----------------------------------------------------------------- helpers
     def config(self) -> dict[str, Any]:
@@ -168,7 +200,7 @@ def _jsonish(obj: Any) -> Any:
 def private_global_rng(holder: Any, attr: str = "_global_rng") -> Iterator[None]:
     """Run library code against a private copy of numpy's and Python's global RNGs.
 
-    ``cma`` samples from ``np.random`` (and seeds it); whatever else the driver does with the global
+    ``cma`` samples from ``np.random`` (and seeds it); whatever else the study loop does with the global
     RNGs between two asks must not change the proposals, and the library must not disturb the caller's
     RNG. ``holder.<attr>`` keeps the private (numpy, python) states between calls.
     """

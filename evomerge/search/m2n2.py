@@ -1,5 +1,5 @@
 """M2N2: Model Merging of Natural Niches (Abrantes, Lange, Tang: "Competition and Attraction Improve
-Model Fusion", Sakana AI 2025; reference code github.com/SakanaAI/natural_niches). DESIGN.md section 6.
+Model Fusion", Sakana AI 2025; reference code github.com/SakanaAI/natural_niches).
 
 The algorithm keeps an *archive* of ``pop`` members (default 20) with their per-example scores
 ``s_ij`` in [0, 1] (member ``i``, training example ``j``; higher is better). Every step:
@@ -43,7 +43,7 @@ weights initialised with std 0.01), clipped back into the cube. ``mutation`` ove
 Without mutation children stay inside the per-segment convex hull of the initial points (on ZDT1 with
 200 evaluations M2N2 without mutation loses to random search; with 0.1 it beats it on every seed tried).
 
-**Per-example scores.** ``uses_samples = True`` tells the driver to report results as
+**Per-example scores.** ``needs_samples = True`` tells the study loop to report results as
 ``(key, values, samples)`` with ``samples`` the flat list of per-example scores over all training
 examples of all objectives, concatenated in objective order, each in [0, 1] with higher better
 (clipped into [0, 1]; NaN counts 0). Plain ``(key, values)`` results (or an empty ``samples`` list) fall
@@ -86,7 +86,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from evomerge.search.base import Algorithm, Proposal, register
+from evomerge.search.base import Algorithm, Proposal, SearchContext, register
 
 #: default mutation std (genotype units) when the archive starts from random points
 FROM_SCRATCH_MUTATION = 0.1
@@ -258,7 +258,8 @@ class M2N2(Algorithm):
     name = "m2n2"
     multi_objective = True  # no scalarisation: the archive keeps niches; the front comes from the store
     generational = False
-    uses_samples: ClassVar[bool] = True
+    needs_samples: ClassVar[bool] = True
+    needs_layout: ClassVar[bool] = True
     default_settings = {
         "pop": 20,  # archive size (the paper's code: 20)
         "alpha": 1.0,  # competition exponent; 0 = plain GA (raw fitness)
@@ -274,6 +275,17 @@ class M2N2(Algorithm):
         "scores": "auto",  # "auto", "samples" (per-example) or "values" (rank fallback)
         "max_evals": None,  # done() once this many proposals were handed out
     }
+
+    @classmethod
+    def derive_settings(cls, settings: dict[str, Any], context: SearchContext) -> dict[str, Any]:
+        # Seeded with each source model alone and split at layer-group boundaries, a child of recipes
+        # is a recipe (per-group coefficients); that needs the genome's layout.
+        out = dict(settings)
+        if context.layout is not None:
+            out.setdefault("n_sources", context.layout.n_sources)
+            out.setdefault("genes_per_source", context.layout.genes_per_source)
+            out.setdefault("split_granularity", "group")
+        return out
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

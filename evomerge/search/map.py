@@ -1,4 +1,4 @@
-"""MAP: amortized Pareto fronts from quadratic surrogates (DESIGN.md section 6).
+"""MAP: amortized Pareto fronts from quadratic surrogates.
 
 Li et al. 2024, "Low-compute Model Merging with Amortized Pareto Fronts via Quadratic Approximation".
 For task-arithmetic coefficients the genes are the per-model coefficients; the genotype ``x`` in
@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.search.base import Algorithm, Proposal, normalize_directions, register
+from evomerge.search.base import Algorithm, Proposal, SearchContext, normalize_directions, register
 
 LINKS = ("identity", "sigmoid", "softplus")
 
@@ -168,6 +168,14 @@ class MAP(Algorithm):
         "ridge": 1e-10,
         "max_evals": None,
     }
+
+    @classmethod
+    def derive_settings(cls, settings: dict[str, Any], context: SearchContext) -> dict[str, Any]:
+        out = dict(settings)
+        if "links" not in out:
+            # The surrogate needs a link per objective: values in [0, 1] get a sigmoid, others none.
+            out["links"] = ["sigmoid" if b else "identity" for b in context.bounded]
+        return out
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -1,21 +1,30 @@
 """SQL store of evomerge: studies, candidates, scores, per-example scores, checkpoints, leases.
 
 SQLAlchemy 2 ORM models (``models``), Alembic migrations shipped in ``migrations/`` (the single
-source of truth for the schema, applied automatically on open or by ``Store.upgrade()``), and the
-``Store`` repository used by the driver, the CLI and the dashboard.
+source of truth for the schema, applied automatically on open), and the ``Store`` facade used by
+the driver, the CLI and the study view. The store's modules, lowest first:
+
+- ``errors``: the exceptions;
+- ``values``: checks and conversions of what callers hand in (JSON data, scores, timestamps);
+- ``rows``: the frozen rows handed back (``StudyRow``, ``CandidateRow``, ``CheckpointRow``);
+- ``engine``: storage URLs and ``Database``, the one engine, session factory and schema check;
+- ``studies``, ``leases``, ``candidates``, ``checkpoints``: the methods of each concept;
+- ``store``: ``Store``, the one public class, made of those methods over a ``Database``.
 """
 
-from .errors import CandidateNotFound, StorageOpenError, StoreError, StudyExists, StudyLocked, StudyNotFound
-from .store import (
-    CANDIDATE_STATES,
-    MIGRATIONS_DIR,
-    STUDY_STATUSES,
-    CandidateRow,
-    CheckpointRow,
-    Store,
-    StudyRow,
-    default_storage_url,
+from .engine import MIGRATIONS_DIR, default_storage_url
+from .errors import (
+    CandidateNotFound,
+    StorageOpenError,
+    StoreError,
+    StoreReadOnly,
+    StudyExists,
+    StudyLocked,
+    StudyNotFound,
 )
+from .rows import CandidateRow, CheckpointRow, StudyRow
+from .store import Store
+from .studies import CANDIDATE_STATES, STUDY_STATUSES
 
 __all__ = [
     "CANDIDATE_STATES",
@@ -27,6 +36,7 @@ __all__ = [
     "StorageOpenError",
     "Store",
     "StoreError",
+    "StoreReadOnly",
     "StudyExists",
     "StudyLocked",
     "StudyNotFound",

@@ -44,3 +44,7 @@ class StudyLocked(StoreError):
         self.study = study
         self.owner = owner
         self.expires = expires
+
+
+class StoreReadOnly(StoreError):
+    """A write through a store opened with ``read_only=True``."""

@@ -80,6 +80,8 @@ class Candidate(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    # Unused: written by evomerge versions that tracked which results the algorithm was told.
+    # Kept so the schema still matches migration 0001 and old databases open unchanged.
     told_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     heartbeat: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
     created: Mapped[datetime] = mapped_column(DateTime())

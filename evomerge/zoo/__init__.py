@@ -253,6 +253,13 @@ def resolve_zoo_uri(uri: str, zoo_dir: Path | None = None) -> Path:
     return build_zoo(zoo_dir) / name
 
 
+def resolve_ref(ref: str) -> str:
+    """A recipe's model reference as a local path (zoo:// built on demand) or a hub id."""
+    if ref.startswith(ZOO_PREFIX):
+        return str(resolve_zoo_uri(ref))
+    return ref
+
+
 __all__ = [
     "ZOO_MODELS",
     "ZOO_PREFIX",
@@ -260,6 +267,7 @@ __all__ = [
     "default_zoo_dir",
     "fingerprint",
     "is_complete",
+    "resolve_ref",
     "resolve_zoo_uri",
     "zoo_path",
 ]

@@ -5,27 +5,27 @@
 >>> mat.apply(recipe, model)                         # re-wires the path in place: no weight is copied
 >>> model(input_ids).logits; model.generate(...)     # works under lm-eval's HFLM
 
-The candidate is :class:`~evomerge.dfs.modeling_evomerge_dataflow.DataFlowForCausalLM`, the very
+The candidate is :class:`~evomerge.genomes.data_flow.modeling_evomerge_dataflow.DataFlowForCausalLM`, the very
 class an exported folder loads with ``trust_remote_code``; in memory its ``model.blocks`` are the
 source models' own decoder-layer modules (shared, not copied), its embeddings / rotary embedding
 come from the embed source and its final norm / LM head from the head source. Each path step gets
 its own KV-cache slot, so ``generate()`` with a cache works when a block repeats.
 
-Cost measures (for the evaluator's ``cost`` objectives): :func:`path_length` (steps of the path) and
-:func:`path_params` (parameters the candidate uses, each shared tensor once: embeddings, the distinct
-blocks of the path, final norm, head). :func:`evomerge.evaluate.count_nonzero_params` also works on
-a candidate and counts the same tensors (non-zero entries only).
+The cost measures of a candidate (``path_length``, ``path_params``, ``params``) are in
+:mod:`evomerge.genomes.data_flow.costs`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.initialization import no_init_weights
 
-from evomerge.dfs.modeling_evomerge_dataflow import DataFlowConfig, DataFlowForCausalLM
-from evomerge.dfs.recipe import DataFlowRecipe
+from evomerge.genomes.data_flow.modeling_evomerge_dataflow import DataFlowConfig, DataFlowForCausalLM
+from evomerge.genomes.data_flow.recipe import DataFlowRecipe
+from evomerge.genomes.data_flow.sources import resolve_source
 
 # Config fields every source must share so that any path runs and exports as one architecture.
 ARCH_KEYS = (
@@ -68,7 +68,7 @@ class DataFlowMaterializer:
     (use :meth:`from_refs` for recipe references: zoo://, PS recipe JSON, exported folders).
     ``embed_source``: the model whose embeddings (and tokenizer) :meth:`new_model` starts from.
     Same shape as :class:`evomerge.merge.Materializer`: ``new_model()``, ``apply(recipe, model)``,
-    ``param_count(recipe)``, ``save_merged(recipe, out_dir)``.
+    ``param_count(recipe)``; :func:`evomerge.genomes.data_flow.export.save_dataflow` writes a candidate.
     """
 
     def __init__(
@@ -81,8 +81,6 @@ class DataFlowMaterializer:
         attn_implementation: str = "sdpa",
         refs: Sequence[str] | None = None,
     ) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         if not model_paths:
             raise DataFlowError("a data-flow candidate needs at least one source model")
         self.model_paths = [str(p) for p in model_paths]
@@ -118,8 +116,6 @@ class DataFlowMaterializer:
     @classmethod
     def from_refs(cls, refs: Sequence[str], device="cpu", dtype=torch.float32, **kw) -> DataFlowMaterializer:
         """From recipe references: zoo://NAME, folders, hub ids, exported PS folders, PS recipe JSON."""
-        from evomerge.dfs.sources import resolve_source
-
         return cls([resolve_source(r) for r in refs], device, dtype, refs=refs, **kw)
 
     @property
@@ -159,8 +155,6 @@ class DataFlowMaterializer:
 
     def new_model(self, recipe: DataFlowRecipe | None = None) -> DataFlowForCausalLM:
         """A candidate on the device in eval mode: the embed source with an empty path (or ``recipe``)."""
-        from transformers.initialization import no_init_weights
-
         with no_init_weights(), torch.device("meta"):
             model = DataFlowForCausalLM(self._config(None))
         model.eval()
@@ -230,40 +224,3 @@ class DataFlowMaterializer:
                     total += p.numel()
         return total
 
-    def save_merged(self, recipe: DataFlowRecipe, out_dir: str | Path, **kw) -> Path:
-        """Export ``recipe`` as a Hugging Face folder (see :func:`evomerge.dfs.export.save_dataflow`)."""
-        from evomerge.dfs.export import save_dataflow
-
-        return save_dataflow(recipe, self, out_dir, **kw)
-
-
-# -- cost measures ---------------------------------------------------------------------------------
-
-
-def path_length(model: DataFlowForCausalLM) -> int:
-    """Steps of the candidate's path (a repeated block counts once per step): a latency proxy."""
-    return len(model.config.dfs_path or [])
-
-
-def path_params(model: torch.nn.Module) -> int:
-    """Parameters the candidate holds, each shared tensor once (the exported model's size)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
-COST_MEASURES = {"path_length": path_length, "path_params": path_params}
-
-
-def cost_measure(model: torch.nn.Module, measure: str) -> float:
-    """A cost objective's value for ``measure`` in :data:`COST_MEASURES` (``params`` is the
-    evaluator's own non-zero count, which works on data-flow candidates as they are)."""
-    try:
-        fn = COST_MEASURES[measure]
-    except KeyError:
-        raise DataFlowError(f"unknown data-flow cost measure {measure!r}; known: {', '.join(COST_MEASURES)}") from None
-    return float(fn(model))  # type: ignore[arg-type]

@@ -30,8 +30,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from evomerge.dfs.recipe import DataFlowRecipe
-from evomerge.dfs.spec import DataFlowGenomeSpec, ScaleMode
+from evomerge.genomes.data_flow.recipe import DataFlowRecipe
+from evomerge.genomes.data_flow.sources import is_ps_recipe_file, resolve_source
+from evomerge.genomes.data_flow.spec import DataFlowGenomeSpec, ScaleMode
+from evomerge.zoo import RECIPE, is_complete, zoo_path
 
 KEEP_THRESHOLD = 0.5
 
@@ -39,12 +41,8 @@ KEEP_THRESHOLD = 0.5
 def read_block_count(ref: str) -> int:
     """Decoder block count of a model reference (zoo://, local folder, or an exported PS/DFS folder)."""
     if ref.startswith("zoo://"):
-        from evomerge.zoo import RECIPE, is_complete, zoo_path
-
         if not is_complete(zoo_path()):
             return int(RECIPE["model"]["layers"])  # known before the zoo is built (dry runs)
-    from evomerge.dfs.sources import is_ps_recipe_file, resolve_source
-
     if is_ps_recipe_file(ref):
         data = json.loads(Path(ref).read_text())
         if not data.get("slices"):  # a PS merge keeps its base's block count; no need to build it
@@ -61,6 +59,8 @@ def read_block_count(ref: str) -> int:
 
 class DataFlowGenome:
     """Layer-path genome over ``repeats`` repetitions of all models' blocks, with input scales."""
+
+    kind = "data_flow"
 
     def __init__(
         self,

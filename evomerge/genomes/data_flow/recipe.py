@@ -93,15 +93,3 @@ class DataFlowRecipe(BaseModel):
     def from_json(cls, text: str) -> DataFlowRecipe:
         return cls.model_validate_json(text)
 
-
-def recipe_from_json(text: str):
-    """A stored recipe of either kind: ``Recipe`` (parameter_space) or ``DataFlowRecipe`` (data_flow).
-
-    Dispatches on the ``kind`` field; recipes written before ``kind`` existed are parameter-space.
-    """
-    from evomerge.recipe import Recipe
-
-    kind = json.loads(text).get("kind", "parameter_space")
-    if kind == "data_flow":
-        return DataFlowRecipe.from_json(text)
-    return Recipe.from_json(text)

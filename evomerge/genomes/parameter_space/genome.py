@@ -9,9 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from evomerge.genomes.base import SpaceError
 from evomerge.recipe import LayerGroup, Recipe
-from evomerge.space import SearchSpace, SpaceError
+from evomerge.zoo import RECIPE, is_complete, zoo_path
+
+if TYPE_CHECKING:
+    from evomerge.space import SearchSpace
 
 _DENSITY_METHODS = {"ties", "dare", "dare_ties"}
 
@@ -22,8 +27,6 @@ def read_num_layers(space: SearchSpace) -> int:
         return space.genome.num_layers
     ref = space.model_ref(space.base_model)
     if ref.startswith("zoo://"):
-        from evomerge.zoo import RECIPE, is_complete, zoo_path
-
         if not is_complete(zoo_path()):
             return int(RECIPE["model"]["layers"])  # known before the zoo is built (dry runs)
     cfg = Path(space.resolve_path(space.base_model)) / "config.json"
@@ -63,6 +66,8 @@ def plan_groups(num_layers: int, layer_groups: int | str) -> list[GroupPlan]:
 
 class ParameterSpaceGenome:
     """Per layer group and per source model: a weight, and a density for TIES-like methods."""
+
+    kind = "parameter_space"
 
     def __init__(self, space: SearchSpace, num_layers: int | None = None):
         self.space = space
@@ -117,20 +122,3 @@ class ParameterSpaceGenome:
             seed=self.space.seed,
         )
 
-
-def make_genome(space: SearchSpace):
-    """The genome a space asks for: parameter-space (a Recipe) or data-flow (a DataFlowRecipe)."""
-    from evomerge.dfs import DataFlowGenome, DataFlowGenomeSpec
-
-    if isinstance(space.genome, DataFlowGenomeSpec):
-        return DataFlowGenome.from_spec(space.genome, [space.model_ref(m) for m in space.models])
-    return ParameterSpaceGenome(space)
-
-
-def describe_genome(genome) -> str:
-    if isinstance(genome, ParameterSpaceGenome):
-        return (f"{genome.method}, {len(genome.groups)} layer groups x {genome.n_sources} models x "
-                f"{genome.genes_per_source} genes = {genome.dim} genes")
-    slots = sum(genome.num_layers) * genome.repeats
-    return (f"data_flow, {slots} layer slots ({genome.repeats} x {sum(genome.num_layers)} blocks) + "
-            f"{genome.n_scale_genes} scale genes ({genome.scale_mode}) = {genome.dim} genes")

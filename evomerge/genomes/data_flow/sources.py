@@ -1,6 +1,6 @@
 """Model references a data-flow search accepts as sources (PS + DFS).
 
-A DFS source is any reference :func:`evomerge.space.resolve_ref` opens (``zoo://NAME``, a local
+A DFS source is any reference :func:`evomerge.zoo.resolve_ref` opens (``zoo://NAME``, a local
 Hugging Face folder, a hub id), and two forms of a parameter-space (PS) result:
 
 - the folder written by ``evomerge export`` (or :meth:`Materializer.save_merged`): a plain Llama-style
@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 from pathlib import Path
 
 from evomerge.cache import cache_root
+from evomerge.recipe import Recipe
+from evomerge.zoo import resolve_ref
 
 
 def cache_dir() -> Path:
@@ -32,8 +35,6 @@ def is_ps_recipe_file(ref: str) -> bool:
     p = Path(ref)
     if not (p.suffix == ".json" and p.is_file()):
         return False
-    import json
-
     try:
         data = json.loads(p.read_text())
     except (OSError, ValueError):
@@ -48,8 +49,6 @@ def is_ps_recipe_file(ref: str) -> bool:
 
 def resolve_source(ref: str) -> str:
     """A DFS model reference as a local folder (or hub id), materializing a PS recipe JSON first."""
-    from evomerge.space import resolve_ref
-
     if is_ps_recipe_file(ref):
         return str(materialize_ps_recipe(Path(ref)))
     return resolve_ref(ref)
@@ -68,9 +67,7 @@ def _lock(path: Path):
 
 def materialize_ps_recipe(recipe_file: Path, root: Path | None = None) -> Path:
     """Write the PS recipe's merged model once (cached by recipe hash) and return its folder."""
-    from evomerge.merge import Materializer
-    from evomerge.recipe import Recipe
-    from evomerge.space import resolve_ref
+    from evomerge.merge import Materializer  # torch: only when a PS recipe must be built
 
     recipe = Recipe.from_json(Path(recipe_file).read_text())
     root = Path(root) if root is not None else cache_dir()

@@ -26,7 +26,7 @@ ScaleMode = Literal["none", "per_layer", "per_source_layer", "full"]
 
 
 class DataFlowGenomeSpec(BaseModel):
-    """Genome settings of a data-flow (layer path) search; see :class:`evomerge.dfs.DataFlowGenome`."""
+    """Genome settings of a data-flow (layer path) search; see :class:`evomerge.genomes.data_flow.DataFlowGenome`."""
 
     model_config = ConfigDict(extra="forbid")
 

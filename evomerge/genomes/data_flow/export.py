@@ -26,7 +26,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from evomerge.dfs.recipe import DataFlowRecipe
+from evomerge.genomes.base import ExportCard, scores_table
+from evomerge.genomes.data_flow.model import DataFlowMaterializer
+from evomerge.genomes.data_flow.recipe import DataFlowRecipe
+from evomerge.merge.checkpoint import TOKENIZER_FILES
 
 MODELING_FILE = "modeling_evomerge_dataflow.py"
 AUTO_MAP = {
@@ -39,8 +42,7 @@ AUTO_MAP = {
 def dataflow_model_card(
     study: str, number: int, recipe: DataFlowRecipe, scores: dict[str, float], objectives: list[dict]
 ) -> str:
-    """README.md for an exported data-flow candidate (the counterpart of ``evomerge.export.model_card``)."""
-    from evomerge.export import scores_table  # evomerge.export imports this package's recipe module
+    """README.md for an exported data-flow candidate (the counterpart of the parameter-space ``model_card``)."""
 
     steps = [
         f"| {i} | {m} (`{recipe.models[m]}`) | {layer} | {s:.4g} |"
@@ -81,12 +83,10 @@ def save_dataflow(
 ) -> Path:
     """Write ``recipe``'s candidate into ``out_dir`` (created; written beside and renamed into place).
 
-    ``materializer`` is a :class:`~evomerge.dfs.model.DataFlowMaterializer` holding the recipe's
+    ``materializer`` is a :class:`~evomerge.genomes.data_flow.model.DataFlowMaterializer` holding the recipe's
     models; pass ``model`` to reuse a candidate it made (it is re-wired to ``recipe``), and ``readme``
     to write a model card (e.g. :func:`dataflow_model_card`) as ``README.md``.
     """
-    from evomerge.merge.checkpoint import TOKENIZER_FILES
-
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
@@ -123,3 +123,9 @@ def save_dataflow(
     finally:
         model.config.auto_map = None
     return out
+
+
+def export(recipe: DataFlowRecipe, out_dir: Path, card: ExportCard) -> Path:
+    """The kind's exporter: the candidate's folder with a model card, from the recipe's own models."""
+    readme = dataflow_model_card(card.study, card.number, recipe, dict(card.scores), card.objectives)
+    return save_dataflow(recipe, DataFlowMaterializer.from_refs(recipe.models), out_dir, readme=readme)

@@ -1,13 +1,14 @@
-"""Score an in-memory model on a search space's objectives with lm-eval, in-process.
+"""The ``lm_eval`` kind's evaluator: an in-memory model scored on lm-eval tasks, in-process.
 
-One :class:`Evaluator` lives as long as its worker. At construction it sets the offline flags, builds
-one ``lm_eval.tasks.TaskManager(include_defaults=False, include_path=<task dirs>)``, resolves every
-objective's task, loads its data once (into a private ``datasets`` cache) and checks that the metric
-exists. Each :meth:`Evaluator.evaluate` call then runs every lm-eval objective of that call in one
-``lm_eval.evaluator.evaluate`` pass over the already-built task objects (no dataset reload, no request
-cache, no stderr bootstrap, no git/env probing) through one ``HFLM`` per model object, reused across
-calls: the worker writes each candidate into the same preallocated model in place, and nothing in
-that path caches model outputs between calls (``cache_requests=False``, no ``CachingLM``).
+One :class:`LmEvalEvaluator` lives as long as its worker (the offline flags are set when this module
+loads). At construction it builds one ``lm_eval.tasks.TaskManager(include_defaults=False,
+include_path=<task dirs>)``; preparing an objective resolves its task, loads its data once (into a
+private ``datasets`` cache) and checks that the metric exists. Each :meth:`LmEvalEvaluator.evaluate`
+call then runs every lm-eval objective of that call in one ``lm_eval.evaluator.evaluate`` pass over the
+already-built task objects (no dataset reload, no request cache, no stderr bootstrap, no git/env
+probing) through one ``HFLM`` per model object, reused across calls: the worker writes each candidate
+into the same preallocated model in place, and nothing in that path caches model outputs between calls
+(``cache_requests=False``, no ``CachingLM``).
 
 Speed: on CPU, give torch one thread per core the worker owns (``torch.set_num_threads``); tiny
 models run many times slower when torch's threads contend with other processes for the cores.
@@ -17,7 +18,7 @@ Task YAML conventions (what the task files in a space's ``task_paths`` must foll
 * Local data only: ``dataset_path: json`` (or csv/parquet) and ``dataset_kwargs: {data_files: {test:
   data/x.jsonl}}``. Relative ``data_files`` / ``data_dir`` are relative to the directory of the YAML
   file that names the task (falling back to the directories of the files it ``include:``-s), never to
-  the current directory: the Evaluator rewrites them to absolute paths, so it works from any cwd.
+  the current directory: the evaluator rewrites them to absolute paths, so it works from any cwd.
 * Shared settings may live in an include file without a ``task:`` key (lm-eval's
   ``_default_template_yaml`` convention); ``!function module.fn`` resolves next to the YAML file.
 * An objective names one task (not a group or tag) and a metric as lm-eval reports it,
@@ -44,8 +45,6 @@ Task YAML conventions (what the task files in a space's ``task_paths`` must foll
 from __future__ import annotations
 
 import atexit
-import functools
-import logging
 import math
 import os
 import shutil
@@ -53,35 +52,29 @@ import tempfile
 import weakref
 from collections.abc import Iterable, Sequence
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from evomerge.space import Objective
+# datasets and huggingface_hub read these when they are first imported: set them before lm-eval imports them.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+os.environ.update(OFFLINE_ENV)
 
-_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-_NOISY_LOGGERS = ("lm_eval", "lm-eval", "datasets", "fsspec", "filelock", "accelerate")
-# lm-eval warns on every HFLM built around an in-memory model; we do that on purpose.
-_HFLM_MODEL_WARNINGS = (
-    "`pretrained` model kwarg is not of type `str`",
-    "Passed an already-initialized model through `pretrained`",
-    # Data-flow candidates have their own model type, which lm-eval does not know to be causal.
-    "HF model type is neither marked as CausalLM or Seq2SeqLM",
-)
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from lm_eval.evaluator import evaluate as lm_evaluate  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval.tasks._index import Kind, TaskIndex  # noqa: E402
+from lm_eval.tasks._yaml_loader import _make_loader, load_yaml  # noqa: E402
+
+from evomerge.objectives import lm_eval_patches  # noqa: E402
+from evomerge.objectives.base import EvalContext, EvaluationError, Objective, ObjectiveResult, Window  # noqa: E402
+
+if TYPE_CHECKING:  # the kind module imports this one when it builds an evaluator
+    from evomerge.objectives.kinds.lm_eval import LmEvalObjective
+
 DEFAULT_FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 DEFAULT_TORCH_SEED = 1234  # lm-eval's default torch seed (matters only for sampling tasks)
-
-
-class EvaluationError(ValueError):
-    """An objective that cannot be evaluated (unknown task, unknown metric, missing data)."""
-
-
-@dataclass(frozen=True)
-class ObjectiveResult:
-    """One objective's score: ``value`` as lm-eval aggregates it, ``samples`` per example (doc order)."""
-
-    value: float
-    samples: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -92,81 +85,6 @@ class _TaskSlot:
     source: str  # the YAML file it came from
 
 
-class _MessageFilter(logging.Filter):
-    def __init__(self, texts: Sequence[str]) -> None:
-        super().__init__()
-        self.texts = tuple(texts)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            msg = record.getMessage()
-            return not any(t in msg for t in self.texts)
-        except Exception:  # noqa: BLE001 - a bad record must not break evaluation
-            return True
-
-
-def _quiet_logging() -> None:
-    for name in _NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    hf_logger = logging.getLogger("lm_eval.models.huggingface")
-    if not any(isinstance(f, _MessageFilter) for f in hf_logger.filters):
-        hf_logger.addFilter(_MessageFilter(_HFLM_MODEL_WARNINGS))
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except Exception:  # noqa: BLE001
-        pass
-
-
-@functools.cache
-def _silence_request_building_bar() -> None:
-    """lm-eval's Task.build_all_requests wraps its documents in a tqdm bar that has no off switch."""
-    import lm_eval.api.task as task_mod
-    from tqdm import tqdm
-
-    if getattr(task_mod, "tqdm", None) is tqdm:
-        task_mod.tqdm = functools.partial(tqdm, disable=True)
-
-
-@functools.cache
-def _cache_jinja_templates() -> None:
-    """lm-eval compiles a task's Jinja prompt again for every document and call (about 1 ms each here).
-
-    Compiled templates are immutable, so memoising the compile step is behaviour-preserving; it is
-    skipped if lm-eval's helpers are not shaped as expected (another lm-eval version).
-    """
-    import lm_eval.utils as lu
-
-    env = getattr(lu, "env", None)
-    fn = getattr(lu, "apply_template", None)
-    if env is None or fn is None or getattr(fn, "_evomerge_cached", False):
-        return
-    compile_ = functools.lru_cache(maxsize=1024)(env.from_string)
-
-    def apply_template(template: str, doc: dict) -> str:
-        return compile_(template).render(**doc)
-
-    apply_template._evomerge_cached = True  # type: ignore[attr-defined]
-    lu.apply_template = apply_template
-
-
-def count_nonzero_params(model: Any) -> int:
-    """Number of non-zero entries over the model's parameters (tied tensors counted once)."""
-    import torch
-
-    seen: set[int] = set()
-    total = 0
-    with torch.no_grad():
-        for p in model.parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            total += int(torch.count_nonzero(p).item())
-    return total
-
-
 def _split_metric(metric: str) -> tuple[str, str]:
     name, sep, flt = metric.partition(",")
     return name.strip(), (flt.strip() if sep else "none")
@@ -174,9 +92,6 @@ def _split_metric(metric: str) -> tuple[str, str]:
 
 def _include_dirs(yaml_path: Path, seen: set[Path] | None = None) -> list[Path]:
     """The YAML file's directory, then those of the files it includes (depth first)."""
-    import yaml
-    from lm_eval.tasks._yaml_loader import _make_loader
-
     seen = seen if seen is not None else set()
     yaml_path = yaml_path.resolve()
     if yaml_path in seen:
@@ -219,35 +134,26 @@ def _absolute(value: Any, dirs: Sequence[Path], task: str, key: str) -> Any:
     raise EvaluationError(f"task '{task}': {key} '{s}' not found next to its YAML file ({dirs[0]})")
 
 
-class Evaluator:
-    """Evaluates in-memory models on a fixed set of objectives; build one per worker.
+class LmEvalEvaluator:
+    """Evaluates in-memory models on lm-eval objectives; build one per worker (the kind does, from its context).
 
-    ``objectives``: the objectives to prepare (their tasks are loaded and checked now; objectives passed
-    later to :meth:`evaluate` that name other tasks are prepared on first use). ``task_paths``: directories
-    (searched recursively for ``*.yaml``) or single YAML files defining the tasks. ``tokenizer``: the
-    tokenizer object the models use. ``batch_size``: HFLM batch size (an int; lm-eval ignores the
-    evaluator's batch size for in-memory models). ``cache_dir``: where ``datasets`` caches the parsed
-    data files; a private temporary directory (removed at exit) when None. ``base_dir``: what relative
-    task paths and YAML task references resolve against (the space file's directory); the current
-    directory when None (a relative YAML reference not found there is also looked up in the task
+    The context's ``task_paths``: directories (searched recursively for ``*.yaml``) or single YAML files
+    defining the tasks; ``tokenizer``: the tokenizer object the models use; ``batch_size``: HFLM batch size (an
+    int; lm-eval ignores the evaluator's batch size for in-memory models); ``cache_dir``: where ``datasets``
+    caches the parsed data files, a private temporary directory (removed at exit) when None; ``base_dir``:
+    what relative task paths and YAML task references resolve against (the space file's directory), the
+    current directory when None (a relative YAML reference not found there is also looked up in the task
     directories and their parents).
     """
 
     def __init__(
         self,
-        objectives: Sequence[Objective],
-        task_paths: Sequence[str | os.PathLike],
-        tokenizer: Any,
-        batch_size: int,
-        cache_dir: str | os.PathLike | None = None,
+        context: EvalContext,
         *,
-        base_dir: str | os.PathLike | None = None,
         fewshot_seed: int = DEFAULT_FEWSHOT_SEED,
         torch_seed: int = DEFAULT_TORCH_SEED,
-        quiet: bool = True,
     ) -> None:
-        for k, v in _OFFLINE_ENV.items():
-            os.environ[k] = v
+        cache_dir = context.cache_dir
         if cache_dir is None:
             self._tmp = tempfile.mkdtemp(prefix="evomerge-eval-")
             atexit.register(shutil.rmtree, self._tmp, True)
@@ -259,26 +165,22 @@ class Evaluator:
         os.environ.setdefault("HF_HOME", os.path.join(self.cache_dir, "hf_home"))
         os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(self.cache_dir, "datasets"))
         self._datasets_cache = os.path.join(self.cache_dir, "datasets")
-        if quiet:
-            _quiet_logging()
-            _silence_request_building_bar()
-        _cache_jinja_templates()
+        lm_eval_patches.apply(quiet=context.quiet)
 
-        from lm_eval.tasks import TaskManager
-
+        batch_size = context.batch_size
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.tokenizer = tokenizer
+        self.tokenizer = context.tokenizer
         self.batch_size = batch_size
         self.fewshot_seed = fewshot_seed
         self.torch_seed = torch_seed
-        self.quiet = quiet
-        self.objectives = list(objectives)
+        self.quiet = context.quiet
 
+        base_dir = context.base_dir
         self.base_dir = Path(base_dir).expanduser().resolve() if base_dir is not None else None
         dirs: list[str] = []
         self._yaml_files: dict[str, Path] = {}  # task name -> YAML file given directly in task_paths
-        for tp in task_paths:
+        for tp in context.task_paths:
             p = self._path(tp)
             if p.is_dir():
                 dirs.append(str(p))
@@ -293,7 +195,6 @@ class Evaluator:
         self._slots: dict[str, _TaskSlot] = {}  # objective.task reference -> built task
         self._lm: Any = None
         self._lm_model_ref: Any = None
-        self.prepare(self.objectives)
 
     # ------------------------------------------------------------------ task resolution
 
@@ -305,8 +206,6 @@ class Evaluator:
 
     @staticmethod
     def _task_name_of(path: Path) -> str | None:
-        from lm_eval.tasks._index import TaskIndex
-
         try:
             entry = TaskIndex.entry_from_path(path)
         except Exception as e:  # noqa: BLE001
@@ -314,15 +213,11 @@ class Evaluator:
         return entry.name if entry else None
 
     def known_tasks(self) -> list[str]:
-        from lm_eval.tasks._index import Kind
-
         idx = self.task_manager.task_index
         names = {n for n, e in idx.items() if e.kind in (Kind.TASK, Kind.PY_TASK)}
         return sorted(names | set(self._yaml_files))
 
     def _find_yaml(self, ref: str) -> Path:
-        from lm_eval.tasks._index import Kind
-
         if ref in self._yaml_files:
             return self._yaml_files[ref]
         entry = self.task_manager.task_index.get(ref)
@@ -350,8 +245,6 @@ class Evaluator:
         )
 
     def _task_config(self, yaml_path: Path) -> dict[str, Any]:
-        from lm_eval.tasks._yaml_loader import load_yaml
-
         cfg = deepcopy(load_yaml(yaml_path, resolve_func=True))
         name = cfg.get("task")
         if not isinstance(name, str) or "group" in cfg or "class" in cfg:
@@ -402,7 +295,7 @@ class Evaluator:
         for o in objectives:
             self._check_metric(o)
 
-    def _check_metric(self, o: Objective) -> None:
+    def _check_metric(self, o: LmEvalObjective) -> None:
         slot = self._slots[o.task]
         metric, flt = _split_metric(o.metric)
         metrics = set(getattr(slot.task, "_metric_fn_list", {}) or {})
@@ -428,51 +321,31 @@ class Evaluator:
         model.eval()
         return self._lm
 
-    def num_docs(self, objective: Objective) -> int:
+    def num_examples(self, objective: Objective) -> int:
         """How many examples a full evaluation of ``objective`` scores (its limit, or the whole split)."""
+        assert objective.kind == "lm_eval"
         self.prepare([objective])
         n = self._slots[objective.task].n_docs
         return n if objective.limit is None else min(objective.limit, n)
 
     def evaluate(
-        self,
-        model: Any,
-        objectives: Sequence[Objective] | None = None,
-        window: tuple[int, int] | None = None,
+        self, model: Any, objectives: Sequence[Objective], window: Window | None = None
     ) -> dict[str, ObjectiveResult]:
-        """Scores of ``model`` on ``objectives`` (default: the constructor's), keyed by objective name.
+        """Scores of ``model`` on these lm-eval objectives, keyed by objective name, in one lm-eval pass.
 
         ``window=(a, b)`` scores only examples ``a <= i < b`` of each objective's documents (clipped to its
-        limit): multi-fidelity evaluation scores a first slice, then the rest, and averages the
-        per-example scores of both (the value is then the task's aggregation over the window).
-        NaN / infinite values come back as they are. A metric missing from lm-eval's results raises
-        :class:`EvaluationError`.
+        limit); the value is then the task's aggregation over the window. NaN / infinite values come back as
+        they are. A metric missing from lm-eval's results raises :class:`EvaluationError`.
         """
-        objs = list(self.objectives if objectives is None else objectives)
-        out: dict[str, ObjectiveResult] = {}
-        lm_objs = [o for o in objs if o.kind == "lm_eval"]
-        if lm_objs:
-            self.prepare(lm_objs)
-            out.update(self._run_lm_eval(model, lm_objs, window))
-        for o in objs:
-            if o.kind == "cost":
-                if o.measure == "params":
-                    n = float(count_nonzero_params(model))
-                    out[o.name] = ObjectiveResult(n, [])
-                else:
-                    from evomerge.dfs.model import COST_MEASURES, cost_measure
-
-                    if o.measure not in COST_MEASURES:
-                        raise EvaluationError(f"objective '{o.name}': unknown cost measure '{o.measure}'")
-                    out[o.name] = ObjectiveResult(float(cost_measure(model, o.measure)), [])
-        return {o.name: out[o.name] for o in objs}
+        objs = [o for o in objectives if o.kind == "lm_eval"]
+        if not objs:
+            return {}
+        self.prepare(objs)
+        return self._run_lm_eval(model, objs, window)
 
     def _run_lm_eval(
-        self, model: Any, objs: list[Objective], window: tuple[int, int] | None = None
+        self, model: Any, objs: list[LmEvalObjective], window: Window | None = None
     ) -> dict[str, ObjectiveResult]:
-        import torch
-        from lm_eval.evaluator import evaluate as lm_evaluate
-
         # Per task: how many documents (None = all) -- the largest any objective asks for.
         n_for: dict[str, int | None] = {}
         slot_of: dict[str, _TaskSlot] = {}
@@ -597,21 +470,4 @@ def _numbers(values: list[Any]) -> list[float]:
 
 
 def _make_hflm(model: Any, tokenizer: Any, batch_size: int, quiet: bool) -> Any:
-    from lm_eval.models.huggingface import HFLM
-
-    if quiet:
-
-        class _QuietHFLM(HFLM):
-            def generate_until(self, requests, disable_tqdm: bool = False):  # noqa: ANN001
-                return super().generate_until(requests, disable_tqdm=True)
-
-            def loglikelihood(self, requests, disable_tqdm: bool = False):  # noqa: ANN001
-                return super().loglikelihood(requests, disable_tqdm=True)
-
-            def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):  # noqa: ANN001
-                return super().loglikelihood_rolling(requests, disable_tqdm=True)
-
-        cls = _QuietHFLM
-    else:
-        cls = HFLM
-    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return lm_eval_patches.hflm_class(quiet)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

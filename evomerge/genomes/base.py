@@ -1,0 +1,139 @@
+"""What a genome kind gives the rest of evomerge: :class:`GenomeKind`, and the pieces the kinds share.
+
+A kind is a subpackage of :mod:`evomerge.genomes` whose ``__init__`` defines ``KIND``; the registry
+(:data:`evomerge.genomes.KINDS`) picks it up. This module imports neither torch nor the space, so the
+registry loads on the driver and in ``evomerge validate`` at no cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from evomerge.space import SearchSpace
+
+
+class SpaceError(ValueError):
+    """A search space that cannot be used; the message is one line naming the field.
+
+    Defined here, below the space, because the genome kinds read the space (block counts, models) and
+    report its problems in the same form; :mod:`evomerge.space` raises it too.
+    """
+
+
+class GenomeDecoder(Protocol):
+    """Maps a point of the unit cube [0, 1]^dim onto a recipe, and names every gene."""
+
+    kind: str
+
+    @property
+    def dim(self) -> int: ...
+
+    def gene_names(self) -> list[str]: ...
+
+    def decode(self, x: list[float]) -> Any: ...
+
+
+class RecipeModel(Protocol):
+    """A stored candidate: hashable, JSON round trip, tagged with its kind."""
+
+    kind: str
+
+    def canonical_json(self) -> str: ...
+
+    def hash(self) -> str: ...
+
+
+class WorkerSettings(Protocol):
+    """The fields of a worker's configuration a materializer factory reads."""
+
+    base: str | None
+    sources: list[str]
+    fused: str  # the space's evaluation.fused_kernels: "auto", "on" or "off"
+    embed_source: int
+
+
+@dataclass(frozen=True)
+class Materializing:
+    """What a worker holds to build candidates of one kind.
+
+    ``materializer`` has ``new_model()`` and ``apply(recipe, model)`` (writes the candidate in place);
+    ``merge_kernels`` is "fused", "native" or "eager" and ``note`` says why.
+    """
+
+    materializer: Any
+    tokenizer_path: str
+    merge_kernels: str = "eager"
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ExportCard:
+    """What the model card of an exported candidate names besides its recipe."""
+
+    study: str
+    number: int
+    scores: Mapping[str, float]
+    objectives: list[dict]
+
+
+@dataclass(frozen=True)
+class GenomeKind:
+    """One genome kind: its space-file block, its decoding, how candidates are built, exported and costed.
+
+    - ``name``: the spec's ``type:`` tag in a space file and the recipe's ``kind`` field;
+    - ``spec``: the pydantic model of the space's ``genome:`` block (its ``type`` is a Literal of ``name``);
+    - ``recipe``: the recipe class (``from_json``, ``canonical_json``, ``hash``, field ``kind``);
+    - ``make_genome(space)``: the genome of a space whose ``genome`` is this kind's spec;
+    - ``check_space(space)``: cross-field checks of the space (models, base model), raising ValueError;
+    - ``materializer(cfg, device, dtype)``: what a worker builds candidates with; ``cfg`` is the worker's
+      :class:`WorkerSettings` (a ``evomerge.workers.WorkerConfig``), ``device`` a torch device string;
+    - ``export(recipe, out_dir, card)``: write the candidate as a Hugging Face folder (``out_dir`` absent
+      or empty; written beside and renamed into place);
+    - ``cost_measures``: measure name -> function of the in-memory candidate (for ``cost`` objectives);
+    - ``describe(genome)``: one line for ``search --dry-run``; ``summary(recipe)``: one cell of ``front``.
+    """
+
+    name: str
+    spec: type[BaseModel]
+    recipe: type[BaseModel]
+    make_genome: Callable[[SearchSpace], GenomeDecoder]
+    check_space: Callable[[SearchSpace], None]
+    materializer: Callable[[WorkerSettings, str, Any], Materializing]
+    export: Callable[[Any, Path, ExportCard], Path]
+    cost_measures: Mapping[str, Callable[[Any], float]]
+    describe: Callable[[Any], str]
+    summary: Callable[[Any], str]
+
+
+def nonzero_params(model: Any) -> int:
+    """Number of non-zero entries over the model's parameters (tied or shared tensors counted once)."""
+    import torch  # only on a worker, which holds a model; the registry stays light
+
+    seen: set[int] = set()
+    total = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += int(torch.count_nonzero(p).item())
+    return total
+
+
+def scores_table(scores: Mapping[str, float], objectives: list[dict]) -> list[str]:
+    """The model card's section of the scores the search recorded, one row per objective."""
+    return [
+        "## Scores recorded by the search",
+        "",
+        "| objective | direction | value |",
+        "|---|---|---|",
+        *(f"| {o['name']} | {o.get('direction', 'maximize')} | {scores.get(o['name'], float('nan')):.6g} |"
+          for o in objectives),
+        "",
+    ]

@@ -1,0 +1,76 @@
+"""The data-flow (layer path) genome: the models' own blocks run along a searched path with input scales.
+
+- :class:`DataFlowGenomeSpec` (``spec``): the space file's ``genome: {type: data_flow, ...}`` block;
+- :class:`DataFlowGenome` (``genome``): unit-cube genes -> :class:`DataFlowRecipe` (``recipe``);
+- ``model``: :class:`~evomerge.genomes.data_flow.model.DataFlowMaterializer`, source blocks resident and
+  candidates re-wired in place into a ``transformers`` model lm-eval's HFLM runs;
+- ``export``: :func:`~evomerge.genomes.data_flow.export.save_dataflow`, a folder loading with
+  ``trust_remote_code=True`` (the architecture is ``modeling_evomerge_dataflow.py``, shipped in it);
+- ``sources``: parameter-space results (exported folders, recipe JSON) as sources;
+- ``costs``: the cost measures ``path_length``, ``path_params`` (and ``params``).
+
+torch and transformers are imported by ``model`` and ``export`` only, so the spec, the genome and the
+recipe import cheaply on the driver.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evomerge.genomes.base import ExportCard, GenomeKind, Materializing, WorkerSettings, nonzero_params
+from evomerge.genomes.data_flow.costs import path_length, path_params
+from evomerge.genomes.data_flow.genome import DataFlowGenome, read_block_count
+from evomerge.genomes.data_flow.recipe import DataFlowRecipe
+from evomerge.genomes.data_flow.spec import DataFlowGenomeSpec
+
+if TYPE_CHECKING:
+    from evomerge.space import SearchSpace
+
+
+def _make_genome(space: SearchSpace) -> DataFlowGenome:
+    return DataFlowGenome.from_spec(space.genome, [space.model_ref(m) for m in space.models])
+
+
+def _check_space(space: SearchSpace) -> None:
+    space.genome.check_models(len(space.models))
+
+
+def _materializer(cfg: WorkerSettings, device: str, dtype: Any) -> Materializing:
+    from evomerge.genomes.data_flow.model import DataFlowMaterializer  # torch, transformers: workers only
+
+    mat = DataFlowMaterializer.from_refs(cfg.sources, device=device, dtype=dtype, embed_source=cfg.embed_source)
+    return Materializing(mat, mat.tokenizer_path(), "eager", "data-flow genomes have no fused kernels")
+
+
+def _export(recipe: DataFlowRecipe, out_dir: Path, card: ExportCard) -> Path:
+    from evomerge.genomes.data_flow.export import export  # torch, transformers: export only
+
+    return export(recipe, out_dir, card)
+
+
+def _describe(genome: DataFlowGenome) -> str:
+    slots = sum(genome.num_layers) * genome.repeats
+    return (f"data_flow, {slots} layer slots ({genome.repeats} x {sum(genome.num_layers)} blocks) + "
+            f"{genome.n_scale_genes} scale genes ({genome.scale_mode}) = {genome.dim} genes")
+
+
+def _summary(r: DataFlowRecipe) -> str:
+    steps = " ".join(f"m{m}.{layer}" for m, layer in r.path)
+    return f"path ({r.path_length}): {steps}"
+
+
+KIND = GenomeKind(
+    name="data_flow",
+    spec=DataFlowGenomeSpec,
+    recipe=DataFlowRecipe,
+    make_genome=_make_genome,
+    check_space=_check_space,
+    materializer=_materializer,
+    export=_export,
+    cost_measures={"path_length": path_length, "path_params": path_params, "params": nonzero_params},
+    describe=_describe,
+    summary=_summary,
+)
+
+__all__ = ["KIND", "DataFlowGenome", "DataFlowGenomeSpec", "DataFlowRecipe", "read_block_count"]

@@ -1,0 +1,64 @@
+"""The parameter-space genome (Akiba et al. 2024): per layer group and source, a weight and a density.
+
+- :class:`Genome` (``spec``): the space's ``genome:`` block (``type: parameter_space``, the default);
+- :class:`ParameterSpaceGenome` (``genome``): unit-cube genes -> :class:`evomerge.recipe.Recipe`;
+- ``materializer``: the worker's :class:`evomerge.merge.Materializer` (fused, C or eager kernels);
+- ``export``: the merged folder, its mergekit config and a model card.
+
+The recipe class is :class:`evomerge.recipe.Recipe`, below the merge engine that reads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evomerge.genomes.base import ExportCard, GenomeKind, Materializing, WorkerSettings, nonzero_params
+from evomerge.genomes.parameter_space.genome import ParameterSpaceGenome, plan_groups, read_num_layers
+from evomerge.genomes.parameter_space.spec import Genome
+from evomerge.recipe import Recipe
+
+if TYPE_CHECKING:
+    from evomerge.space import SearchSpace
+
+
+def _check_space(space: SearchSpace) -> None:
+    if space.base_model is None:
+        raise ValueError("a parameter-space genome needs base_model")
+
+
+def _materializer(cfg: WorkerSettings, device: str, dtype: Any) -> Materializing:
+    from evomerge.genomes.parameter_space.materializer import materializer  # torch: workers only
+
+    return materializer(cfg, device, dtype)
+
+
+def _export(recipe: Recipe, out_dir: Path, card: ExportCard) -> Path:
+    from evomerge.genomes.parameter_space.export import export  # torch, transformers: export only
+
+    return export(recipe, out_dir, card)
+
+
+def _describe(genome: ParameterSpaceGenome) -> str:
+    return (f"{genome.method}, {len(genome.groups)} layer groups x {genome.n_sources} models x "
+            f"{genome.genes_per_source} genes = {genome.dim} genes")
+
+
+def _summary(r: Recipe) -> str:
+    return "weights " + "  ".join(f"{g.name}:" + "/".join(f"{w:.2f}" for w in g.weights) for g in r.groups)
+
+
+KIND = GenomeKind(
+    name="parameter_space",
+    spec=Genome,
+    recipe=Recipe,
+    make_genome=ParameterSpaceGenome,
+    check_space=_check_space,
+    materializer=_materializer,
+    export=_export,
+    cost_measures={"params": nonzero_params},
+    describe=_describe,
+    summary=_summary,
+)
+
+__all__ = ["KIND", "Genome", "ParameterSpaceGenome", "plan_groups", "read_num_layers"]

@@ -1,0 +1,311 @@
+"""The study loop: asks the algorithm, keeps every worker of a pool busy, records everything in the store.
+
+Resume follows from three properties rather than from special cases: the algorithm's state is saved
+after every ask and tell; asking is deterministic, so a proposal made again after a crash gets the same
+key, and the store hands back the candidate it already holds; telling a key twice is a no-op. A
+restarted run therefore loads the latest checkpoint, re-tells what finished since, re-dispatches what
+was queued or running, and carries on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from evomerge import front as frontlib
+from evomerge.genomes import make_genome
+from evomerge.objectives import is_bounded
+from evomerge.run.lease import Lease
+from evomerge.run.pool import Outcome, RayPool, Task, WorkerPool, worker_config
+from evomerge.run.problem import build_algorithm
+from evomerge.run.progress import SearchProgress
+from evomerge.run.report import report_todo, score_report
+from evomerge.run.signals import ctrl_c
+from evomerge.space import SearchSpace
+from evomerge.store import Store
+from evomerge.view import StudyView
+from evomerge.workers import WorkerConfig
+
+WAIT_S = 0.5  # longest the loop waits on workers before it looks at Ctrl-C and the lease again
+
+
+class RunError(RuntimeError):
+    """A search that cannot start or go on; the message is for the user."""
+
+
+@dataclass
+class Job:
+    number: int
+    key: int
+    recipe_json: str
+
+
+@dataclass
+class RunStats:
+    driver_s: float = 0.0  # the loop's own time (asking, telling, the store), not the workers'
+    timings: list[dict] = field(default_factory=list)
+
+
+PoolFactory = Callable[[WorkerConfig], WorkerPool]
+
+
+class StudyRun:
+    """One run of a study: ``run()`` searches it to its budget (or to Ctrl-C), then scores the front on
+    the report objectives. ``pool`` builds the worker pool once there is work (default: a ``RayPool`` of
+    ``workers`` actors, on the cluster at ``ray_address`` if given)."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        store: Store,
+        study: str,
+        workers: int = 1,
+        ray_address: str | None = None,
+        console: Console | None = None,
+        show_progress: bool = True,
+        pool: PoolFactory | None = None,
+    ) -> None:
+        self.space = space
+        self.store = store
+        self.study = study
+        self.console = console or Console(stderr=True)
+        self.show_progress = show_progress
+        self.pool_factory: PoolFactory = pool or (lambda cfg: RayPool(cfg, workers, ray_address))
+        self.genome = make_genome(space)
+        self.directions = [o.direction for o in space.objectives]
+        self.names = [o.name for o in space.objectives]
+        self.algo = build_algorithm(space, self.genome)
+        if space.evaluation.multi_fidelity is not None and self.algo.needs_samples:
+            raise RunError(f"evaluation.multi_fidelity cannot be used with {space.algorithm.name}: it learns "
+                           "from every example's score, and a stopped candidate has only a slice")
+        self.lease = Lease(store, study)
+        self.queue: deque[Job] = deque()
+        self.inflight: dict[int, Job] = {}  # pool handle -> job
+        self.stats = RunStats()
+        self.step = 0
+        self._ref_fixed = False
+
+    # -- store <-> algorithm ----------------------------------------------------------------
+    def _values(self, scores: dict[str, float]) -> list[float]:
+        return [scores[n] for n in self.names]
+
+    def _result(self, key: int, values: list[float] | None, samples: dict[str, list[float]] | None = None,
+                number: int | None = None) -> tuple:
+        """A tell tuple; algorithms that learn from per-example scores get them appended."""
+        if values is None or not self.algo.needs_samples:
+            return (key, values)
+        if samples is None and number is not None:
+            samples = self.store.sample_scores(self.study, number)
+        flat = [float(v) for n in self.names for v in (samples or {}).get(n, [])]
+        return (key, values, flat)
+
+    def _tell(self, key: int, values: list[float] | None, samples: dict[str, list[float]] | None = None,
+              number: int | None = None) -> None:
+        self.algo.tell([self._result(key, values, samples, number)])
+        self.step += 1
+        self.store.save_checkpoint(self.study, self.step, self.algo.name, self.algo.state_dict())
+
+    def _restore(self) -> None:
+        ck = self.store.latest_checkpoint(self.study)
+        if ck is not None:
+            step, name, state = ck
+            if name != self.algo.name:
+                raise RunError(f"study {self.study!r} was searched with {name}, the space now says {self.algo.name}")
+            self.algo.load_state_dict(state)
+            self.step = step
+        # Results that landed after the last checkpoint: the ones the restored algorithm still waits for.
+        waiting = set(self.algo.outstanding)
+        for c in self.store.candidates(self.study):
+            if int(c.proposal_key) not in waiting:
+                continue
+            if c.state == "complete":
+                self.algo.tell([self._result(int(c.proposal_key), self._values(c.scores), number=c.number)])
+            elif c.state == "failed":
+                self.algo.tell([(int(c.proposal_key), None)])
+        # Whatever was queued or running belonged to a run that is gone.
+        for c in self.store.pending_candidates(self.study):
+            if c.state == "running":
+                self.store.requeue(self.study, c.number)
+            self.queue.append(Job(c.number, int(c.proposal_key), c.recipe_json))
+
+    def _propose(self, n: int) -> None:
+        """Ask for up to n new jobs; replayed proposals map onto the candidates already stored."""
+        known = {j.number for j in self.queue} | {job.number for job in self.inflight.values()}
+        while n > 0:
+            room = self.space.budget - self.store.count_candidates(self.study)
+            if room <= 0:
+                return
+            props = self.algo.ask(min(n, room))
+            if not props:
+                return
+            for p in props:
+                recipe = self.genome.decode(p.x)
+                rjson = recipe.canonical_json()
+                number = self.store.add_candidate(
+                    self.study,
+                    proposal_key=p.key,
+                    genome=list(p.x),
+                    recipe_json=rjson,
+                    recipe_hash=recipe.hash(),
+                    parents=list(p.parents),
+                    generation=p.generation,
+                    operator=getattr(recipe, "method", recipe.kind),
+                )
+                cand = self.store.get_candidate(self.study, number)
+                if cand.state == "complete":
+                    self._tell(p.key, self._values(cand.scores), number=number)
+                    continue
+                if cand.state == "failed":
+                    self._tell(p.key, None)
+                    continue
+                if self._from_cache(cand):
+                    continue
+                if number not in known:
+                    self.queue.append(Job(number, p.key, rjson))
+                    known.add(number)
+                    n -= 1
+            self.store.save_checkpoint(self.study, self.step, self.algo.name, self.algo.state_dict())
+
+    def _from_cache(self, cand: Any) -> bool:
+        """Same recipe as a finished candidate: reuse its scores instead of evaluating again."""
+        hit = self.store.find_by_hash(self.study, cand.recipe_hash)
+        if hit is None or hit.number == cand.number or (hit.timings or {}).get("pruned"):
+            return False  # a multi-fidelity stop holds slice scores only: evaluate this one in full
+        scores = {n: hit.scores[n] for n in self.names}  # not the held-out report scores of a front member
+        samples = {n: self.store.sample_scores(self.study, hit.number).get(n, []) for n in self.names}
+        self.store.mark_running(self.study, cand.number, worker="cache")
+        self.store.complete_candidate(self.study, cand.number, scores, samples, {"cached_from": float(hit.number)})
+        self._tell(int(cand.proposal_key), self._values(scores), samples)
+        return True
+
+    # -- the reference point ------------------------------------------------------------------
+    def _ensure_reference_point(self) -> None:
+        """Fix the study's hypervolume reference point once: from known bounds (every objective in
+        [0, 1]) at the start, otherwise from the results there are when the first ones are in."""
+        if self._ref_fixed or self.store.get_study(self.study).reference_point is not None:
+            self._ref_fixed = True
+            return
+        if all(is_bounded(o) for o in self.space.objectives):
+            ref = frontlib.reference_point_from_bounds([(0.0, 1.0)] * len(self.names), self.directions)
+        else:
+            F = self.complete_values()
+            if len(F) == 0:
+                return
+            ref = frontlib.reference_point(frontlib.to_minimization(F, self.directions))
+        self.store.set_reference_point(self.study, [float(v) for v in ref])
+        self._ref_fixed = True
+
+    # -- workers ----------------------------------------------------------------------------
+    def _dispatch(self, pool: WorkerPool) -> None:
+        self._propose(pool.idle - len(self.queue))
+        while pool.idle and self.queue:
+            job = self.queue.popleft()
+            handle = pool.submit(Task(job.number, job.recipe_json, self.names, *self._fidelity_args()))
+            self.store.mark_running(self.study, job.number, worker=pool.worker_of(handle))
+            self.inflight[handle] = job
+
+    def _fidelity_args(self) -> tuple:
+        """(front, fidelity) for multi-fidelity evaluation: the current front, in objective order."""
+        fid = self.space.evaluation.multi_fidelity
+        if fid is None:
+            return ()
+        F = self.complete_values()
+        if len(F) == 0:
+            return (None, None)
+        nd = frontlib.non_dominated(frontlib.to_minimization(F, self.directions))
+        return (F[nd].tolist(), fid.model_dump())
+
+    def _handle(self, o: Outcome) -> None:
+        job = self.inflight.pop(o.handle)
+        if o.died is not None:
+            # The worker died (OOM, node lost); the pool replaced it. Retry the candidate a bounded
+            # number of times, counted in the store so that the bound holds across restarts.
+            cand = self.store.get_candidate(self.study, job.number)
+            if cand.attempts >= self.space.evaluation.max_attempts:
+                self.store.fail_candidate(self.study, job.number, f"worker died {cand.attempts} times: {o.died}")
+                self._tell(job.key, None)
+            else:
+                self.store.requeue(self.study, job.number)
+                self.queue.appendleft(job)
+            return
+        res = o.result or {}
+        if res.get("error"):
+            self.store.fail_candidate(self.study, job.number, res["error"])
+            self._tell(job.key, None)
+            return
+        state = self.store.complete_candidate(self.study, job.number, res["scores"], res["samples"],
+                                              res["timings"])
+        self.stats.timings.append(res["timings"])
+        if state == "failed":
+            self._tell(job.key, None)
+        else:
+            self._tell(job.key, self._values(res["scores"]), res["samples"])
+
+    # -- the run ----------------------------------------------------------------------------
+    def run(self) -> None:
+        self.lease.acquire()
+        try:
+            self.store.set_study_status(self.study, "running")
+            self._restore()
+            self._ensure_reference_point()
+            self._loop()
+            self.store.set_study_status(self.study, "done" if self._finished() else "paused")
+        finally:
+            self.lease.release()
+
+    def _finished(self) -> bool:
+        counts = self.store.study_counts(self.study)
+        return counts["complete"] + counts["failed"] >= self.space.budget
+
+    def _report_todo(self) -> bool:
+        return self._finished() and bool(report_todo(self.store, self.study, self.space))
+
+    def _loop(self) -> None:
+        if self._finished() and not self._report_todo():
+            return
+        pool = self.pool_factory(worker_config(self.space))
+        try:
+            self._search(pool)
+            if self._report_todo():
+                score_report(self.store, self.study, self.space, pool, self.console.print)
+        finally:
+            pool.close()
+
+    def _search(self, pool: WorkerPool) -> None:
+        progress = SearchProgress(StudyView(self.store), self.study, self.space.budget, self.console,
+                                  enabled=self.show_progress)
+        with progress, ctrl_c() as stop:
+            while True:
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                t0 = time.perf_counter()
+                self._dispatch(pool)
+                self.stats.driver_s += time.perf_counter() - t0
+                if not self.inflight:
+                    break
+                done = pool.wait(WAIT_S)
+                t0 = time.perf_counter()
+                for o in done:
+                    self._handle(o)
+                if done:
+                    self._ensure_reference_point()
+                renew = self.lease.renew_if_due()
+                if renew:
+                    self.store.heartbeat(self.study, [job.number for job in self.inflight.values()])
+                self.stats.driver_s += time.perf_counter() - t0
+                if done or renew:  # not on every short wait: an update reads the store
+                    progress.update()
+
+    # -- figures ------------------------------------------------------------------------------
+    def complete_values(self) -> np.ndarray:
+        """Objective values of every complete candidate, in objective order."""
+        rows = self.store.candidates(self.study, state="complete")
+        if not rows:
+            return np.zeros((0, len(self.names)))
+        return np.array([self._values(c.scores) for c in rows], dtype=float)
