@@ -121,8 +121,11 @@ def _iter_sliced(
 def _slice_recipe(recipe: Recipe, sl: LayerSlice, offset: int) -> tuple[int, list[int], Recipe]:
     """One slice as an ordinary recipe whose blocks start at ``offset``: the index of the slice source
     that is its base, those of the merged ones, and the recipe."""
-    passthrough = recipe.method == "passthrough"
-    if not passthrough and get_operator(recipe.method).needs_base:
+    spec = get_operator(recipe.method)
+    # an operator that copies one model's tensor as stored (passthrough) takes the slice's first model,
+    # scaled by its weight (mergekit's ``scale``, which the translation keeps as the weight)
+    stored = "source_tensor" in spec.context
+    if not stored and spec.needs_base:
         sbase = sl.base or recipe.base
         bi = next((i for i, s in enumerate(sl.sources) if s.model == sbase), None)
         if bi is None:
@@ -135,7 +138,7 @@ def _slice_recipe(recipe: Recipe, sl: LayerSlice, offset: int) -> tuple[int, lis
         upd: dict[str, Any] = {}
         if g.kind == "blocks":
             upd.update(start=g.start + offset, stop=g.stop + offset)
-        if passthrough:  # the one model of the slice, as stored, times its weight
+        if stored:
             upd["params"] = {**(g.params or {}), "source": 0, "scale": g.weights[0]}
         return g.model_copy(update=upd)
 
