@@ -29,30 +29,24 @@ def merge_command(
             "--compute-dtype", help="dtype the sources are held in while merging (operators compute in float32)"
         ),
     ] = "float32",
-    device: Annotated[
-        str, typer.Option("--device", help="where to merge: cpu, cuda or cuda:N (filters, LoRA, slices: cpu)")
-    ] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="where to merge: cpu, cuda or cuda:N")] = "cpu",
     print_yaml: Annotated[
         bool, typer.Option("--print-mergekit", help="also print the recipe as a mergekit YAML when expressible")
     ] = False,
 ) -> None:
     """Merge models once from an evomerge recipe or a mergekit YAML and write a Hugging Face folder."""
+    from evomerge.merge.build import merge_to_folder
     from evomerge.merge.lora import LoraError
-    from evomerge.merge.mergekit_io import (
-        ConfigError,
-        _dtype,
-        dump_mergekit_yaml,
-        load_merge_config,
-        merge_to_folder,
-        recipe_to_mergekit,
-    )
+    from evomerge.merge.mergekit_export import dump_mergekit_yaml, recipe_to_mergekit
+    from evomerge.merge.mergekit_io import dtype_of, load_merge_config
+    from evomerge.merge.mergekit_settings import ConfigError
 
     t0 = time.perf_counter()
     try:
         job = load_merge_config(config)
-        cdt = _dtype(compute_dtype)
+        cdt = dtype_of(compute_dtype)
         if dtype is not None:
-            _dtype(dtype)
+            dtype_of(dtype)
         if not (device == "cpu" or device.startswith("cuda")):
             raise ConfigError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
         if device.startswith("cuda"):

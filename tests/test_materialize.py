@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from evomerge.merge import OPERATORS, Materializer, get_operator, resolve_params
+from evomerge.merge.execute import group_params
 from evomerge.recipe import LayerGroup, Recipe
 
 try:
@@ -283,9 +284,9 @@ def test_group_params_override(family, mat):
 
     spec = get_operator("slerp")
     params = resolve_params(spec, {})
-    assert Materializer._params(spec, params, SimpleNamespace(name="g", params={"t": 0.2}))["t"] == 0.2
+    assert group_params(spec, params, SimpleNamespace(name="g", params={"t": 0.2}))["t"] == 0.2
     with pytest.raises(ValueError, match="per-group"):
-        Materializer._params(spec, params, SimpleNamespace(name="g", params={"eps": 0.2}))
+        group_params(spec, params, SimpleNamespace(name="g", params={"eps": 0.2}))
 
 
 def test_slerp_materialized_endpoints(family, mat):
@@ -324,13 +325,13 @@ def test_fisher_pass_and_cache(family, tmp_path):
     m = Materializer(base, experts[:2])
     m.compute_fisher(FISHER_TEXTS, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("fisher-*.safetensors"))) == 2
-    for name, f in m._fisher.items():
+    for name, f in m.resident._fisher.items():
         assert f.shape == m.deltas[name].shape and bool((f >= 0).all())
     assert float(m.fisher("model.layers.0.mlp.up_proj.weight").sum()) > 0
     m2 = Materializer(base, experts[:2])
     m2.compute_fisher(FISHER_TEXTS, cache_dir=tmp_path)  # from the cache
-    for name in m._fisher:
-        assert torch.equal(m._fisher[name], m2._fisher[name])
+    for name in m.resident._fisher:
+        assert torch.equal(m.resident._fisher[name], m2.resident._fisher[name])
     # a merge with Fisher weights differs from the plain average and stays between the models
     r = recipe((base, experts[:2]), "fisher")
     lin = m.merged_state_dict(recipe((base, experts[:2]), "linear"))
@@ -680,7 +681,7 @@ def test_native_apply_trims_as_its_trim_index_says(family):
         model = m.new_model()
         m.apply(r, model)
         out[mode] = model.state_dict()
-        assert bool(m._sorted) == (mode == "exact")
+        assert bool(m.resident._sorted) == (mode == "exact")
     for t, v in out["exact"].items():
         assert torch.equal(v, out["none"][t]), t
 
@@ -791,8 +792,8 @@ def test_linear_form_matches_whole_tensor_operator(wide_family, method):
             if method == "slerp" and t in (0.0, 1.0):  # end points exactly
                 end = eager.base[name] + (eager.deltas[name][1] if t == 1.0 else eager.deltas[name][0])
                 assert torch.equal(eager.merged_tensor(r, name), end)
-    assert len(eager._stats) == len(eager.deltas)  # statistics computed once per tensor, then reused
-    assert all(set(v) == {method} for v in eager._stats.values())
+    assert len(eager.resident._stats) == len(eager.deltas)  # statistics computed once per tensor, then reused
+    assert all(set(v) == {method} for v in eager.resident._stats.values())
 
 
 def test_linear_form_statistics_are_kept_per_operator(wide_family):
@@ -809,7 +810,7 @@ def test_linear_form_statistics_are_kept_per_operator(wide_family):
         ref = spec.fn(m.base[name], m.deltas[name], **resolve_params(spec, params))
         torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6)
         out.setdefault(method, got)
-    assert set(m._stats[name]) == {"slerp", "model_stock"}
+    assert set(m.resident._stats[name]) == {"slerp", "model_stock"}
 
 
 @pytest.mark.parametrize("method", [m for m in ALL if "fisher" not in get_operator(m).context])
@@ -827,13 +828,13 @@ def test_lazy_materializer_streams_the_same_merge(family, mat, method):
         assert t.dtype == (torch.bfloat16 if ref[name].is_floating_point() else ref[name].dtype)
         torch.testing.assert_close(t, ref[name].to(t.dtype), rtol=0, atol=0, msg=name)
         seen += 1
-    assert seen == len(ref) and not lazy.base and not lazy._stats and not lazy._sorted
+    assert seen == len(ref) and not lazy.base and not lazy.resident._stats and not lazy.resident._sorted
 
 
 def test_resident_tensors_are_built_in_their_own_mappings(family, monkeypatch):
     """Loading and the lazy indexes run with glibc's mmap threshold at 1 MB (their temporaries must not
     fragment the heap), and leave it at 32 MB (a forward pass's activations reuse the heap)."""
-    from evomerge.merge import materialize as mz
+    from evomerge.merge import resident as mz
 
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(mz, "_mallopt", lambda: lambda param, value: calls.append((param, value)) or 1)
@@ -842,13 +843,13 @@ def test_resident_tensors_are_built_in_their_own_mappings(family, monkeypatch):
     assert calls == [own, after]
     calls.clear()
     name = next(iter(m.deltas))
-    m._magnitudes(name)
-    m._magnitudes(name)  # cached: nothing to build
+    m.resident.magnitudes(name)
+    m.resident.magnitudes(name)  # cached: nothing to build
     assert calls == [own, after]
     calls.clear()
-    with mz._own_mappings():
-        with mz._own_mappings():
-            m._della_table(name)
+    with mz.own_mappings():
+        with mz.own_mappings():
+            m.resident.della_table(name)
         assert calls == [own]  # nested sections set it once and restore it once
     assert calls == [own, after]
     assert mz._mappings_depth == 0

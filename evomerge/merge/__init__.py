@@ -6,7 +6,9 @@
 >>> mat.apply(recipe, model)                                   # in place, no disk write
 """
 
-from evomerge.merge.materialize import Materializer, load_state_dict, tensor_generator, tensor_seed
+from evomerge.merge.checkpoint import load_state_dict
+from evomerge.merge.draws import tensor_generator, tensor_seed
+from evomerge.merge.materialize import Materializer
 from evomerge.merge.operators import ALIASES, OPERATORS, OperatorSpec, get_operator, resolve_params
 
 __all__ = [

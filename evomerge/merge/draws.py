@@ -30,6 +30,8 @@ __all__ = [
     "pair_hash",
     "source_bits",
     "source_uniform",
+    "tensor_generator",
+    "tensor_seed",
     "uniforms",
 ]
 
@@ -123,3 +125,14 @@ def uniforms(
                 out[2 * j + 1, s - start : e - start] = ((x >> 16) & 0xFFFF).to(torch.float32) * _SCALE
         s = e
     return out
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A 63-bit seed for tensor ``name`` under recipe seed ``seed`` (order- and device-independent)."""
+    h = hashlib.sha256(f"{int(seed)}\x00{name}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator for tensor ``name`` under recipe seed ``seed``; see :func:`tensor_seed`."""
+    return torch.Generator(device="cpu").manual_seed(tensor_seed(seed, name))

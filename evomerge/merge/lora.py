@@ -25,7 +25,10 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
+
+from evomerge.merge.checkpoint import load_state_dict
 
 __all__ = ["LoraError", "is_lora_adapter", "load_lora_delta", "source_state_dict"]
 
@@ -57,8 +60,6 @@ def _split_ref(path: str | Path) -> tuple[str, str] | None:
 
 
 def _adapter_tensors(d: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
     f = d / "adapter_model.safetensors"
     if f.is_file():
         return load_file(str(f))
@@ -174,8 +175,6 @@ def source_state_dict(path: str | Path, base_sd: dict[str, Tensor]) -> dict[str,
     not be the base). The adapted tensors keep the dtype of the tensors they modify; the others are
     the base's (or the model's) own tensors, not copies.
     """
-    from evomerge.merge.materialize import load_state_dict
-
     split = _split_ref(path)
     if split is not None:
         model_sd = load_state_dict(split[0])

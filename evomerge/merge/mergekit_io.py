@@ -1,74 +1,44 @@
-"""One-off merges and mergekit interop.
+"""mergekit configs in: a mergekit YAML translated into a :class:`~evomerge.recipe.Recipe`.
 
 - :func:`load_merge_config` reads what ``evomerge merge CONFIG`` is given: an evomerge recipe (JSON) or
-  a mergekit YAML, which :func:`mergekit_to_recipe` translates into a :class:`~evomerge.recipe.Recipe`
-  with mergekit's semantics (per-layer gradients, ``filter:`` conditions, parameter precedence,
-  mergekit's per-method defaults written out explicitly, ``slices:``).
-- :func:`merge_to_folder` builds a recipe and writes a Hugging Face folder atomically (temp dir +
-  rename). Ordinary recipes go through the :class:`~evomerge.merge.Materializer` (the search's own
-  code path); recipes with per-tensor overrides, LoRA-adapter sources or ``slices`` go through a
-  per-tensor engine that calls the same registered operators with the same seeds, so both give the
-  same tensors.
-- :func:`recipe_to_mergekit` writes a recipe as a mergekit config (a dict for YAML) when mergekit can
-  express it, else ``None``.
-
-mergekit semantics reproduced here (mergekit 0.1.5, ``mergekit/config.py`` and ``plan.py``):
-
-- a list value is a gradient: for block ``i`` of an output slice of ``n`` blocks, ``t = i / (n - 1)``
-  (``t = 1`` when ``n == 1``) and the list is interpolated piecewise-linearly at ``t * (len - 1)``;
-  the tensors outside the blocks (embeddings, final norm, head) use ``t = 0`` with the first slice
-  (embeddings) or the last slice (norm, head);
-- a list of ``{filter, value}`` conditions takes the first whose filter is a substring of the tensor
-  name (no filter, or ``*``, matches all);
-- per-model parameters override the slice's, which override the top-level ones; method-wide
-  parameters (``normalize``, ``lambda``, ``t``...) are read from the slice and the top level only.
+  a mergekit YAML, which :func:`mergekit_to_recipe` translates into a recipe with mergekit's
+  semantics (per-layer gradients, ``filter:`` conditions, parameter precedence, mergekit's per-method
+  defaults written out explicitly, ``slices:``). :mod:`evomerge.merge.build` then merges it with the
+  :class:`~evomerge.merge.Materializer`, the search's own engine.
+- :mod:`evomerge.merge.mergekit_export` goes the other way (recipe to mergekit YAML).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+import yaml
+from pydantic import ValidationError
 
+from evomerge.merge.checkpoint import LAYER_NAME_RE, checkpoint_names, config_layers, model_path, read_config
+from evomerge.merge.lora import is_lora_adapter
+from evomerge.merge.mergekit_settings import (
+    MERGEKIT_DEFAULTS,
+    ConfigError,
+    block_t,
+    filters_in,
+    resolve_setting,
+)
+from evomerge.merge.operators import ALIASES, OPERATORS
 from evomerge.recipe import LayerGroup, LayerSlice, Recipe, SliceSource, tensor_slot
 
 __all__ = [
-    "ConfigError",
     "MergeJob",
-    "build_state_dict",
+    "config_of",
+    "dtype_of",
     "load_merge_config",
-    "merge_to_folder",
     "mergekit_to_recipe",
-    "recipe_to_mergekit",
-    "evaluate_setting",
 ]
 
-_LAYER_NAME_RE = re.compile(r"^(?P<pre>.*?(?:^|\.)layers\.)(?P<idx>\d+)\.(?P<suf>.+)$")
-
-# mergekit 0.1.5's defaults of the method-wide parameters (they differ per method, so a translated
-# recipe states them explicitly instead of relying on evomerge's defaults).
-MERGEKIT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "linear": {"normalize": True},
-    "task_arithmetic": {"normalize": False, "rescale": False, "lambda": 1.0},
-    "ties": {"normalize": True, "rescale": False, "lambda": 1.0},
-    "dare_ties": {"normalize": False, "rescale": True, "lambda": 1.0},
-    "dare_linear": {"normalize": False, "rescale": True, "lambda": 1.0},
-    "breadcrumbs": {"normalize": False, "rescale": False, "lambda": 1.0},
-    "breadcrumbs_ties": {"normalize": False, "rescale": False, "lambda": 1.0},
-    "della": {"normalize": True, "rescale": True, "lambda": 1.0},
-    "della_linear": {"normalize": False, "rescale": True, "lambda": 1.0},
-    "slerp": {},
-    "passthrough": {},
-}
 # Methods whose weight is required per model in mergekit.
 _WEIGHT_REQUIRED = {"linear", *(m for m in MERGEKIT_DEFAULTS if "lambda" in MERGEKIT_DEFAULTS[m])}
 # Per-model parameters (mergekit's INPUT / NON_BASE scope); all others are method-wide.
@@ -84,10 +54,6 @@ _DTYPES = {
 }  # fmt: skip
 
 
-class ConfigError(ValueError):
-    """A merge config evomerge cannot run: one line naming the field. The CLI exits with code 2."""
-
-
 @dataclass
 class MergeJob:
     """What ``evomerge merge`` builds: the recipe and the output options around it."""
@@ -100,78 +66,11 @@ class MergeJob:
 
 
 # ----------------------------------------------------------------------------------------------
-# mergekit parameter evaluation
-
-
-def evaluate_setting(setting: Any, tensor_name: str, t: float = 0.0) -> Any:
-    """mergekit's ``evaluate_setting``: resolve filters and gradients of one parameter value."""
-    if isinstance(setting, dict):
-        setting = [setting]
-    if setting is None or isinstance(setting, (bool, int, float, str)):
-        return _scalar(setting)
-    if isinstance(setting, list):
-        if not setting:
-            return None
-        if all(not isinstance(e, (dict, list)) for e in setting):
-            vals = [_scalar(e) for e in setting]
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-                return vals[int(t * (len(vals) - 1))]
-            scaled = t * (len(vals) - 1)
-            i0 = int(scaled)
-            i1 = min(len(vals) - 1, i0 + 1)
-            frac = scaled - i0
-            return (1 - frac) * vals[i0] + frac * vals[i1]
-        for cond in setting:
-            if not isinstance(cond, dict) or "value" not in cond:
-                raise ConfigError(f"a conditional parameter must be a mapping with 'value' (got {cond!r})")
-            f = cond.get("filter")
-            if f is None or f == "*" or (tensor_name and str(f) in tensor_name):
-                return evaluate_setting(cond["value"], tensor_name, t)
-        return None
-    raise ConfigError(f"unexpected parameter value {setting!r}")
-
-
-def _scalar(v: Any) -> Any:
-    if isinstance(v, str):
-        low = v.strip().lower()
-        if low in ("true", "false"):
-            return low == "true"
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
-
-
-def _resolve(name: str, scopes: Iterable[dict | None], tensor_name: str, t: float) -> Any:
-    for sc in scopes:
-        if sc and name in sc:
-            v = evaluate_setting(sc[name], tensor_name, t)
-            if v is not None:
-                return v
-    return None
-
-
-def _filters_in(setting: Any, out: list[str]) -> None:
-    if isinstance(setting, dict):
-        f = setting.get("filter")
-        if f is not None and f != "*" and str(f) not in out:
-            out.append(str(f))
-        _filters_in(setting.get("value"), out)
-    elif isinstance(setting, list):
-        for e in setting:
-            _filters_in(e, out)
-
-
-# ----------------------------------------------------------------------------------------------
 # reading configs
 
 
 def load_merge_config(path: str | Path) -> MergeJob:
     """Read ``evomerge merge``'s CONFIG: an evomerge recipe (JSON) or a mergekit YAML."""
-    import yaml
-    from pydantic import ValidationError
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no such file")
@@ -231,10 +130,8 @@ def _model_ref(value: Any, where: str, config_dir: Path | None) -> str:
 
 
 def _local(ref: str, where: str, config_dir: Path | None) -> str:
-    from evomerge.space import resolve_ref
-
     if ref.startswith("zoo://"):
-        return resolve_ref(ref)
+        return model_path(ref)
     p = Path(ref).expanduser()
     cands = [p] if p.is_absolute() else [Path.cwd() / p] + ([config_dir / p] if config_dir else [])
     for c in cands:
@@ -246,11 +143,7 @@ def _local(ref: str, where: str, config_dir: Path | None) -> str:
 
 
 def _model_layers(path: str, adapter_layers: int | None = None) -> int:
-    from evomerge.merge.materialize import config_layers
-
     p = path.split("+")[0] if not Path(path).exists() else path
-    from evomerge.merge.lora import is_lora_adapter
-
     if is_lora_adapter(p):
         if adapter_layers is not None:  # an adapter source has the layers of the base it adapts
             return adapter_layers
@@ -259,38 +152,18 @@ def _model_layers(path: str, adapter_layers: int | None = None) -> int:
             f"{p}: a LoRA adapter is a source, not a model with layers (base model "
             f"{cfg.get('base_model_name_or_path')!r}); use it in `models:` with a base_model"
         )
-    n = config_layers(_read_config(p))
+    n = config_layers(config_of(p))
     if n is None:
         raise ConfigError(f"{p}: config has no num_hidden_layers")
     return n
 
 
-def _read_config(path: str) -> dict[str, Any]:
-    """:func:`~evomerge.merge.materialize.read_config`, its errors as :class:`ConfigError`."""
-    from evomerge.merge.materialize import read_config
-
+def config_of(path: str) -> dict[str, Any]:
+    """:func:`~evomerge.merge.checkpoint.read_config`, its errors as :class:`ConfigError`."""
     try:
         return read_config(path)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
-
-
-def checkpoint_names(path: str) -> list[str]:
-    """Tensor names of a checkpoint folder (safetensors headers only; falls back to loading)."""
-    from safetensors import safe_open
-
-    p = Path(path)
-    files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
-    files = [f for f in files if not f.name.startswith("adapter_")]
-    if files:
-        names: list[str] = []
-        for f in files:
-            with safe_open(str(f), framework="pt") as fh:
-                names.extend(fh.keys())
-        return names
-    from evomerge.merge.materialize import load_state_dict
-
-    return list(load_state_dict(p).keys())
 
 
 def _check_keys(d: dict, allowed: set[str], where: str) -> None:
@@ -300,8 +173,6 @@ def _check_keys(d: dict, allowed: set[str], where: str) -> None:
 
 
 def _evomerge_spec(method: str):
-    from evomerge.merge.operators import ALIASES, OPERATORS
-
     if method == "passthrough":
         return None
     for spec in OPERATORS.values():
@@ -407,7 +278,7 @@ def mergekit_to_recipe(config: dict, *, config_dir: str | Path | None = None) ->
     aligned = method != "passthrough" and _aligned(slices, n_base)
     param_names = _check_params(method, spec, gparams, slices)
     names = checkpoint_names(base.split("+")[0] if not Path(base).exists() else base)
-    if any(_LAYER_NAME_RE.match(n) is None and tensor_slot(n) not in ("embed", "head") for n in names):
+    if any(LAYER_NAME_RE.match(n) is None and tensor_slot(n) not in ("embed", "head") for n in names):
         raise ConfigError(f"{base}: cannot tell the blocks of this checkpoint apart")
 
     sources: list[str] = []
@@ -524,21 +395,21 @@ class _Resolver:
     def per_source(self, e: dict, s: dict, name: str, t: float) -> tuple[float, float | None, dict]:
         scopes = (e["params"], s["params"], self.gparams)
         if self.method == "passthrough":
-            sc = _resolve("scale", scopes, name, t)
+            sc = resolve_setting("scale", scopes, name, t)
             return (1.0 if sc is None else float(sc)), None, {}
-        w = _resolve("weight", scopes, name, t)
+        w = resolve_setting("weight", scopes, name, t)
         if w is None:
             if self.method in _WEIGHT_REQUIRED:
                 raise ConfigError(f"{e['where']}.parameters.weight: required by {self.method} (tensor {name})")
             w = 1.0
         dens = None
         if "density" in self.genes:
-            d = _resolve("density", scopes, name, t)
+            d = resolve_setting("density", scopes, name, t)
             dens = float(_PER_INPUT_DEFAULTS["density"] if d is None else d)
         extra = {}
         for k in ("gamma", "epsilon"):
             if k in self.used:
-                v = _resolve(k, scopes, name, t)
+                v = resolve_setting(k, scopes, name, t)
                 extra[k] = float(_PER_INPUT_DEFAULTS[k] if v is None else v)
         return float(w), dens, extra
 
@@ -547,7 +418,7 @@ class _Resolver:
         out: dict[str, Any] = {}
         spec_params = self.spec.params if self.spec is not None else {}
         for k, default in MERGEKIT_DEFAULTS.get(self.method, {}).items():
-            v = _resolve(k, scopes, name, t)
+            v = resolve_setting(k, scopes, name, t)
             v = default if v is None else v
             if k not in spec_params:
                 if k == "rescale" and bool(v) and self.spec is not None and self.spec.sparsify is not None:
@@ -563,15 +434,11 @@ class _Resolver:
         for k in self.used:
             if k in _PER_INPUT or k in _IGNORED_SHARED or k in out or k in MERGEKIT_DEFAULTS.get(self.method, {}):
                 continue
-            v = _resolve(k, scopes, name, t)
+            v = resolve_setting(k, scopes, name, t)
             if v is None:
                 raise ConfigError(f"parameters.{k}: no value for tensor {name}")
             out[k] = v
         return out
-
-
-def _t(i: int, n: int) -> float:
-    return i / (n - 1) if n > 1 else 1.0
 
 
 def _signature(resolver: _Resolver, s: dict, merged: list[dict], name: str, t: float) -> tuple:
@@ -651,7 +518,7 @@ def _build_groups(
     run_start, run_lay = None, None
     for b in blocks:
         # compare layouts on names with the block index removed, so equal blocks merge into one run
-        entries = [(_LAYER_NAME_RE.sub(r"\g<pre>#.\g<suf>", n), sig) for n, sig in by_slot[b]]
+        entries = [(LAYER_NAME_RE.sub(r"\g<pre>#.\g<suf>", n), sig) for n, sig in by_slot[b]]
         lay = layout(entries, True)
         if lay is None:
             lay_exact = layout(by_slot[b], False)
@@ -677,7 +544,7 @@ def _all_filters(gparams: dict, slices: list[dict]) -> list[str]:
     out: list[str] = []
     for d in [gparams] + [s["params"] for s in slices] + [e["params"] for s in slices for e in s["sources"]]:
         for v in d.values():
-            _filters_in(v, out)
+            filters_in(v, out)
     return out
 
 
@@ -709,7 +576,7 @@ def _plain_groups(resolver, slices, names, sources, needs_base, base_model):
             s, t = slices[-1], 0.0
         else:
             s, j, n = block_slice[slot]
-            t = _t(j, n)
+            t = block_t(j, n)
         items.append((name, slot, _signature(resolver, s, merged_for(s), name, t)))
     return _build_groups(items, _all_filters(resolver.gparams, slices))
 
@@ -719,7 +586,7 @@ def _slice_groups(resolver, s, merged, names, *, first: bool, last: bool):
     n = s["sources"][0]["range"][1] - s["sources"][0]["range"][0]
     layer_sufs, seen = [], set()
     for nm in names:
-        m = _LAYER_NAME_RE.match(nm)
+        m = LAYER_NAME_RE.match(nm)
         if m and m.group("suf") not in seen:
             seen.add(m.group("suf"))
             layer_sufs.append((m.group("pre"), m.group("suf")))
@@ -731,494 +598,15 @@ def _slice_groups(resolver, s, merged, names, *, first: bool, last: bool):
     for j in range(n):
         for pre, suf in layer_sufs:
             nm = f"{pre}{j}.{suf}"
-            items.append((nm, j, _signature(resolver, s, merged, nm, _t(j, n))))
+            items.append((nm, j, _signature(resolver, s, merged, nm, block_t(j, n))))
     return _build_groups(items, _all_filters(resolver.gparams, [s]))
 
 
-# ----------------------------------------------------------------------------------------------
-# building
-
-
-def _dtype(name: str | None) -> torch.dtype | None:
+def dtype_of(name: str | None) -> torch.dtype | None:
+    """The torch dtype of a mergekit dtype name (``None`` stays ``None``)."""
     if name is None:
         return None
     try:
         return _DTYPES[str(name)]
     except KeyError:
         raise ConfigError(f"unknown dtype {name!r}") from None
-
-
-class _Models:
-    """State dicts of the models a recipe references, loaded once (adapters relative to the base)."""
-
-    def __init__(self, base: str) -> None:
-        from evomerge.space import resolve_ref
-
-        self._resolve = resolve_ref
-        self.base_ref = base
-        self._cache: dict[str, dict[str, Tensor]] = {}
-
-    def __call__(self, ref: str) -> dict[str, Tensor]:
-        from evomerge.merge.lora import source_state_dict
-        from evomerge.merge.materialize import load_state_dict
-
-        if ref not in self._cache:
-            if ref == self.base_ref:
-                self._cache[ref] = load_state_dict(self._resolve(ref))
-            else:
-                self._cache[ref] = source_state_dict(self._resolve(ref), self(self.base_ref))
-        return self._cache[ref]
-
-
-def _get(sd: dict[str, Tensor], name: str, ref: str) -> Tensor:
-    t = sd.get(name)
-    if t is None and name.endswith("lm_head.weight"):
-        t = sd.get("model.embed_tokens.weight")
-    if t is None:
-        raise ConfigError(f"{ref}: no tensor {name!r}")
-    return t
-
-
-def _apply_op(spec, params: dict, base_t: Tensor, src: list[Tensor], g: LayerGroup, seed: int, name: str) -> Tensor:
-    """One merged tensor through a registered operator, seeded as the Materializer seeds it."""
-    from evomerge.merge.materialize import tensor_generator
-
-    if not base_t.is_floating_point():
-        return base_t.clone()
-    ctx = getattr(spec, "context", None) or frozenset()
-    if ctx:  # operators that need more than elementwise inputs (whole tensor, layer, name...)
-        raise ConfigError(
-            f"method {spec.name!r} with filters, LoRA-adapter sources or slices is not supported yet "
-            f"(its operator needs {sorted(ctx)}); use a plain recipe"
-        )
-    b = base_t.to(torch.float32)
-    for t in src:
-        if t.shape != b.shape:
-            raise ConfigError(f"{name}: shape {tuple(t.shape)} in a source, {tuple(b.shape)} in the base")
-    d = torch.stack([t.to(torch.float32) - b for t in src])
-    k = d.shape[0]
-    w = torch.tensor(g.weights, dtype=torch.float32)
-    dens = torch.tensor(g.densities if g.densities is not None else [1.0] * k, dtype=torch.float32)
-    extra: dict[str, Any] = {}
-    if spec.sparsify == "random" and bool((dens < 1).any()):
-        extra["noise"] = _noise(seed, name, d.shape)
-    elif spec.sparsify not in (None, "magnitude", "random"):
-        raise ConfigError(
-            f"method {spec.name!r} with filters, LoRA-adapter sources or slices is not supported yet; "
-            "use a plain recipe"
-        )
-    return spec.fn(b, d, w, dens, generator=tensor_generator(seed, name), **extra, **params)
-
-
-def _noise(seed: int, name: str, shape: torch.Size) -> Tensor:
-    """The DARE uniforms the Materializer uses for tensor ``name`` (same positions, same hash)."""
-    from evomerge.merge.draws import uniforms
-
-    k, n = shape[0], math.prod(shape[1:])
-    return uniforms(seed, name, k, 0, n).reshape(shape)
-
-
-def _needs_engine(recipe: Recipe) -> bool:
-    from evomerge.merge.lora import _split_ref, is_lora_adapter
-    from evomerge.space import resolve_ref
-
-    if recipe.slices is not None or recipe.has_overrides:
-        return True
-    return any(is_lora_adapter(resolve_ref(s)) or _split_ref(resolve_ref(s)) for s in recipe.sources)
-
-
-def build_state_dict(
-    recipe: Recipe,
-    *,
-    dtype: torch.dtype = torch.float32,
-    progress: Callable[[str], None] | None = None,
-    out_dtype: torch.dtype | None = None,
-    device: str = "cpu",
-    config: Any = None,
-) -> tuple[dict[str, Tensor], Any]:
-    """The merged checkpoint of any recipe (``{name: tensor}``) and its ``config.json`` (a dict).
-
-    Ordinary recipes use the :class:`~evomerge.merge.Materializer`, the search's code path, in its
-    lazy mode: one tensor of each model at a time, merged and dropped, exact magnitude trims (no
-    index: each is used once). Recipes with group filters/params, LoRA-adapter sources or slices use
-    the per-tensor engine. ``dtype`` is what sources are held in while merging, ``out_dtype`` (default
-    ``dtype``) that of the float tensors returned (always on the CPU). ``device`` is where the
-    materializer merges (the per-tensor engine merges on the CPU). ``config``: the base's config (as
-    :func:`~evomerge.merge.materialize.read_config` returns it) when the caller has read it already.
-    """
-    from evomerge.space import resolve_ref
-
-    base_path = resolve_ref(recipe.base)
-    if config is None:
-        config = _read_config(base_path)
-    if not _needs_engine(recipe):
-        from evomerge.merge import Materializer
-
-        mat = Materializer(
-            base_path,
-            [resolve_ref(s) for s in recipe.sources],
-            device=device,
-            dtype=dtype,
-            lazy=True,
-            trim_index="none",
-        )
-        return {name: t.cpu() for name, t in mat.iter_merged(recipe, out_dtype)}, config
-    from evomerge.merge.operators import get_operator, resolve_params
-
-    models = _Models(recipe.base)
-    if recipe.slices is None:
-        spec = get_operator(recipe.method)
-        base_sd = models(recipe.base)
-        srcs = [models(s) for s in recipe.sources]
-        out = {}
-        for name, b in base_sd.items():
-            g = recipe.group_for(name)
-            params = resolve_params(spec, recipe.params_for(g))
-            ts = [_get(sd, name, r) for sd, r in zip(srcs, recipe.sources, strict=True)]
-            out[name] = _apply_op(spec, params, b, ts, g, recipe.seed, name).to(dtype)
-        return out, config
-    return _build_sliced(recipe, models, config, dtype), config
-
-
-def _build_sliced(recipe: Recipe, models: _Models, config, dtype: torch.dtype) -> dict[str, Tensor]:
-    from evomerge.merge.operators import get_operator, resolve_params
-
-    passthrough = recipe.method == "passthrough"
-    spec = None if passthrough else get_operator(recipe.method)
-    base_names = list(models(recipe.base).keys())
-    pre = [n for n in base_names if tensor_slot(n) == "embed"]
-    post = [n for n in base_names if tensor_slot(n) == "head"]
-    sufs: list[tuple[str, str]] = []
-    for n in base_names:
-        m = _LAYER_NAME_RE.match(n)
-        if m and m.group("idx") == "0":
-            sufs.append((m.group("pre"), m.group("suf")))
-
-    def merge(sl: LayerSlice, out_name: str, in_names: list[str], slot) -> Tensor:
-        g = sl.group_for(out_name, slot)
-        if passthrough:
-            src = sl.sources[0]
-            t = _get(models(src.model), in_names[0], src.model)
-            w = g.weights[0]
-            return t.clone() if w == 1.0 else (t.to(torch.float32) * w).to(t.dtype)
-        params = resolve_params(spec, recipe.params_for(g, sl))
-        sbase = sl.base or recipe.base
-        entries = list(zip(sl.sources, in_names, strict=True))
-        if spec.needs_base:
-            bi = [i for i, (s, _) in enumerate(entries) if s.model == sbase]
-            if not bi:
-                raise ConfigError(f"slice without its base model {sbase!r} among its sources")
-            base_t = _get(models(sbase), entries[bi[0]][1], sbase)
-            merged = [e for i, e in enumerate(entries) if i != bi[0]]
-        else:
-            base_t = _get(models(entries[0][0].model), entries[0][1], entries[0][0].model)
-            merged = entries
-        ts = [_get(models(s.model), nm, s.model) for s, nm in merged]
-        return (
-            _apply_op(spec, params, base_t, ts, g, recipe.seed, out_name).to(dtype)
-            if base_t.is_floating_point()
-            else base_t.clone()
-        )
-
-    out: dict[str, Tensor] = {}
-    first, last = recipe.slices[0], recipe.slices[-1]
-    for n in pre:
-        out[n] = merge(first, n, [n] * len(first.sources), "embed")
-    L = 0
-    layer_types_src = []
-    for sl in recipe.slices:
-        for j in range(sl.n_layers):
-            for p, suf in sufs:
-                on = f"{p}{L}.{suf}"
-                out[on] = merge(sl, on, [f"{p}{s.start + j}.{suf}" for s in sl.sources], j)
-            layer_types_src.append(sl.sources[0].start + j)
-            L += 1
-    for n in post:
-        out[n] = merge(last, n, [n] * len(last.sources), "head")
-    from evomerge.merge.materialize import block_config
-
-    holder = block_config(config)
-    holder["num_hidden_layers"] = L
-    lt = holder.get("layer_types")
-    if isinstance(lt, list) and lt:
-        holder["layer_types"] = [lt[i % len(lt)] for i in layer_types_src]
-    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items()}
-
-
-def _save(sd: dict[str, Tensor], out: Path, max_shard_bytes: int = 5 << 30) -> None:
-    from safetensors.torch import save_file
-
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for name, t in sd.items():
-        nb = t.numel() * t.element_size()
-        if shards[-1] and size + nb > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.contiguous()
-        size += nb
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    total = 0
-    for i, sh in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(sh, str(out / fname), metadata={"format": "pt"})
-        for n, t in sh.items():
-            weight_map[n] = fname
-            total += t.numel() * t.element_size()
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
-
-
-def merge_to_folder(
-    job: MergeJob | Recipe,
-    out_dir: str | Path,
-    *,
-    force: bool = False,
-    compute_dtype: torch.dtype = torch.float32,
-    out_dtype: str | None = None,
-    device: str = "cpu",
-) -> Path:
-    """Build ``job``'s recipe and write a Hugging Face folder at ``out_dir``, atomically.
-
-    The folder holds the safetensors, ``config.json``, the tokenizer files of the base (or of
-    ``tokenizer_source``), ``evomerge_recipe.json`` and, for a mergekit input, the YAML as
-    ``mergekit_config.yml``. ``out_dir`` must not exist or be empty unless ``force``.
-    """
-    from evomerge.merge.materialize import TOKENIZER_FILES
-    from evomerge.space import resolve_ref
-
-    if isinstance(job, Recipe):
-        job = MergeJob(recipe=job)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ConfigError(f"{out} exists and is not empty (use --force to replace it)")
-    base_cfg = _read_config(resolve_ref(job.recipe.base))
-    odt = _dtype(out_dtype or job.out_dtype)
-    if odt is None:  # the base's config says, else its first float tensor
-        odt = base_cfg.get("dtype") or base_cfg.get("torch_dtype")
-        odt = _dtype(str(odt).replace("torch.", "")) if odt is not None else None
-    # each tensor is cast as it is merged, so float32 copies of the whole output never pile up
-    sd, config = build_state_dict(job.recipe, dtype=compute_dtype, out_dtype=odt, device=device, config=base_cfg)
-    if odt is None:
-        odt = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
-    sd = {k: (v.to(odt) if v.is_floating_point() and v.dtype != odt else v) for k, v in sd.items()}
-    # transformers 5 writes "dtype"; a config from an older one may still carry "torch_dtype"
-    dtype_name = str(odt).replace("torch.", "")
-    config["dtype"] = dtype_name
-    for holder in (config, config.get("text_config")):
-        if isinstance(holder, dict) and "torch_dtype" in holder:
-            holder["torch_dtype"] = dtype_name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        _save(sd, tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tok_dir = Path(resolve_ref(job.tokenizer_source or job.recipe.base).split("+")[0])
-        for fname in TOKENIZER_FILES:
-            f = tok_dir / fname
-            if f.is_file():
-                shutil.copy2(f, tmp / fname)
-        (tmp / "evomerge_recipe.json").write_text(json.dumps(json.loads(job.recipe.canonical_json()), indent=2) + "\n")
-        if job.source_text is not None:
-            (tmp / "mergekit_config.yml").write_text(job.source_text)
-        if out.exists():
-            if out.is_dir():
-                shutil.rmtree(out)
-            else:
-                out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# export
-
-
-def _gradient(vals: list[float]) -> Any:
-    """A per-block value list as a mergekit setting: scalar, 2-point gradient, or the full list."""
-    if all(_close(v, vals[0]) for v in vals):
-        return vals[0]
-    n = len(vals)
-    if n > 2:
-        lin = [vals[0] + (vals[-1] - vals[0]) * i / (n - 1) for i in range(n)]
-        if all(_close(a, b) for a, b in zip(lin, vals, strict=True)):
-            return [vals[0], vals[-1]]
-    return list(vals)
-
-
-def _same_setting(a: Any, b: Any) -> bool:
-    if isinstance(a, list) or isinstance(b, list):
-        return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(map(_close, a, b))
-    return _close(a, b)
-
-
-def _close(a: Any, b: Any) -> bool:
-    if (
-        isinstance(a, (int, float))
-        and isinstance(b, (int, float))
-        and not isinstance(a, bool)
-        and not isinstance(b, bool)
-    ):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-    return a == b
-
-
-def _setting_for(values: dict[str, Any], slots: dict[str, Any], n_layers: int, filters: list[str]) -> Any:
-    """A mergekit setting that evaluates to ``values[name]`` for every tensor name, or raise."""
-    blocks = {n: s for n, s in slots.items() if isinstance(s, int)}
-    conds: list[dict] = []
-    for f in filters:
-        per_block: list[Any] = []
-        ok = True
-        for i in range(n_layers):
-            vs = {values[n] for n, s in blocks.items() if s == i and f in n}
-            if len(vs) > 1:
-                ok = False
-                break
-            per_block.append(vs.pop() if vs else None)
-        if ok and any(v is not None for v in per_block):
-            conds.append({"filter": f, "per_block": per_block})
-    default = []
-    for i in range(n_layers):
-        names = [n for n, s in blocks.items() if s == i and not any(f in n for f in filters)]
-        vs = {values[n] for n in names}
-        if len(vs) > 1:
-            raise ValueError("not expressible")
-        default.append(vs.pop() if vs else None)
-    fill = next((v for v in default if v is not None), None)
-    default = [fill if v is None else v for v in default]
-    for c in conds:
-        c["value"] = _gradient([d if v is None else v for v, d in zip(c.pop("per_block"), default, strict=True)])
-    main = _gradient(default) if default else None
-    conds = [c for c in conds if not _same_setting(c["value"], main)]
-    setting: Any = [*conds, {"value": main}] if conds else main
-    # outside the blocks (t = 0): exact-name conditions in front where the rest gives another value
-    front = []
-    for n, s in slots.items():
-        if isinstance(s, int):
-            continue
-        if main is None or not _close(evaluate_setting(setting, n, 0.0), values[n]):
-            front.append({"filter": n, "value": values[n]})
-    if front:
-        setting = front + (
-            setting if isinstance(setting, list) and setting and isinstance(setting[0], dict) else [{"value": setting}]
-        )
-    for n, s in slots.items():  # verify against mergekit's evaluation
-        t = _t(s, n_layers) if isinstance(s, int) else 0.0
-        if not _close(evaluate_setting(setting, n, t), values[n]):
-            raise ValueError(f"not expressible for {n}")
-    return setting
-
-
-def recipe_to_mergekit(
-    recipe: Recipe, *, tensor_names: list[str] | None = None, notes: list[str] | None = None
-) -> dict | None:
-    """The recipe as a mergekit 0.1.5 config (a dict to dump as YAML), or ``None`` if inexpressible.
-
-    Per-group coefficients become per-layer gradient lists (with exact-name ``filter`` conditions for
-    the embeddings and head when they differ), group filters become ``filter`` conditions, and
-    ``normalize`` / ``rescale`` / ``lambda`` are always written out, since mergekit's defaults differ
-    from evomerge's. ``None`` when: the method has no mergekit counterpart; DARE uses evomerge's
-    default ``rescale: inverse`` (1/density) with some density below 1 (mergekit 0.1.5 only has the L1
-    rescale); a source is the base model itself in a task-vector method; the recipe has slices; or the
-    base checkpoint cannot be read for its tensor names. DARE's masks are drawn by another RNG in
-    mergekit, so such a config matches in distribution, not bit for bit (a line goes to ``notes``).
-    ``tensor_names`` avoids reading the base checkpoint.
-    """
-    from evomerge.merge.operators import get_operator, resolve_params
-    from evomerge.space import resolve_ref
-
-    if recipe.slices is not None:
-        return None
-    try:
-        spec = get_operator(recipe.method)
-    except KeyError:
-        return None
-    mk = spec.mergekit_method
-    if mk not in MERGEKIT_DEFAULTS or mk in ("slerp", "passthrough"):
-        return None
-    if tensor_names is None:
-        try:
-            tensor_names = checkpoint_names(resolve_ref(recipe.base))
-        except Exception:
-            return None
-    task_vector = mk != "linear"
-    if task_vector and any(s == recipe.base for s in recipe.sources):
-        return None
-    slots = {n: tensor_slot(n) for n in tensor_names}
-    blocks = [s for s in slots.values() if isinstance(s, int)]
-    n_layers = max(blocks) + 1 if blocks else 0
-    try:
-        per_tensor = {n: recipe.group_for(n) for n in tensor_names}
-    except KeyError:
-        return None
-    params_of = {n: resolve_params(spec, recipe.params_for(g)) for n, g in per_tensor.items()}
-    filters = []
-    for g in recipe.groups:
-        if g.filter is not None and g.filter not in filters:
-            filters.append(g.filter)
-    shared: dict[str, Any] = {}
-    any_drop = any(g.densities is not None and any(d < 1 for d in g.densities) for g in recipe.groups)
-    try:
-        for key in MERGEKIT_DEFAULTS[mk]:
-            vals = {}
-            for n, p in params_of.items():
-                if key == "rescale":
-                    r = p.get("rescale", False)
-                    if r in ("inverse", "1/density", "inv"):
-                        if spec.sparsify == "random" and any_drop:
-                            return None
-                        r = False
-                    vals[n] = bool(r is True or r == "l1")
-                elif key in p:
-                    vals[n] = p[key]
-                else:
-                    vals[n] = MERGEKIT_DEFAULTS[mk][key]
-            shared[key] = _setting_for(vals, slots, n_layers, filters)
-        extra = set(next(iter(params_of.values()))) - set(MERGEKIT_DEFAULTS[mk])
-        if extra:
-            return None
-        models = []
-        for k, src in enumerate(recipe.sources):
-            mp: dict[str, Any] = {
-                "weight": _setting_for({n: g.weights[k] for n, g in per_tensor.items()}, slots, n_layers, filters)
-            }
-            if "density" in spec.source_genes:
-                mp["density"] = _setting_for(
-                    {n: (g.densities[k] if g.densities is not None else 1.0) for n, g in per_tensor.items()},
-                    slots, n_layers, filters,
-                )  # fmt: skip
-            models.append({"model": src, "parameters": mp})
-    except ValueError:
-        return None
-    cfg: dict[str, Any] = {"merge_method": mk}
-    if task_vector:
-        cfg["base_model"] = recipe.base
-    cfg["models"] = models
-    cfg["parameters"] = shared
-    cfg["dtype"] = "float32"
-    if spec.sparsify == "random" and any_drop and notes is not None:
-        notes.append("DARE masks: mergekit draws them with its own RNG, so this config matches in distribution only")
-    return cfg
-
-
-def dump_mergekit_yaml(cfg: dict) -> str:
-    """YAML text of a mergekit config (number lists in flow style, as mergekit writes them)."""
-    import yaml
-
-    class _Dumper(yaml.SafeDumper):
-        pass
-
-    def rep_list(dumper, data):
-        flow = all(isinstance(e, (int, float)) for e in data)
-        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-    _Dumper.add_representer(list, rep_list)
-    return yaml.dump(cfg, Dumper=_Dumper, sort_keys=False)

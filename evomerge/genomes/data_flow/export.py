@@ -29,7 +29,7 @@ from pathlib import Path
 from evomerge.genomes.base import ExportCard, scores_table
 from evomerge.genomes.data_flow.model import DataFlowMaterializer
 from evomerge.genomes.data_flow.recipe import DataFlowRecipe
-from evomerge.merge.materialize import TOKENIZER_FILES
+from evomerge.merge.checkpoint import TOKENIZER_FILES
 
 MODELING_FILE = "modeling_evomerge_dataflow.py"
 AUTO_MAP = {

@@ -11,7 +11,7 @@ from transformers.utils import logging as hf_logging
 
 from evomerge.genomes.base import ExportCard, scores_table
 from evomerge.merge import Materializer
-from evomerge.merge.mergekit_io import dump_mergekit_yaml, recipe_to_mergekit
+from evomerge.merge.mergekit_export import dump_mergekit_yaml, recipe_to_mergekit
 from evomerge.recipe import Recipe
 from evomerge.zoo import resolve_ref
 
