@@ -35,6 +35,7 @@ def merge_command(
     ] = False,
 ) -> None:
     """Merge models once from an evomerge recipe or a mergekit YAML and write a Hugging Face folder."""
+    # the merge engine loads torch: only this command pays for it, not the CLI's other commands
     from evomerge.merge.build import merge_to_folder
     from evomerge.merge.lora import LoraError
     from evomerge.merge.mergekit_export import dump_mergekit_yaml, recipe_to_mergekit
@@ -50,7 +51,7 @@ def merge_command(
         if not (device == "cpu" or device.startswith("cuda")):
             raise ConfigError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
         if device.startswith("cuda"):
-            import torch
+            import torch  # loaded by the engine above already; named here for the CUDA check
 
             if not torch.cuda.is_available():
                 raise ConfigError(f"--device {device}: no CUDA device is visible to this process")

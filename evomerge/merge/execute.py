@@ -80,7 +80,7 @@ def tensor_needs(spec: OperatorSpec, params: dict[str, Any], dens: Tensor) -> Ne
 
 
 # the C kernels' op codes by the kernel a plan names (kernels.plan); DELLA has its own C kernel
-NATIVE_OPS = {"ta": native.OP_LINEAR, "ties": native.OP_TIES, "dare": native.OP_DARE, "dare_ties": native.OP_DARE_TIES}
+NATIVE_OPS = native.KERNEL_OPS
 
 
 def group_params(spec: OperatorSpec, params: dict[str, Any], g: LayerGroup, free: bool = False) -> dict[str, Any]:

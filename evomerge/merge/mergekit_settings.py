@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from evomerge.merge.operators import OPERATORS
+
 __all__ = [
     "MERGEKIT_DEFAULTS",
     "ConfigError",
@@ -26,20 +28,12 @@ __all__ = [
     "resolve_setting",
 ]
 
-# mergekit 0.1.5's defaults of the method-wide parameters (they differ per method, so a translated
-# recipe states them explicitly instead of relying on evomerge's defaults).
+# mergekit 0.1.5's defaults of the method-wide parameters, as each operator's spec declares them (they
+# differ per method, so a translated recipe states them explicitly instead of relying on evomerge's).
 MERGEKIT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "linear": {"normalize": True},
-    "task_arithmetic": {"normalize": False, "rescale": False, "lambda": 1.0},
-    "ties": {"normalize": True, "rescale": False, "lambda": 1.0},
-    "dare_ties": {"normalize": False, "rescale": True, "lambda": 1.0},
-    "dare_linear": {"normalize": False, "rescale": True, "lambda": 1.0},
-    "breadcrumbs": {"normalize": False, "rescale": False, "lambda": 1.0},
-    "breadcrumbs_ties": {"normalize": False, "rescale": False, "lambda": 1.0},
-    "della": {"normalize": True, "rescale": True, "lambda": 1.0},
-    "della_linear": {"normalize": False, "rescale": True, "lambda": 1.0},
-    "slerp": {},
-    "passthrough": {},
+    s.mergekit_method: s.mergekit_defaults
+    for s in OPERATORS.values()
+    if s.mergekit_method is not None and s.mergekit_defaults is not None
 }
 
 
