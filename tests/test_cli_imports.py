@@ -47,3 +47,21 @@ def test_error_of_a_lazily_imported_module_is_one_line(tmp_path: Path):
     )
     assert p.returncode == 2, p.stderr
     assert p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_reading_the_operator_specs_loads_no_torch():
+    # Validating a space reads the operator registry (genes, bounds, source counts); torch comes with the
+    # first tensor operation, so `validate` and a search's start do not pay its import.
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys\n"
+        "from evomerge.genomes import make_genome\n"
+        "from evomerge.merge import OPERATORS\n"
+        "from evomerge.space import load_space\n"
+        f"make_genome(load_space({str(root / 'search_spaces' / 'demo.yaml')!r}))\n"
+        "assert len(OPERATORS) > 10 and all(s.param_bounds is not None for s in OPERATORS.values())\n"
+        "print('torch' in sys.modules)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "False"

@@ -6,10 +6,25 @@
 >>> mat.apply(recipe, model)                                   # in place, no disk write
 """
 
-from evomerge.merge.checkpoint import load_state_dict
-from evomerge.merge.draws import tensor_generator, tensor_seed
-from evomerge.merge.materialize import Materializer
+import importlib
+
 from evomerge.merge.operators import ALIASES, OPERATORS, OperatorSpec, get_operator, resolve_params
+
+# The engine loads torch; the operator specs do not. A command that only reads specs (validating a
+# space) imports this package without paying for torch, and the engine's names load on first use.
+_LAZY = {
+    "Materializer": "evomerge.merge.materialize",
+    "load_state_dict": "evomerge.merge.checkpoint",
+    "tensor_generator": "evomerge.merge.draws",
+    "tensor_seed": "evomerge.merge.draws",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ALIASES",

@@ -18,9 +18,12 @@ the eager operators and the fused kernels draw bit-identical masks.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from evomerge.merge._torch import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "SEGMENT",

@@ -57,9 +57,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from evomerge.merge.operators._common import (
     Workspace,
@@ -71,6 +69,10 @@ from evomerge.merge.operators._common import (
     trim_count,
 )
 from evomerge.merge.operators._fused import KERNELS, Plan
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
 
 __all__ = [
     "ALIASES",

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+from evomerge.merge._torch import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def _work_dtype(t: Tensor) -> torch.dtype:
@@ -17,7 +19,7 @@ def _work_dtype(t: Tensor) -> torch.dtype:
 
 
 def _stack(deltas: Sequence[Tensor] | Tensor, base: Tensor, dtype: torch.dtype) -> Tensor:
-    if isinstance(deltas, Tensor):
+    if isinstance(deltas, torch.Tensor):
         d = deltas
     else:
         d = torch.stack([x.to(base.device) for x in deltas]) if len(deltas) else base.new_empty((0, *base.shape))
@@ -138,6 +140,7 @@ def _dare_keep(d: Tensor, dens: Tensor, generator, noise: Tensor | None, out: Te
 def _dare_sparsify(
     d: Tensor, dens: Tensor, generator, noise, rescale: Any, ws: Workspace | None
 ) -> tuple[Tensor, Tensor]:
+
     """DARE drop: returns (masked task vectors, per-source rescale factor still to apply)."""
     k = d.shape[0]
     mode = _rescale_mode(rescale)

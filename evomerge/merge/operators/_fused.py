@@ -9,10 +9,13 @@ eager operator must run), so the kernels never switch on operator names.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+from evomerge.merge._torch import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
 
 __all__ = ["Plan", "KERNELS", "divisor", "inverse_rescale", "ta_plan"]
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from evomerge.merge.operators import get_operator, resolve_params
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
 
 #: the params of a wrapper: which operator makes the merged task vector, with which params.
 WRAP: dict[str, Any] = {"base_method": "task_arithmetic", "base_params": {}}

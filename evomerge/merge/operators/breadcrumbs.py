@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
+from evomerge.merge._torch import torch
 from evomerge.merge.operators import OperatorSpec, register
 from evomerge.merge.operators._common import (
     _band_mask,
@@ -15,6 +15,9 @@ from evomerge.merge.operators._common import (
     _ties_combine,
     breadcrumb_thresholds,
 )
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["breadcrumbs", "breadcrumbs_ties"]
 
@@ -57,6 +60,7 @@ for _name, _fn, _what in (
     ("breadcrumbs", breadcrumbs, "task arithmetic"),
     ("breadcrumbs_ties", breadcrumbs_ties, "TIES election and merge"),
 ):
+
     register(
         OperatorSpec(
             _name,

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
+from evomerge.merge._torch import torch
 from evomerge.merge.operators import OperatorSpec, register
 from evomerge.merge.operators._common import _bcast, _stack, _vec, _work_dtype
 from evomerge.merge.operators._wrap import WRAP, _base_merge
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["consensus"]
 
@@ -42,7 +43,7 @@ def consensus(
     d = _stack(deltas, base, dt)
     kk = d.shape[0]
     lam = _vec(
-        mask_lambda if isinstance(mask_lambda, (list, tuple, Tensor)) else [float(mask_lambda)] * kk,
+        mask_lambda if isinstance(mask_lambda, (list, tuple, torch.Tensor)) else [float(mask_lambda)] * kk,
         kk,
         dt,
         d.device,
@@ -64,3 +65,4 @@ register(
         description="base merge kept where >= k TALL masks agree",
     )
 )
+

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from evomerge.merge.draws import keep_threshold
 from evomerge.merge.operators import OperatorSpec, register
@@ -18,6 +16,9 @@ from evomerge.merge.operators._common import (
     _ties_combine,
 )
 from evomerge.merge.operators._fused import Plan, divisor, inverse_rescale, ta_plan, ties_plan, zero_where_dropped
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["dare", "dare_ties"]
 
@@ -151,3 +152,4 @@ register(
         description="random drop and rescale, then TIES election and merge",
     )
 )
+

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from evomerge.merge.operators import OperatorSpec, register
 from evomerge.merge.operators._common import _bcast, _della_sparsify, _finish, _prep, _ta_combine, _ties_combine
 from evomerge.merge.operators._fused import Plan, divisor, inverse_rescale, ta_plan, ties_plan
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["della", "della_linear"]
 
@@ -119,3 +120,4 @@ register(
         description="magnitude-ranked random drop, task arithmetic",
     )
 )
+

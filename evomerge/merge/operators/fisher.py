@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
+from evomerge.merge._torch import torch
 from evomerge.merge.operators import OperatorSpec, register
 from evomerge.merge.operators._common import _bcast, _finish, _prep, _stack
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["fisher"]
 
@@ -55,3 +56,4 @@ register(
     ),
     "fisher_merging",
 )
+

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from evomerge.merge.operators import OperatorSpec, register
 from evomerge.merge.operators._common import Workspace, _finish, _prep, _ta_combine
 from evomerge.merge.operators._fused import Plan, divisor, ta_plan
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["linear", "task_arithmetic"]
 
@@ -102,3 +103,4 @@ register(
         description="theta0 + lambda sum w_t tau_t",
     )
 )
+

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from evomerge.merge.operators import OperatorSpec, register
 from evomerge.merge.operators._common import _finish, _work_dtype
 from evomerge.merge.operators._wrap import WRAP, _base_merge
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["lines", "lines_scale"]
 
@@ -69,3 +70,4 @@ register(
         description="base merge with the task vector scaled linearly with depth",
     )
 )
+

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
+from evomerge.merge._torch import torch
 from evomerge.merge.operators import OperatorSpec, register
 from evomerge.merge.operators._common import _finish, _prep
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["model_stock", "model_stock_stats", "model_stock_linear"]
 
@@ -80,3 +83,4 @@ register(
         description="average moved towards the base by the task vectors' angle",
     )
 )
+

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
+from evomerge.merge._torch import torch
 from evomerge.merge.operators import OperatorSpec, register
 from evomerge.merge.operators._common import _stack, _work_dtype
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["passthrough"]
 
@@ -62,3 +63,4 @@ register(
         description="one model's tensors as they are",
     )
 )
+

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
+from evomerge.merge._torch import torch
 from evomerge.merge.operators import OperatorSpec, register
 from evomerge.merge.operators._common import _bcast, _finish, _prep
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["sce", "sce_mask"]
 
@@ -72,3 +73,4 @@ register(
         description="select high-variance entries, weight by task-vector energy, erase sign conflicts",
     )
 )
+

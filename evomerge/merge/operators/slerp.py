@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
+from evomerge.merge._torch import torch
 from evomerge.merge.operators import OperatorSpec, register
 from evomerge.merge.operators._common import _finish, _prep
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["slerp", "slerp_stats", "slerp_linear"]
 
@@ -154,3 +155,4 @@ register(
         description="spherical interpolation of two models",
     )
 )
+

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from evomerge.merge.operators import OperatorSpec, register
 from evomerge.merge.operators._common import (
@@ -18,6 +16,9 @@ from evomerge.merge.operators._common import (
     magnitude_thresholds,
 )
 from evomerge.merge.operators._fused import Plan, ties_plan
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["ties"]
 
@@ -71,3 +72,4 @@ register(
         description="magnitude trim, sign election, disjoint merge",
     )
 )
+

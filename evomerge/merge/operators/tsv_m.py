@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
+from evomerge.merge._torch import torch
 from evomerge.merge.operators import OperatorSpec, register
 from evomerge.merge.operators._common import _bcast, _finish, _prep
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["tsv_m"]
 
@@ -61,3 +64,4 @@ register(
     ),
     "tsv",
 )
+
