@@ -4,7 +4,10 @@ kernels): ``$EVOMERGE_CACHE_DIR``, else ``~/.cache/evomerge``. The demo zoo has 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -12,3 +15,15 @@ def cache_root() -> Path:
     """``$EVOMERGE_CACHE_DIR``, else ``~/.cache/evomerge``."""
     env = os.environ.get("EVOMERGE_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "evomerge"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created), so that one process builds what the others then reuse."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from evomerge.cache import file_lock
 from evomerge.zoo import tasks as T
 
 ZOO_VERSION = 1
@@ -120,16 +121,6 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file() and all((path / m / "config.json").is_file() for m in ZOO_MODELS)
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
 
 def build_zoo(
     zoo_dir: Path | None = None,
@@ -150,7 +141,7 @@ def build_zoo(
     final = zoo_path(zoo_dir, steps_scale=steps_scale)
     if is_complete(final) and not force:
         return final
-    with _lock(final.parent / f".{final.name}.lock"):
+    with file_lock(final.parent / f".{final.name}.lock"):
         if is_complete(final) and not force:  # another process finished it while we waited
             return final
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"

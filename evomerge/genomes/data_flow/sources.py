@@ -15,14 +15,12 @@ that path in the DFS space's ``models`` next to another model.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
 
-from evomerge.cache import cache_root
+from evomerge.cache import cache_root, file_lock
 from evomerge.recipe import Recipe
 from evomerge.zoo import resolve_ref
 
@@ -54,16 +52,6 @@ def resolve_source(ref: str) -> str:
     return resolve_ref(ref)
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
 
 def materialize_ps_recipe(recipe_file: Path, root: Path | None = None) -> Path:
     """Write the PS recipe's merged model once (cached by recipe hash) and return its folder."""
@@ -74,7 +62,7 @@ def materialize_ps_recipe(recipe_file: Path, root: Path | None = None) -> Path:
     final = root / recipe.hash()
     if (final / "config.json").is_file():
         return final
-    with _lock(root / f".{recipe.hash()}.lock"):
+    with file_lock(root / f".{recipe.hash()}.lock"):
         if (final / "config.json").is_file():
             return final
         tmp = root / f".{recipe.hash()}.tmp-{os.getpid()}"
