@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from evomerge.merge.draws import keep_threshold
-from evomerge.merge.operators import OperatorSpec, register
+from evomerge.merge.operators import REQUIRED, OperatorSpec, register
 from evomerge.merge.operators._common import (
     Workspace,
     _bcast,
@@ -124,6 +124,9 @@ def _dare_ties_plan(params: dict[str, Any], w: Tensor, dens: Tensor, drawn: bool
     return ties_plan(params, w, "dare_ties", coef=coef, below=keep_threshold(dens)) if drawn else ties_plan(params, w)
 
 
+# mergekit draws DARE's masks with its own RNG: a drop exports equal in distribution only
+_MK_INPUTS = {"weight": ("weight", REQUIRED), "density": ("density", 1.0)}
+
 register(
     OperatorSpec(
         "dare",
@@ -133,6 +136,9 @@ register(
         sparsify="random",
         mergekit_method="dare_linear",
         mergekit_defaults={"normalize": False, "rescale": True, "lambda": 1.0},
+        mergekit_inputs=_MK_INPUTS,
+        mergekit_rescale=("l1", "none"),
+        mergekit_drop="distribution",
         fused=_dare_plan,
         description="random drop and rescale, then task arithmetic",
     ),
@@ -147,6 +153,9 @@ register(
         sparsify="random",
         mergekit_method="dare_ties",
         mergekit_defaults={"normalize": False, "rescale": True, "lambda": 1.0},
+        mergekit_inputs=_MK_INPUTS,
+        mergekit_rescale=("l1", "none"),
+        mergekit_drop="distribution",
         fused=_dare_ties_plan,
         description="random drop and rescale, then TIES election and merge",
     )
