@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from evomerge.merge import Materializer, load_state_dict
+from evomerge.merge.build import build_state_dict
+from evomerge.merge.mergekit_export import recipe_to_mergekit
 from evomerge.merge.mergekit_io import mergekit_to_recipe
 from evomerge.recipe import LayerGroup, Recipe
 
@@ -365,3 +367,49 @@ def test_della_in_distribution(family, mat, method):
         for stat in (lambda x: (x != 0).float().mean(), lambda x: x.abs().mean(), lambda x: x.pow(2).mean()):
             sa, st = stat(a).item(), stat(t).item()
             assert abs(sa - st) <= 0.1 * abs(st), (k, sa, st)
+
+
+# ---------------------------------------------------------------------------------- exported configs
+
+
+def _groups(k: int, per: list[dict], weights=None, densities=None) -> list[LayerGroup]:
+    """embed, one group per block, head; ``per`` gives each group's params."""
+    w = weights or [1.0] * k
+    kinds = [("embed", None, None)] + [("blocks", i, i + 1) for i in range(N_LAYERS)] + [("head", None, None)]
+    return [
+        LayerGroup(name=f"g{j}", kind=kind, start=a, stop=b, weights=w, densities=densities, params=p or None)
+        for j, ((kind, a, b), p) in enumerate(zip(kinds, per, strict=True))
+    ]
+
+
+@pytest.mark.parametrize("case", ["slerp_one", "slerp_two", "breadcrumbs_ties", "della", "passthrough"])
+def test_exported_config_runs_in_mergekit(family, mat, case):
+    """What recipe_to_mergekit writes for the operators its spec lets export, run by mergekit itself,
+    gives evomerge's tensors: SLERP (per-layer t; of two sources the first is mergekit's base), a
+    per-model gamma, DELLA where nothing is dropped, passthrough's blocks as layer slices."""
+    root, base, experts = family
+    n = N_LAYERS + 2
+    atol = ATOL
+    if case == "slerp_one":
+        r = Recipe(base=base, sources=experts[:1], method="slerp",
+                   groups=_groups(1, [{"t": 0.1 + 0.8 * j / (n - 1)} for j in range(n)]))  # fmt: skip
+        atol = 2e-5
+    elif case == "slerp_two":
+        r = Recipe(base=base, sources=experts, method="slerp", params={"t": 0.35}, groups=_groups(2, [{}] * n))
+        atol = 2e-5
+    elif case == "breadcrumbs_ties":
+        r = Recipe(base=base, sources=experts, method=case, params={"gamma": 0.05},
+                   groups=_groups(2, [{}] * n, [0.7, 0.5], [0.6, 0.4]))  # fmt: skip
+    elif case == "della":
+        r = Recipe(base=base, sources=experts, method=case, params={"epsilon": 0.1},
+                   groups=_groups(2, [{}] * n, [0.7, 0.5], [1.0, 1.0]))  # fmt: skip
+    else:
+        src = [0, 0, 1, 1, 1]
+        per = [{"source": s, "scale": 0.5 if j == 2 else 1.0} for j, s in enumerate(src)]
+        r = Recipe(base=base, sources=experts, method=case, groups=_groups(2, per))
+    cfg = recipe_to_mergekit(r)
+    assert cfg is not None
+    theirs = run_mergekit(root, f"export_{case}", cfg)
+    ours, _ = build_state_dict(r)
+    _BASES[:] = [mat.base]
+    assert_close(ours, theirs, atol=atol)

@@ -14,8 +14,10 @@ from mergekit.config import MergeConfiguration
 
 from evomerge.genomes.parameter_space.genome import ParameterSpaceGenome, plan_groups
 from evomerge.merge import Materializer, kernels
+from evomerge.merge.build import build_state_dict
 from evomerge.merge.mergekit_export import dump_mergekit_yaml, recipe_to_mergekit
 from evomerge.merge.mergekit_io import mergekit_to_recipe
+from evomerge.merge.mergekit_settings import takes_slices
 from evomerge.merge.operators import KERNELS, OPERATORS, get_operator, resolve_params
 from evomerge.recipe import LayerGroup, Recipe
 from evomerge.space import SearchSpace, SpaceError, load_space
@@ -34,15 +36,9 @@ WB, DB = (-0.5, 1.5), (0.2, 1.0)
 COST = [{"name": "size", "kind": "cost", "measure": "params"}]
 
 # what merge/mergekit_export.py cannot write yet (integration points, not operator properties); strict, so
-# each flips to a failure once the exporter learns it and the entry must go
-EXPORT_GAPS = {
-    "slerp": "recipe_to_mergekit writes no slerp config yet",
-    "passthrough": "recipe_to_mergekit writes no passthrough config yet",
-    "breadcrumbs": "recipe_to_mergekit writes no gamma yet",
-    "breadcrumbs_ties": "recipe_to_mergekit writes no gamma yet",
-    "della": "recipe_to_mergekit writes no epsilon yet",
-    "della_linear": "recipe_to_mergekit writes no epsilon yet",
-}
+# each flips to a failure once the exporter learns it and the entry must go. None now: what mergekit cannot
+# express is an operator property its spec declares (DELLA's drop: ``mergekit_drop``, tested below)
+EXPORT_GAPS: dict[str, str] = {}
 
 
 def _gap(names: list[str], gaps: dict[str, str] = EXPORT_GAPS) -> list:
@@ -208,6 +204,12 @@ def _exportable_recipe(name: str, family) -> Recipe:
         recipe = recipe.model_copy(update={"groups": [
             grp.model_copy(update={"densities": [1.0] * K}) for grp in recipe.groups
         ]})  # fmt: skip
+    if takes_slices(spec):  # mergekit's first slice gives the embeddings, its last the head: same models here
+        gs = recipe.groups
+        src = {"embed": gs[1].params["source"], "head": gs[-2].params["source"]}
+        recipe = recipe.model_copy(update={"groups": [
+            g.model_copy(update={"params": {**g.params, "source": src[g.kind]}}) if g.kind in src else g for g in gs
+        ]})  # fmt: skip
     return recipe
 
 
@@ -224,8 +226,15 @@ def test_mergekit_round_trip(name, family, mat):
     cfg = recipe_to_mergekit(recipe)
     assert cfg is not None
     back = mergekit_to_recipe(cfg).recipe
-    assert get_operator(back.method).name == name and back.sources == recipe.sources
     spec = OPERATORS[name]
+    assert get_operator(back.method).name == name
+    ours = mat.merged_state_dict(recipe)
+    if spec.mergekit_models is not None:  # mergekit names its own origin (SLERP of two, passthrough's slices)
+        theirs, _ = build_state_dict(back)
+        for key, t in ours.items():
+            torch.testing.assert_close(theirs[key], t, rtol=0, atol=1e-6)
+        return
+    assert back.sources == recipe.sources and back.slices is None
     for key in mat.base:
         a, b = recipe.group_for(key), back.group_for(key)
         if "weight" in spec.source_genes:
@@ -233,9 +242,33 @@ def test_mergekit_round_trip(name, family, mat):
         pa, pb = resolve_params(spec, recipe.params_for(a)), resolve_params(spec, back.params_for(b))
         for p in spec.group_params:
             assert pb[p] == pytest.approx(pa[p]), (key, p)
-    ours, theirs = mat.merged_state_dict(recipe), mat.merged_state_dict(back)
+    theirs = mat.merged_state_dict(back)
     for key, t in ours.items():
         torch.testing.assert_close(theirs[key], t, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in WITH_MERGEKIT if "density" in OPERATORS[n].source_genes])
+def test_a_drop_exports_as_the_spec_says(name, family, mat):
+    """Densities below 1: an exact sparsification round-trips, DARE's masks export in distribution (a
+    note says so), DELLA's do not export (mergekit ranks |tau| per row, evomerge per tensor)."""
+    spec = OPERATORS[name]
+    recipe = _exportable_recipe(name, family)
+    recipe = recipe.model_copy(update={
+        "groups": [g.model_copy(update={"densities": [0.5, 0.7]}) for g in recipe.groups],
+        "params": {**recipe.params, **({"rescale": "l1"} if spec.mergekit_rescale else {})},
+    })  # fmt: skip
+    notes: list[str] = []
+    cfg = recipe_to_mergekit(recipe, notes=notes)
+    assert (cfg is None) == (spec.mergekit_drop == "none")
+    assert bool(notes) == (spec.mergekit_drop == "distribution")
+    if spec.mergekit_rescale:  # evomerge's default 1/p rescale has no mergekit counterpart when dropping
+        inverse = recipe.model_copy(update={"params": {**recipe.params, "rescale": "inverse"}})
+        assert recipe_to_mergekit(inverse) is None
+    if spec.mergekit_drop == "exact":
+        back = mergekit_to_recipe(cfg).recipe
+        ours, theirs = mat.merged_state_dict(recipe), mat.merged_state_dict(back)
+        for key, t in ours.items():
+            torch.testing.assert_close(theirs[key], t, rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,9 +26,11 @@ from evomerge.merge.mergekit_settings import (
     ConfigError,
     block_t,
     filters_in,
+    input_params,
     resolve_setting,
+    takes_slices,
 )
-from evomerge.merge.operators import ALIASES, OPERATORS
+from evomerge.merge.operators import ALIASES, OPERATORS, REQUIRED, OperatorSpec
 from evomerge.recipe import LayerGroup, LayerSlice, Recipe, SliceSource, tensor_slot
 
 __all__ = [
@@ -39,11 +41,6 @@ __all__ = [
     "mergekit_to_recipe",
 ]
 
-# Methods whose weight is required per model in mergekit.
-_WEIGHT_REQUIRED = {"linear", *(m for m in MERGEKIT_DEFAULTS if "lambda" in MERGEKIT_DEFAULTS[m])}
-# Per-model parameters (mergekit's INPUT / NON_BASE scope); all others are method-wide.
-_PER_INPUT = {"weight", "density", "gamma", "epsilon", "scale"}
-_PER_INPUT_DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15}
 _IGNORED_SHARED = {"int8_mask"}  # only the mask's storage dtype: no effect on the result
 _TOP_FIELDS = {"models", "slices", "merge_method", "base_model", "dtype", "out_dtype", "tokenizer_source", "parameters"}
 _DTYPES = {
@@ -172,16 +169,14 @@ def _check_keys(d: dict, allowed: set[str], where: str) -> None:
             raise ConfigError(f"{where}{'.' if where else ''}{k}: not supported by evomerge merge")
 
 
-def _evomerge_spec(method: str):
-    if method == "passthrough":
-        return None
+def _evomerge_spec(method: str) -> OperatorSpec:
     for spec in OPERATORS.values():
         if spec.mergekit_method == method:
             return spec
     key = ALIASES.get(method, method)
     if key in OPERATORS and method in MERGEKIT_DEFAULTS:
         return OPERATORS[key]
-    known = sorted({s.mergekit_method for s in OPERATORS.values() if s.mergekit_method} | {"passthrough"})
+    known = sorted({s.mergekit_method for s in OPERATORS.values() if s.mergekit_method})
     raise ConfigError(f"merge_method: mergekit method {method!r} is not supported (supported: {', '.join(known)})")
 
 
@@ -241,18 +236,20 @@ def mergekit_to_recipe(config: dict, *, config_dir: str | Path | None = None) ->
             sbase = _model_ref(sl["base_model"], f"{where}.base_model", config_dir) if sl.get("base_model") else None
             slices.append({"sources": entries, "params": sl.get("parameters") or {}, "base": sbase, "where": where})
 
-    needs_base = spec.needs_base if spec is not None else False
+    stored = takes_slices(spec)  # mergekit's passthrough: one model per slice, no base
+    needs_base = spec.needs_base and not stored
     if needs_base and base_model is None and not any(s["base"] for s in slices):
         raise ConfigError(f"base_model: merge_method {method!r} needs a base model")
-    if method == "passthrough":
+    n_models = spec.mergekit_models
+    if n_models is not None:
         for s in slices:
-            if len(s["sources"]) != 1:
-                raise ConfigError(f"{s['where']}: passthrough takes exactly one source per slice")
-    if method == "slerp":
-        for s in slices:
+            if not needs_base and len(s["sources"]) != n_models:
+                raise ConfigError(f"{s['where']}: {method} takes exactly {_count(n_models, 'source')} per slice")
             others = [e for e in s["sources"] if e["model"] != (s["base"] or base_model)]
-            if len(others) != 1:
-                raise ConfigError(f"{s['where']}: slerp merges the base model with exactly one other model")
+            if needs_base and len(others) != n_models:
+                raise ConfigError(
+                    f"{s['where']}: {method} merges the base model with exactly {_count(n_models, 'other model')}"
+                )
 
     first_model = slices[0]["sources"][0]["model"]
     base = base_model or first_model
@@ -275,7 +272,7 @@ def mergekit_to_recipe(config: dict, *, config_dir: str | Path | None = None) ->
             else:
                 raise ConfigError(f"{s['where']}.sources: the base model must be one of the slice's sources")
 
-    aligned = method != "passthrough" and _aligned(slices, n_base)
+    aligned = not stored and _aligned(slices, n_base)
     param_names = _check_params(method, spec, gparams, slices)
     names = checkpoint_names(base.split("+")[0] if not Path(base).exists() else base)
     if any(LAYER_NAME_RE.match(n) is None and tensor_slot(n) not in ("embed", "head") for n in names):
@@ -294,8 +291,10 @@ def mergekit_to_recipe(config: dict, *, config_dir: str | Path | None = None) ->
                     sources.append(e["model"])
 
     notes: list[str] = []
-    if method in ("dare_ties", "dare_linear"):
-        notes.append("DARE drop masks come from evomerge's seeded generator, not mergekit's: equal in distribution")
+    if spec.mergekit_drop == "distribution":
+        notes.append(
+            f"{spec.name} drop masks come from evomerge's seeded generator, not mergekit's: equal in distribution"
+        )
 
     resolver = _Resolver(method, spec, gparams, param_names)
     if aligned:
@@ -320,7 +319,7 @@ def mergekit_to_recipe(config: dict, *, config_dir: str | Path | None = None) ->
         recipe = Recipe(
             base=base,
             sources=[m for m in sources if m != base],
-            method=spec.name if spec is not None else "passthrough",
+            method=spec.name,
             groups=[],
             slices=rslices,
         )
@@ -330,6 +329,10 @@ def mergekit_to_recipe(config: dict, *, config_dir: str | Path | None = None) ->
             raise ConfigError("tokenizer_source: 'union' (vocabulary merging) is not supported")
         tok = base if tok == "base" else _model_ref(tok, "tokenizer_source", config_dir)
     return MergeJob(recipe=recipe, out_dtype=str(out_dtype) if out_dtype else None, tokenizer_source=tok, notes=notes)
+
+
+def _count(n: int, what: str) -> str:
+    return f"one {what}" if n == 1 else f"{n} {what}s"
 
 
 def _aligned(slices: list[dict], n_base: int) -> bool:
@@ -346,20 +349,12 @@ def _aligned(slices: list[dict], n_base: int) -> bool:
     return pos == n_base
 
 
-def _check_params(method: str, spec, gparams: dict, slices: list[dict]) -> set[str]:
+def _check_params(method: str, spec: OperatorSpec, gparams: dict, slices: list[dict]) -> set[str]:
     """Validate parameter names; return every name used anywhere."""
     allowed_shared = set(MERGEKIT_DEFAULTS.get(method, {})) | _IGNORED_SHARED
-    if spec is not None:
-        allowed_shared |= set(spec.params) - _PER_INPUT
-    allowed_input = {"scale"} if method == "passthrough" else {"weight"}
-    if spec is not None and "density" in spec.source_genes:
-        allowed_input.add("density")
-    if method.startswith("breadcrumbs"):
-        allowed_input.add("gamma")
-    if method.startswith("della"):
-        allowed_input.add("epsilon")
-    if method == "slerp":
-        allowed_input = set()
+    if not takes_slices(spec):  # evomerge's own method-wide params (a slice copy's are the slices')
+        allowed_shared |= set(spec.params) - set(input_params(spec).values())
+    allowed_input = set(spec.mergekit_inputs)
     used: set[str] = set()
 
     def check(d: dict, where: str, per_model: bool) -> None:
@@ -385,54 +380,61 @@ def _check_params(method: str, spec, gparams: dict, slices: list[dict]) -> set[s
 class _Resolver:
     """Per tensor, the translated per-source genes and method parameters."""
 
-    def __init__(self, method: str, spec, gparams: dict, used: set[str]) -> None:
+    def __init__(self, method: str, spec: OperatorSpec, gparams: dict, used: set[str]) -> None:
         self.method = method
         self.spec = spec
         self.gparams = gparams
         self.used = used
-        self.genes = spec.source_genes if spec is not None else ("weight",)
 
     def per_source(self, e: dict, s: dict, name: str, t: float) -> tuple[float, float | None, dict]:
+        """The model's weight, density (``None`` without a density gene) and method-wide params."""
         scopes = (e["params"], s["params"], self.gparams)
-        if self.method == "passthrough":
-            sc = resolve_setting("scale", scopes, name, t)
-            return (1.0 if sc is None else float(sc)), None, {}
-        w = resolve_setting("weight", scopes, name, t)
-        if w is None:
-            if self.method in _WEIGHT_REQUIRED:
-                raise ConfigError(f"{e['where']}.parameters.weight: required by {self.method} (tensor {name})")
-            w = 1.0
-        dens = None
-        if "density" in self.genes:
-            d = resolve_setting("density", scopes, name, t)
-            dens = float(_PER_INPUT_DEFAULTS["density"] if d is None else d)
-        extra = {}
-        for k in ("gamma", "epsilon"):
-            if k in self.used:
-                v = resolve_setting(k, scopes, name, t)
-                extra[k] = float(_PER_INPUT_DEFAULTS[k] if v is None else v)
-        return float(w), dens, extra
+        genes: dict[str, float] = {}
+        extra: dict[str, float] = {}
+        for k, (target, default) in self.spec.mergekit_inputs.items():
+            if target not in ("weight", "density") and k not in self.used:
+                continue  # evomerge's default is mergekit's
+            v = resolve_setting(k, scopes, name, t)
+            if v is None:
+                if default is REQUIRED:
+                    raise ConfigError(f"{e['where']}.parameters.{k}: required by {self.method} (tensor {name})")
+                v = default
+            (genes if target in ("weight", "density") else extra)[target] = float(v)
+        dens = genes.get("density") if "density" in self.spec.source_genes else None
+        return genes.get("weight", 1.0), dens, extra
 
     def shared(self, s: dict, name: str, t: float) -> dict[str, Any]:
         scopes = (s["params"], self.gparams)
         out: dict[str, Any] = {}
-        spec_params = self.spec.params if self.spec is not None else {}
+        spec_params = self.spec.params
         for k, default in MERGEKIT_DEFAULTS.get(self.method, {}).items():
             v = resolve_setting(k, scopes, name, t)
-            v = default if v is None else v
+            if default is REQUIRED:  # (SLERP's t) as given; nowhere in the config: evomerge's default
+                if v is None and k in self.used:
+                    raise ConfigError(f"parameters.{k}: no value for tensor {name}")
+                if v is not None:
+                    out[k] = v
+                continue
+            if v is None:
+                v = default
             if k not in spec_params:
-                if k == "rescale" and bool(v) and self.spec is not None and self.spec.sparsify is not None:
+                if k == "rescale" and bool(v) and self.spec.sparsify is not None:
                     raise ConfigError(f"parameters.rescale: evomerge's {self.spec.name} has no rescale option")
                 continue
-            if k == "rescale":
-                v = ("l1" if bool(v) else "none") if isinstance(spec_params[k], str) else bool(v)
-            elif isinstance(default, bool):
+            if k == "rescale" and self.spec.mergekit_rescale is not None:
+                v = self.spec.mergekit_rescale[0 if bool(v) else 1]
+            elif k == "rescale" or isinstance(default, bool):
                 v = bool(v)
             else:
                 v = float(v)
             out[k] = v
         for k in self.used:
-            if k in _PER_INPUT or k in _IGNORED_SHARED or k in out or k in MERGEKIT_DEFAULTS.get(self.method, {}):
+            if (
+                k in self.spec.mergekit_inputs
+                or k in _IGNORED_SHARED
+                or k in out
+                or k in MERGEKIT_DEFAULTS.get(self.method, {})
+            ):
                 continue
             v = resolve_setting(k, scopes, name, t)
             if v is None:
@@ -449,7 +451,7 @@ def _signature(resolver: _Resolver, s: dict, merged: list[dict], name: str, t: f
         ds.append(d)
         extras.append(ex)
     shared = resolver.shared(s, name, t)
-    for k in ("gamma", "epsilon"):
+    for k in input_params(resolver.spec).values():
         vals = {ex[k] for ex in extras if k in ex}
         if len(vals) > 1:
             raise ConfigError(f"parameters.{k}: evomerge takes one {k} for all models (got {sorted(vals)})")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from evomerge.merge.operators import OPERATORS
+from evomerge.merge.operators import OPERATORS, OperatorSpec
 
 __all__ = [
     "MERGEKIT_DEFAULTS",
@@ -25,7 +25,9 @@ __all__ = [
     "block_t",
     "evaluate_setting",
     "filters_in",
+    "input_params",
     "resolve_setting",
+    "takes_slices",
 ]
 
 # mergekit 0.1.5's defaults of the method-wide parameters, as each operator's spec declares them (they
@@ -35,6 +37,18 @@ MERGEKIT_DEFAULTS: dict[str, dict[str, Any]] = {
     for s in OPERATORS.values()
     if s.mergekit_method is not None and s.mergekit_defaults is not None
 }
+
+
+def takes_slices(spec: OperatorSpec) -> bool:
+    """Whether the operator is mergekit's ``passthrough``: it copies one model's tensor as stored, so in
+    mergekit it takes layer slices of one model each (and no base)."""
+    return "source_tensor" in spec.context
+
+
+def input_params(spec: OperatorSpec) -> dict[str, str]:
+    """mergekit's per-model parameters that are method-wide params in evomerge (one value for all models):
+    mergekit name -> evomerge param (breadcrumbs' ``gamma``, DELLA's ``epsilon``)."""
+    return {k: t for k, (t, _) in spec.mergekit_inputs.items() if t not in ("weight", "density")}
 
 
 class ConfigError(ValueError):

@@ -78,7 +78,9 @@ __all__ = [
     "ALIASES",
     "CONTEXTS",
     "KERNELS",
+    "MERGEKIT_DROP",
     "OPERATORS",
+    "REQUIRED",
     "SPARSIFY",
     "OperatorSpec",
     "Plan",
@@ -105,6 +107,21 @@ CONTEXTS = frozenset({"layer", "name", "whole", "fisher", "source_tensor"})
 #: threshold from a sorted-|tau| index), ``outliers`` (a breadcrumbs band, same index), ``random``
 #: (uniform draws for a DARE mask), ``della`` (uniform draws and |tau| ranks from a cumulative histogram).
 SPARSIFY = (None, "magnitude", "outliers", "random", "della")
+
+#: what a mergekit export of a recipe that drops entries (some density below 1) is worth: ``exact``
+#: (deterministic sparsification, mergekit's), ``distribution`` (random masks that mergekit draws from
+#: its own RNG: equal in distribution, a note says so), ``none`` (not expressible: such a recipe is not
+#: exported).
+MERGEKIT_DROP = ("exact", "distribution", "none")
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+#: a mergekit parameter with no default there (mergekit refuses a config without it).
+REQUIRED: Any = _Required()
 
 #: a searchable parameter's ``(low, high)``, or a function of the number of sources giving it; integer
 #: bounds make an integer gene.
@@ -138,9 +155,25 @@ class OperatorSpec:
     Sources: ``needs_base`` (``linear`` only uses the base as an origin), ``min_sources`` /
     ``max_sources``.
 
-    mergekit: ``mergekit_method``, the mergekit 0.1.5 method with the same semantics, and
-    ``mergekit_defaults``, its method-wide parameters' defaults there (they differ from evomerge's for
-    some methods, so a translation states them).
+    mergekit (what :mod:`evomerge.merge.mergekit_io` and :mod:`~evomerge.merge.mergekit_export` read):
+    ``mergekit_method``, the mergekit 0.1.5 method with the same semantics;
+    ``mergekit_defaults``, its method-wide parameters and their defaults there (they differ from
+    evomerge's for some methods, so a translation states them; :data:`REQUIRED` where mergekit has none,
+    SLERP's ``t``); each is also an evomerge param of the same name, or absent here (then the export
+    writes mergekit's default);
+    ``mergekit_inputs``, its per-model parameters: mergekit name -> ``(evomerge name, mergekit default)``,
+    the evomerge name a source gene (``weight``, ``density``) or a method-wide param that every model
+    must then agree on (breadcrumbs' ``gamma``, DELLA's ``epsilon``); passthrough's ``scale`` is kept as
+    the weight, which a layer slice of a stored-tensor operator reads as its scale;
+    ``mergekit_fixed``, evomerge params mergekit does not expose, with the value mergekit always uses
+    (a recipe with another value does not export);
+    ``mergekit_rescale``, evomerge's ``rescale`` values for mergekit's ``rescale: true`` and ``false``
+    (any other value, the 1/p rule, has no counterpart and exports only when nothing is dropped);
+    ``mergekit_drop``, what an export that drops entries is worth (:data:`MERGEKIT_DROP`);
+    ``mergekit_models``, how many models mergekit merges beside the base (per slice), ``None`` for any;
+    where ``max_sources`` is one more, a recipe of that many sources exports with its first source as
+    mergekit's base (SLERP of two sources: the recipe's base is then only their origin).
+    An operator with ``source_tensor`` context is mergekit's layer-slice copy (passthrough).
     """
 
     name: str
@@ -160,6 +193,11 @@ class OperatorSpec:
     param_bounds: dict[str, Bounds] = field(default_factory=dict)
     mergekit_defaults: dict[str, Any] | None = None
     fused: Callable[..., Plan | None] | None = None
+    mergekit_inputs: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    mergekit_fixed: dict[str, Any] = field(default_factory=dict)
+    mergekit_rescale: tuple[Any, Any] | None = None
+    mergekit_drop: str = "exact"
+    mergekit_models: int | None = None
 
     def __post_init__(self) -> None:
         bad = set(self.context) - CONTEXTS
@@ -173,6 +211,11 @@ class OperatorSpec:
             raise ValueError(f"{self.name}: searchable params must be group params ({list(self.group_params)})")
         if set(self.group_params) - set(self.params):
             raise ValueError(f"{self.name}: group params need a method-wide default")
+        if self.mergekit_drop not in MERGEKIT_DROP:
+            raise ValueError(f"{self.name}: unknown mergekit_drop {self.mergekit_drop!r}")
+        targets = {t for t, _ in self.mergekit_inputs.values()} | set(self.mergekit_fixed)
+        if targets - {"weight", "density"} - set(self.params):
+            raise ValueError(f"{self.name}: mergekit inputs and fixed values name evomerge genes or params")
 
     def resolved(self, params: dict[str, Any]) -> tuple[str | None, frozenset[str]]:
         """``(sparsify, context)`` for these params: a wrapper adds its base method's needs."""

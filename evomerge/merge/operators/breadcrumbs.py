@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from evomerge.merge._torch import torch
-from evomerge.merge.operators import OperatorSpec, register
+from evomerge.merge.operators import REQUIRED, OperatorSpec, register
 from evomerge.merge.operators._common import (
     _band_mask,
     _bcast,
@@ -70,6 +70,8 @@ for _name, _fn, _what in (
             sparsify="outliers",
             mergekit_method=_name,
             mergekit_defaults={"normalize": False, "rescale": False, "lambda": 1.0},
+            # mergekit's gamma is per model: evomerge takes one for all of them
+            mergekit_inputs={"weight": ("weight", REQUIRED), "density": ("density", 1.0), "gamma": ("gamma", 0.01)},
             description=f"drop largest gamma and smallest |tau|, {_what}",
         )
     )

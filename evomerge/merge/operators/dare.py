@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from evomerge.merge.draws import keep_threshold
-from evomerge.merge.operators import OperatorSpec, register
+from evomerge.merge.operators import REQUIRED, OperatorSpec, register
 from evomerge.merge.operators._common import (
     Workspace,
     _bcast,
@@ -125,6 +125,9 @@ def _dare_ties_plan(params: dict[str, Any], w: Tensor, dens: Tensor, drawn: bool
     return ties_plan(params, w, "dare_ties", coef=coef, below=keep_threshold(dens)) if drawn else ties_plan(params, w)
 
 
+# mergekit draws DARE's masks with its own RNG: a drop exports equal in distribution only
+_MK_INPUTS = {"weight": ("weight", REQUIRED), "density": ("density", 1.0)}
+
 register(
     OperatorSpec(
         "dare",
@@ -134,6 +137,9 @@ register(
         sparsify="random",
         mergekit_method="dare_linear",
         mergekit_defaults={"normalize": False, "rescale": True, "lambda": 1.0},
+        mergekit_inputs=_MK_INPUTS,
+        mergekit_rescale=("l1", "none"),
+        mergekit_drop="distribution",
         fused=_dare_plan,
         description="random drop and rescale, then task arithmetic",
     ),
@@ -148,6 +154,9 @@ register(
         sparsify="random",
         mergekit_method="dare_ties",
         mergekit_defaults={"normalize": False, "rescale": True, "lambda": 1.0},
+        mergekit_inputs=_MK_INPUTS,
+        mergekit_rescale=("l1", "none"),
+        mergekit_drop="distribution",
         fused=_dare_ties_plan,
         description="random drop and rescale, then TIES election and merge",
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from evomerge.merge.operators import OperatorSpec, register
+from evomerge.merge.operators import REQUIRED, OperatorSpec, register
 from evomerge.merge.operators._common import _bcast, _della_sparsify, _finish, _prep, _ta_combine, _ties_combine
 from evomerge.merge.operators._fused import Plan, divisor, inverse_rescale, ta_plan, ties_plan
 
@@ -94,6 +94,11 @@ def _plan(elect: bool) -> Callable[..., Plan | None]:
     return plan
 
 
+# mergekit's epsilon is per model (evomerge takes one for all). A drop does not export: mergekit ranks
+# |tau| within each row where evomerge ranks within the whole tensor, so even the keep probabilities
+# differ (the two agree only at density 1, where nothing is dropped)
+_MK_INPUTS = {"weight": ("weight", REQUIRED), "density": ("density", 1.0), "epsilon": ("epsilon", 0.15)}
+
 register(
     OperatorSpec(
         "della",
@@ -103,6 +108,9 @@ register(
         sparsify="della",
         mergekit_method="della",
         mergekit_defaults={"normalize": True, "rescale": True, "lambda": 1.0},
+        mergekit_inputs=_MK_INPUTS,
+        mergekit_rescale=("l1", "none"),
+        mergekit_drop="none",
         fused=_plan(True),
         description="magnitude-ranked random drop, TIES election and merge",
     )
@@ -116,6 +124,9 @@ register(
         sparsify="della",
         mergekit_method="della_linear",
         mergekit_defaults={"normalize": False, "rescale": True, "lambda": 1.0},
+        mergekit_inputs=_MK_INPUTS,
+        mergekit_rescale=("l1", "none"),
+        mergekit_drop="none",
         fused=_plan(False),
         description="magnitude-ranked random drop, task arithmetic",
     )

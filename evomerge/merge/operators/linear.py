@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from evomerge.merge.operators import OperatorSpec, register
+from evomerge.merge.operators import REQUIRED, OperatorSpec, register
 from evomerge.merge.operators._common import Workspace, _finish, _prep, _ta_combine
 from evomerge.merge.operators._fused import Plan, divisor, ta_plan
 
@@ -86,6 +86,7 @@ register(
         needs_base=False,
         mergekit_method="linear",
         mergekit_defaults={"normalize": True},
+        mergekit_inputs={"weight": ("weight", REQUIRED)},
         fused=_linear_plan,
         description="weighted average of the source models",
     ),
@@ -99,6 +100,7 @@ register(
         {"lambda": 1.0, "normalize": False},
         mergekit_method="task_arithmetic",
         mergekit_defaults={"normalize": False, "rescale": False, "lambda": 1.0},
+        mergekit_inputs={"weight": ("weight", REQUIRED)},
         fused=_ta_plan,
         description="theta0 + lambda sum w_t tau_t",
     )

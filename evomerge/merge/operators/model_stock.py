@@ -78,6 +78,7 @@ register(
         min_sources=2,
         stats=model_stock_stats,
         linear=lambda stats, k, filter_wise=False, **_: None if filter_wise else model_stock_linear(stats, k),
+        mergekit_inputs={"weight": ("weight", 1.0)},
         mergekit_method="model_stock",
         mergekit_defaults={"filter_wise": False},
         description="average moved towards the base by the task vectors' angle",

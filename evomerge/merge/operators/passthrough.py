@@ -60,6 +60,9 @@ register(
         context=frozenset({"source_tensor"}),
         mergekit_method="passthrough",
         mergekit_defaults={},
+        # one model per layer slice; its scale is kept as the slice's weight (see merge/build.py)
+        mergekit_inputs={"scale": ("weight", 1.0)},
+        mergekit_models=1,
         description="one model's tensors as they are",
     )
 )

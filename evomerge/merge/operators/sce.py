@@ -68,6 +68,7 @@ register(
         param_bounds={"select_topk": (0.0, 1.0)},
         context=frozenset({"whole"}),
         min_sources=1,
+        mergekit_inputs={"weight": ("weight", 1.0)},
         mergekit_method="sce",
         mergekit_defaults={"select_topk": 1.0},
         description="select high-variance entries, weight by task-vector energy, erase sign conflicts",

@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from evomerge.merge._torch import torch
-from evomerge.merge.operators import OperatorSpec, register
+from evomerge.merge.operators import REQUIRED, OperatorSpec, register
 from evomerge.merge.operators._common import _finish, _prep
 
 if TYPE_CHECKING:
@@ -151,7 +151,11 @@ register(
             None if per_row else slerp_linear(stats, k, t, dot_threshold, eps)
         ),
         mergekit_method="slerp",
-        mergekit_defaults={},
+        mergekit_defaults={"t": REQUIRED},
+        # mergekit's kernel: whole-tensor angle at these thresholds; its base and one other model (two
+        # sources export with the first as mergekit's base: the base is then only the origin)
+        mergekit_fixed={"dot_threshold": 0.9995, "eps": 1e-8, "per_row": False},
+        mergekit_models=1,
         description="spherical interpolation of two models",
     )
 )

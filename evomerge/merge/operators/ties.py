@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from evomerge.merge.operators import OperatorSpec, register
+from evomerge.merge.operators import REQUIRED, OperatorSpec, register
 from evomerge.merge.operators._common import (
     Workspace,
     _bcast,
@@ -68,6 +68,7 @@ register(
         sparsify="magnitude",
         mergekit_method="ties",
         mergekit_defaults={"normalize": True, "rescale": False, "lambda": 1.0},
+        mergekit_inputs={"weight": ("weight", REQUIRED), "density": ("density", 1.0)},
         fused=_plan,
         description="magnitude trim, sign election, disjoint merge",
     )
