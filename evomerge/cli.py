@@ -257,6 +257,8 @@ def validate(space: Annotated[Path, typer.Option("--space", help="search space Y
 
     sp = load_space(space)
     _check_algorithm(sp, space)
+    if sp.hub_models:
+        out.print(f"note: {', '.join(sp.hub_models)} are hub models; their weights are fetched at run time")
     out.print(f"{space}: ok ({len(sp.models)} models, {len(sp.objectives)} objectives, "
               f"{sp.algorithm.name}, budget {sp.budget})")
 

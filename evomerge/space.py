@@ -14,13 +14,15 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from evomerge.fidelity import MultiFidelity
-from evomerge.genomes import DEFAULT_KIND, KINDS, SpaceError, check_space
+from evomerge.genomes import DEFAULT_KIND, KINDS, FieldError, SpaceError, check_space
 from evomerge.objectives import KIND_TAGS, Objective, ObjectiveSpec
+from evomerge.objectives.tasks import bad_task_path
 from evomerge.zoo import ZOO_MODELS, ZOO_PREFIX, resolve_ref
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -106,7 +108,7 @@ class SearchSpace(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _unique(self) -> SearchSpace:
+    def _unique(self, info: ValidationInfo) -> SearchSpace:
         names = [o.name for o in self.objectives + self.report]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -117,7 +119,16 @@ class SearchSpace(BaseModel):
                 if problem:
                     raise ValueError(f"multi_fidelity needs per-example scores in [0, 1] with a mean; "
                                      f"objective {o.name!r} {problem}")
-        check_space(self)
+        # A space read from a file knows its folder now, so its models, tasks and scorers are checked on
+        # disk (relative references need it); a stored space's files may have gone and are not.
+        if info.context and info.context.get("source_dir") is not None:
+            self.source_dir = Path(info.context["source_dir"])
+        try:
+            check_space(self)
+            if self.source_dir is not None:
+                self._check_references()
+        except FieldError as e:
+            raise e.validation_error(type(self).__name__) from None
         if self.base_model is not None and self.base_model in self.models:
             raise ValueError("the base model must not be one of the source models")
         zoo_refs = [r for r in self.model_refs if r.startswith(ZOO_PREFIX)]
@@ -126,6 +137,16 @@ class SearchSpace(BaseModel):
                 if r[len(ZOO_PREFIX):].strip("/") not in ZOO_MODELS:
                     raise ValueError(f"unknown zoo model {r!r}; the zoo has {', '.join(ZOO_MODELS)}")
         return self
+
+    def _check_references(self) -> None:
+        bad = bad_task_path(self.evaluation.task_paths, self.source_dir)
+        if bad is not None:
+            raise FieldError(f"evaluation.task_paths.{bad[0]}", bad[1])
+        for part, objectives in (("objectives", self.objectives), ("report", self.report)):
+            for i, o in enumerate(objectives):
+                problem = o.missing_reference(self.source_dir, self.evaluation.task_paths)
+                if problem is not None:
+                    raise FieldError(f"{part}.{i}.{problem[0]}", problem[1])
 
     def model_ref(self, ref: str) -> str:
         """The portable form of a model reference, as recipes store it.
@@ -162,6 +183,12 @@ class SearchSpace(BaseModel):
     def uses_zoo(self) -> bool:
         return any(r.startswith(ZOO_PREFIX) for r in self.model_refs)
 
+    @property
+    def hub_models(self) -> list[str]:
+        """The references that are hub ids: nothing on this machine to check, the workers fetch them."""
+        refs = [r for r in self.model_refs if not r.startswith(ZOO_PREFIX)]
+        return [r for r in refs if not Path(self.model_ref(r)).is_absolute()]
+
     def all_objectives(self) -> list[Objective]:
         return self.objectives + self.report
 
@@ -188,7 +215,7 @@ def load_space(path: str | Path) -> SearchSpace:
     if not isinstance(data, dict):
         raise SpaceError(f"{p}: the top level must be a mapping")
     try:
-        space = SearchSpace.model_validate(data)
+        space = SearchSpace.model_validate(data, context={"source_dir": p.resolve().parent})
     except ValidationError as e:
         err = e.errors()[0]
         msg = err["msg"].removeprefix("Value error, ")

@@ -27,7 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evomerge.genomes.base import ExportCard, GenomeDecoder, GenomeKind, Materializing, SpaceError, WorkerSettings
+from evomerge.genomes.base import (
+    ExportCard,
+    FieldError,
+    GenomeDecoder,
+    GenomeKind,
+    Materializing,
+    SpaceError,
+    WorkerSettings,
+)
 
 if TYPE_CHECKING:
     from evomerge.space import SearchSpace
@@ -122,6 +130,7 @@ __all__ = [
     "DEFAULT_KIND",
     "KINDS",
     "ExportCard",
+    "FieldError",
     "GenomeDecoder",
     "GenomeKind",
     "Materializing",

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 if TYPE_CHECKING:
     from evomerge.space import SearchSpace
@@ -24,6 +25,24 @@ class SpaceError(ValueError):
     Defined here, below the space, because the genome kinds read the space (block counts, models) and
     report its problems in the same form; :mod:`evomerge.space` raises it too.
     """
+
+
+class FieldError(SpaceError):
+    """A problem of one field of a space (``field`` is its dotted path, e.g. ``models.1``).
+
+    The space's validator turns it into a pydantic error at that location, so ``load_space`` prints
+    ``field 'models.1': <message>`` like any other field's problem.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"field '{field}': {message}")
+        self.field = field
+        self.message = message
+
+    def validation_error(self, title: str) -> ValidationError:
+        loc = tuple(int(p) if p.isdigit() else p for p in self.field.split("."))
+        err = PydanticCustomError("space", "{message}", {"message": self.message})
+        return ValidationError.from_exception_data(title, [InitErrorDetails(type=err, loc=loc, input=None)])
 
 
 class GenomeDecoder(Protocol):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -78,7 +79,7 @@ class Objective(BaseModel):
     # How many examples to score (the first ones); kinds without examples ignore it.
     limit: int | None = Field(default=None, gt=0)
     # Weight in the scalarised objective of single-objective algorithms (CMA-ES).
-    weight: float = 1.0
+    weight: float = Field(default=1.0, allow_inf_nan=False)
 
     # Set by evomerge.objectives.registry once it has imported every kind (the kinds subclass this class,
     # so it cannot import them): how the base class builds the kind an entry names.
@@ -117,6 +118,11 @@ class Objective(BaseModel):
         """Why a multi-fidelity search cannot use this objective, or None when it can (staged, or exact); the
         space says "multi_fidelity needs per-example scores in [0, 1] with a mean; objective 'x' <this>"."""
         return None if self.supports_fidelity() else "has none"
+
+    def missing_reference(self, base_dir: Path | None, task_paths: Sequence[str]) -> tuple[str, str] | None:
+        """The field and the problem when a file or task this objective names is not there (checked when a
+        space file is loaded, before anything runs; relative references resolve against ``base_dir``)."""
+        return None
 
     def portable(self, resolve: Callable[[str], str]) -> Objective:
         """The objective with its file references made absolute by ``resolve`` (for workers elsewhere)."""

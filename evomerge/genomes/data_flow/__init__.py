@@ -18,11 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evomerge.genomes.base import ExportCard, GenomeKind, Materializing, WorkerSettings, nonzero_params
+from evomerge.genomes.base import ExportCard, FieldError, GenomeKind, Materializing, WorkerSettings, nonzero_params
+from evomerge.genomes.checks import arch_config, check_same_architecture, open_model
 from evomerge.genomes.data_flow.costs import path_length, path_params
 from evomerge.genomes.data_flow.genome import DataFlowGenome, read_block_count
 from evomerge.genomes.data_flow.recipe import DataFlowRecipe
-from evomerge.genomes.data_flow.spec import DataFlowGenomeSpec
+from evomerge.genomes.data_flow.sources import is_ps_recipe_file
+from evomerge.genomes.data_flow.spec import ARCH_KEYS, SUPPORTED_MODEL_TYPES, DataFlowGenomeSpec
 
 if TYPE_CHECKING:
     from evomerge.space import SearchSpace
@@ -34,6 +36,20 @@ def _make_genome(space: SearchSpace) -> DataFlowGenome:
 
 def _check_space(space: SearchSpace) -> None:
     space.genome.check_models(len(space.models))
+    if space.source_dir is None:  # not loaded from a file: relative references mean nothing yet
+        return
+    # a PS recipe JSON is built into a folder at run time, from sources the recipe names
+    models = [open_model(space, f"models.{i}", m, is_ps_recipe_file) for i, m in enumerate(space.models)]
+    for m in models:
+        if m.adapter is not None:
+            raise FieldError(m.field, f"{m.ref!r} is a LoRA adapter; a layer path needs whole models")
+        kind = arch_config(m.config or {}).get("model_type")
+        if kind is not None and kind not in SUPPORTED_MODEL_TYPES:
+            raise FieldError(m.field, f"{m.ref!r} is a {kind!r} model; data-flow paths support "
+                                      f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    local = [m for m in models if m.config is not None]
+    if local:  # every block of a path must run on the hidden states any other block produces
+        check_same_architecture(local[0], local[1:], ARCH_KEYS, shapes=False)
 
 
 def _materializer(cfg: WorkerSettings, device: str, dtype: Any) -> Materializing:

@@ -26,23 +26,7 @@ from transformers.initialization import no_init_weights
 from evomerge.genomes.data_flow.modeling_evomerge_dataflow import DataFlowConfig, DataFlowForCausalLM
 from evomerge.genomes.data_flow.recipe import DataFlowRecipe
 from evomerge.genomes.data_flow.sources import resolve_source
-
-# Config fields every source must share so that any path runs and exports as one architecture.
-ARCH_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "rms_norm_eps",
-    "attention_bias",
-    "mlp_bias",
-    "rope_parameters",
-    "max_position_embeddings",
-    "vocab_size",
-)
-SUPPORTED_MODEL_TYPES = ("llama",)
+from evomerge.genomes.data_flow.spec import ARCH_KEYS, SUPPORTED_MODEL_TYPES
 
 
 class DataFlowError(ValueError):

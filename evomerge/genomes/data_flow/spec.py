@@ -22,7 +22,26 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evomerge.genomes.checks import finite_bounds
+
 ScaleMode = Literal["none", "per_layer", "per_source_layer", "full"]
+
+# Config fields every source must share so that any path runs and exports as one architecture.
+ARCH_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "attention_bias",
+    "mlp_bias",
+    "rope_parameters",
+    "max_position_embeddings",
+    "vocab_size",
+)
+SUPPORTED_MODEL_TYPES = ("llama",)
 
 
 class DataFlowGenomeSpec(BaseModel):
@@ -44,9 +63,7 @@ class DataFlowGenomeSpec(BaseModel):
     @field_validator("scale_bounds")
     @classmethod
     def _bounds(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if v[0] >= v[1]:
-            raise ValueError("lower bound must be below upper bound")
-        return v
+        return finite_bounds(v)
 
     @field_validator("num_layers")
     @classmethod

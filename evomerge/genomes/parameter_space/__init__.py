@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.genomes.base import ExportCard, GenomeKind, Materializing, WorkerSettings, nonzero_params
+from evomerge.genomes.checks import PS_ARCH_KEYS, check_same_architecture, open_model
 from evomerge.genomes.parameter_space.genome import ParameterSpaceGenome, plan_groups, read_num_layers
 from evomerge.genomes.parameter_space.spec import Genome
 from evomerge.recipe import Recipe
@@ -26,6 +27,11 @@ def _check_space(space: SearchSpace) -> None:
     if space.base_model is None:
         raise ValueError("a parameter-space genome needs base_model")
     space.genome.check_models(len(space.models))
+    if space.source_dir is None:  # not loaded from a file: relative references mean nothing yet
+        return
+    base = open_model(space, "base_model", space.base_model)
+    sources = [open_model(space, f"models.{i}", m) for i, m in enumerate(space.models)]
+    check_same_architecture(base, sources, PS_ARCH_KEYS)
 
 
 def _materializer(cfg: WorkerSettings, device: str, dtype: Any) -> Materializing:

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from evomerge.genomes.checks import finite_bounds, finite_params
+
 _NEEDS_DATA = ("per-source Fisher information computed from data, which a search does not supply; "
                "use it in a recipe for `evomerge merge`")
 
@@ -46,6 +48,7 @@ class Genome(BaseModel):
         from evomerge.merge.operators import OPERATORS  # torch: see _method
 
         method = info.data.get("method")
+        finite_params(v)
         if method is None:  # already refused
             return v
         try:
@@ -68,9 +71,7 @@ class Genome(BaseModel):
     @field_validator("weight_bounds", "density_bounds")
     @classmethod
     def _bounds(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if v[0] >= v[1]:
-            raise ValueError("lower bound must be below upper bound")
-        return v
+        return finite_bounds(v)
 
     @field_validator("density_bounds")
     @classmethod

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from evomerge.objectives.base import EvalContext, KindEvaluator, Objective
+from evomerge.objectives.tasks import find_task
 
 # Metrics known to lie in [0, 1], so a study's reference point can be fixed before any result.
 BOUNDED_METRICS = frozenset({"exact_match", "acc", "acc_norm", "f1", "mcc", "bleu_acc", "pass@1"})
@@ -36,6 +38,14 @@ class LmEvalObjective(Objective):
         if self.supports_fidelity():
             return None
         return f"is {self.metric} (metrics that are such a mean: {', '.join(sorted(FIDELITY_METRICS))})"
+
+    def missing_reference(self, base_dir: Path | None, task_paths: Sequence[str]) -> tuple[str, str] | None:
+        found, known = find_task(self.task, task_paths, base_dir)
+        if found is not None:
+            return None
+        where = ", ".join(task_paths) if task_paths else "none given"
+        return "task", (f"no task '{self.task}' in the task paths ({where}) nor a YAML file"
+                        f" (known tasks: {', '.join(known) if known else 'none'})")
 
     def portable(self, resolve: Callable[[str], str]) -> LmEvalObjective:
         if self.task.endswith((".yaml", ".yml")):

@@ -54,6 +54,22 @@ class PythonObjective(Objective):
             return None
         return "is a python scorer without bounded: true and a limit (its number of examples)"
 
+    def missing_reference(self, base_dir: Path | None, task_paths: Sequence[str]) -> tuple[str, str] | None:
+        module_ref = self.scorer.rpartition(":")[0]
+        if module_ref.endswith(".py"):
+            path = Path(module_ref).expanduser()
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            return None if path.is_file() else ("scorer", f"no scorer file {path}")
+        # the top package only: finding a submodule would run the package's code on the driver
+        top = module_ref.split(".")[0]
+        try:
+            found = importlib.util.find_spec(top) is not None
+        except (ImportError, ValueError):
+            found = False
+        return None if found else ("scorer", f"no module '{top}' to import (a file beside the space is "
+                                             f"written '{module_ref.replace('.', '/')}.py:function')")
+
     def portable(self, resolve: Callable[[str], str]) -> PythonObjective:
         module, _, fn = self.scorer.rpartition(":")
         if module.endswith(".py"):
