@@ -80,7 +80,7 @@ def test_kind_imports_light(name: str) -> None:
 
 def test_old_spaces_and_recipes_are_parameter_space(tmp_path: Path) -> None:
     space = tmp_path / "old.yaml"
-    space.write_text("base_model: a\nmodels: [b]\ngenome: {method: linear}\n" + OBJECTIVES)
+    space.write_text("base_model: org/a\nmodels: [org/b]\ngenome: {method: linear, num_layers: 2}\n" + OBJECTIVES)
     assert load_space(space).genome.type == "parameter_space"
     old = '{"base": "a", "sources": ["b"], "method": "linear", "groups": [{"name": "all", "kind": "all", ' \
           '"weights": [1.0]}]}'

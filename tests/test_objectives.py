@@ -79,7 +79,9 @@ KIND_NAMES = sorted(KINDS)
 
 def write_space(tmp_path: Path, objectives: list[dict], **evaluation: Any) -> Path:
     p = tmp_path / "s.yaml"
-    space = {"base_model": "b", "models": ["a"], "objectives": objectives, "evaluation": evaluation}
+    # hub ids and the test tasks: a loaded space's models and tasks are checked on disk
+    evaluation.setdefault("task_paths", [str(TASKS)])
+    space = {"base_model": "org/b", "models": ["org/a"], "objectives": objectives, "evaluation": evaluation}
     p.write_text(yaml.safe_dump(space))
     return p
 

@@ -17,6 +17,18 @@ SPACES = ROOT / "search_spaces"
 
 
 def write(tmp_path: Path, text: str) -> Path:
+    """The space file, beside the model folders and the tasks it names (a space is checked against them)."""
+    for m in ("base", "a", "b"):
+        (tmp_path / m).mkdir(exist_ok=True)
+        cfg = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 4, "vocab_size": 16}
+        (tmp_path / m / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "tasks").mkdir(exist_ok=True)
+    for t in ("t1", "t2"):
+        (tmp_path / "tasks" / f"{t}.yaml").write_text(f"task: {t}\n")
+    if "evaluation: {" in text:
+        text = text.replace("evaluation: {", "evaluation: {task_paths: [tasks], ", 1)
+    else:
+        text += "evaluation: {task_paths: [tasks]}\n"
     p = tmp_path / "space.yaml"
     p.write_text(text)
     return p

@@ -135,7 +135,11 @@ def open_model(space: SearchSpace, field: str, ref: str,
             return ModelFiles(field, ref, None, None)
         folder = resolve_zoo_uri(portable)
     elif not Path(portable).is_absolute():  # model_ref keeps a well-formed hub id that is no local path
-        return ModelFiles(field, ref, None, None)
+        # ...but "models/x" beside a local folder "models" is a mistyped folder, not the hub's org "models"
+        local = Path(space.source_dir or ".") / ref
+        if not local.parent.is_dir():
+            return ModelFiles(field, ref, None, None)
+        folder = local
     else:
         folder = Path(portable)
     if other_file(str(folder)):
