@@ -31,6 +31,13 @@ budget: {budget}
 
 def _space(tmp_path: Path, algorithm: str = "random", budget: int = 5, extra: str = "") -> SearchSpace:
     base, experts = make_tiny_llama_family(tmp_path, n_experts=2, seed=0)
+    (tmp_path / "tasks").mkdir(exist_ok=True)  # a loaded space's tasks are checked
+    for t in ("t1", "t2", "t3"):
+        (tmp_path / "tasks" / f"{t}.yaml").write_text(f"task: {t}\n")
+    if "evaluation: {" in extra:
+        extra = extra.replace("evaluation: {", "evaluation: {task_paths: [tasks], ", 1)
+    else:
+        extra += "evaluation: {task_paths: [tasks]}\n"
     p = tmp_path / "s.yaml"
     p.write_text(SPACE.format(base=base, e0=experts[0], e1=experts[1], algorithm=algorithm, budget=budget)
                  + extra)

@@ -212,7 +212,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     # An algorithm setting that does not exist is caught before a study is created.
     typo = tmp_path / "typo.yaml"
     typo.write_text("base_model: org/base\nmodels: [org/a]\ngenome: {num_layers: 2}\n"
-                    "objectives: [{name: x, task: t, metric: 'exact_match,none'}]\n"
+                    "objectives: [{name: x, kind: cost, measure: params}]\n"
                     "algorithm: {name: nsga2, settings: {pop_sise: 4}}\n")
     r = run(["validate", "--space", str(typo)], tmp_path)
     assert r.returncode == 2 and "algorithm.settings" in r.stderr and "pop_sise" in r.stderr

@@ -132,11 +132,11 @@ def test_children_of_recipes_are_recipes(tmp_path: Path):
     """A child genotype decodes to per-segment convex combinations of the parents' recipes'
     coefficients, split on a layer-group boundary."""
     (tmp_path / "space.yaml").write_text("""
-base_model: base
-models: [a, b]
+base_model: org/base
+models: [org/a, org/b]
 genome: {method: dare_ties, layer_groups: 2, num_layers: 4}
 objectives:
-  - {name: x, task: t1, metric: "exact_match,none"}
+  - {name: x, kind: cost, measure: params}
 budget: 10
 """)
     genome = ParameterSpaceGenome(load_space(tmp_path / "space.yaml"))
@@ -188,11 +188,11 @@ def test_group_params_follow_their_group(tmp_path: Path):
     from evomerge.search.base import GenomeLayout, SearchContext
 
     (tmp_path / "space.yaml").write_text("""
-base_model: base
-models: [a, b]
+base_model: org/base
+models: [org/a, org/b]
 genome: {method: consensus, layer_groups: 1, num_layers: 4}
 objectives:
-  - {name: x, task: t1, metric: "exact_match,none"}
+  - {name: x, kind: cost, measure: params}
 algorithm: {name: m2n2}
 """)
     space = load_space(tmp_path / "space.yaml")

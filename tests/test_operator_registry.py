@@ -139,6 +139,9 @@ def test_a_fixed_group_param_is_not_searched():
 
 
 def _load(tmp_path: Path, **fields) -> SearchSpace:
+    for m in ("base", "a", "b", "c"):  # a loaded space's model folders are checked
+        (tmp_path / m).mkdir(exist_ok=True)
+        (tmp_path / m / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2}')
     data = {"base_model": "base", "models": ["a", "b"], "objectives": COST, **fields}
     p = tmp_path / "space.yaml"
     p.write_text(yaml.safe_dump(data))
