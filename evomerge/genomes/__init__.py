@@ -84,7 +84,7 @@ def make_genome(space: SearchSpace) -> GenomeDecoder:
 
 
 def check_space(space: SearchSpace) -> None:
-    """The kind's cross-field checks of a space (models, base model); raises ValueError."""
+    """The kind's checks of a space (models, base model; on disk once loaded from a file); raises ValueError."""
     kind_of(space.genome).check_space(space)
 
 

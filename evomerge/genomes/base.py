@@ -110,6 +110,8 @@ class GenomeKind:
     - ``recipe``: the recipe class (``from_json``, ``canonical_json``, ``hash``, field ``kind``);
     - ``make_genome(space)``: the genome of a space whose ``genome`` is this kind's spec;
     - ``check_space(space)``: cross-field checks of the space (models, base model), raising ValueError;
+      when the space was loaded from a file (``source_dir`` set) also its model folders, configs and
+      tensor shapes, without loading weights (:mod:`evomerge.genomes.checks`), raising FieldError;
     - ``materializer(cfg, device, dtype)``: what a worker builds candidates with; ``cfg`` is the worker's
       :class:`WorkerSettings` (a ``evomerge.workers.WorkerConfig``), ``device`` a torch device string;
     - ``export(recipe, out_dir, card)``: write the candidate as a Hugging Face folder (``out_dir`` absent
