@@ -69,6 +69,7 @@ from lm_eval.tasks._yaml_loader import _make_loader, load_yaml  # noqa: E402
 
 from evomerge.objectives import lm_eval_patches  # noqa: E402
 from evomerge.objectives.base import EvalContext, EvaluationError, Objective, ObjectiveResult, Window  # noqa: E402
+from evomerge.objectives.tasks import task_file  # noqa: E402
 
 if TYPE_CHECKING:  # the kind module imports this one when it builds an evaluator
     from evomerge.objectives.kinds.lm_eval import LmEvalObjective
@@ -227,17 +228,9 @@ class LmEvalEvaluator:
                     f"task '{ref}' is a {entry.kind.name.lower()}; an objective must name one YAML task"
                 )
             return Path(entry.yaml_path)
-        p = self._path(ref)
-        if p.suffix in (".yaml", ".yml"):
-            if p.is_file():
-                return p
-            if not Path(ref).expanduser().is_absolute():
-                # A space's "task: its_tasks/x.yaml" when the caller did not pass base_dir: try the
-                # task directories and the directories that hold them (the space file's directory).
-                for d in self._task_dirs:
-                    for root in (d, d.parent):
-                        if (root / ref).is_file():
-                            return (root / ref).resolve()
+        found = task_file(ref, self._task_dirs, self.base_dir)
+        if found is not None:
+            return found
         known = self.known_tasks()
         raise EvaluationError(
             f"unknown task '{ref}': not a task in the task paths nor a YAML file"

@@ -62,21 +62,26 @@ def known_tasks(task_paths: Sequence[str], base_dir: Path | None) -> dict[str, P
     return out
 
 
+def task_file(ref: str, task_paths: Sequence[str | os.PathLike], base_dir: Path | None) -> Path | None:
+    """The YAML file a task reference ending in .yaml/.yml names: relative to ``base_dir``, else (a
+    space's "task: its_tasks/x.yaml" read without its folder) to a task directory or the one above it."""
+    p = _path(ref, base_dir)
+    if p.suffix not in (".yaml", ".yml"):
+        return None
+    if p.is_file():
+        return p
+    if not Path(ref).expanduser().is_absolute():
+        for tp in task_paths:
+            d = _path(tp, base_dir)
+            if not d.is_dir():
+                continue
+            for root in (d, d.parent):
+                if (root / ref).is_file():
+                    return (root / ref).resolve()
+    return None
+
+
 def find_task(ref: str, task_paths: Sequence[str], base_dir: Path | None) -> tuple[Path | None, list[str]]:
     """The YAML file of task ``ref`` (None when there is none) and the task names that are known."""
     known = known_tasks(task_paths, base_dir)
-    if ref in known:
-        return known[ref], sorted(known)
-    p = _path(ref, base_dir)
-    if p.suffix in (".yaml", ".yml"):
-        if p.is_file():
-            return p, sorted(known)
-        if not Path(ref).expanduser().is_absolute():
-            for tp in task_paths:
-                d = _path(tp, base_dir)
-                if not d.is_dir():
-                    continue
-                for root in (d, d.parent):
-                    if (root / ref).is_file():
-                        return (root / ref).resolve(), sorted(known)
-    return None, sorted(known)
+    return known.get(ref) or task_file(ref, task_paths, base_dir), sorted(known)
