@@ -164,3 +164,21 @@ def test_hub_only_space_validates_offline_with_a_note(tmp_path: Path) -> None:
     assert "weights are fetched at run time" in p.stdout and "mistralai/Mistral-7B-v0.1" in p.stdout
     demo = _cli("validate", "--space", str(SPACES / "demo.yaml"), cwd=tmp_path)
     assert demo.returncode == 0 and "fetched at run time" not in demo.stdout
+
+
+def test_shapes_come_from_the_headers_of_sharded_checkpoints(root: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from evomerge.genomes.checks import tensor_shapes
+    from evomerge.merge.checkpoint import save_state_dict
+
+    sd = load_file(str(root / "models" / "fat" / "model.safetensors"))
+    (tmp_path / "sharded").mkdir()
+    save_state_dict(sd, tmp_path / "sharded", max_shard_bytes=4096)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert tensor_shapes(tmp_path / "sharded") == {k: tuple(v.shape) for k, v in sd.items()}
+    # a sharded source of other shapes is refused like a single-file one
+    (tmp_path / "sharded" / "config.json").write_text((root / "models" / "fat" / "config.json").read_text())
+    text = GOOD.replace("[models/expert0]", f"[{tmp_path / 'sharded'}]")
+    with pytest.raises(SpaceError, match="field 'models.0': .*shape"):
+        load_space(write(root, text, "sharded.yaml"))
