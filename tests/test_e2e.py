@@ -162,6 +162,7 @@ def test_interrupt_kill_and_resume(tiny_zoo: Path, tmp_path: Path) -> None:
     assert "evomerge resume r" in err
     before = complete_rows(dbfile)
     assert 2 <= len(before) < budget
+    assert status(tmp_path, db)["r"]["state"] == "paused"  # Ctrl-C is a pause
 
     # kill -9 of the driver in the middle of the resumed run: no cleanup at all.
     p = subprocess.Popen(EVOMERGE + ["resume", "r", "--workers", "2", "--storage", db, "--no-progress"],
@@ -171,6 +172,7 @@ def test_interrupt_kill_and_resume(tiny_zoo: Path, tmp_path: Path) -> None:
     p.kill()
     p.wait(timeout=60)
     mid = complete_rows(dbfile)
+    assert status(tmp_path, db)["r"]["state"] == "interrupted"  # its holder is gone: no need to wait 60 s
 
     r = run(["resume", "r", "--workers", "2", "--storage", db, "--no-progress"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
