@@ -255,14 +255,13 @@ class StudyRun:
             self.store.set_study_status(self.study, "running")
             self._restore()
             self._ensure_reference_point()
-            try:
-                self._loop()
-            except KeyboardInterrupt:
-                # Ctrl-C is a pause the user asked for; any other exception leaves "running", which the
-                # view reads as "interrupted" once this run's lease is gone.
-                self.store.set_study_status(self.study, "paused")
-                raise
+            self._loop()
             self.store.set_study_status(self.study, "done" if self._finished() else "paused")
+        except KeyboardInterrupt:
+            # Ctrl-C is a pause the user asked for. Any other end leaves "running", which the view reads
+            # as "interrupted" once this run's lease is gone: a crash, kill -9, a lost node.
+            self.store.set_study_status(self.study, "paused")
+            raise
         finally:
             self.lease.release()
 
