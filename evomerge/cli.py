@@ -166,11 +166,20 @@ def resume(
     storage: StorageOpt = None,
     ray_address: RayOpt = None,
     progress: Annotated[bool, typer.Option(help="live progress on the terminal")] = True,
+    force_unlock: Annotated[bool, typer.Option(
+        "--force-unlock", help="take the study's lease over from the run holding it (check that it is gone first)",
+    )] = False,
 ) -> None:
     """Go on with a study after an interruption; nothing evaluated is evaluated again."""
     store = _store(storage)
     sp = _study_space(store, study)
     _ensure_zoo(sp)
+    if force_unlock:
+        from evomerge.run.lease import force_unlock as take_lease  # the run package: only when a study runs
+
+        holder = take_lease(store, study)
+        if holder is not None:
+            err.print(f"took the lease of study {study} over from {holder}", markup=False, highlight=False)
     _run_study(sp, store, study, workers, ray_address, progress)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from evomerge import front as frontlib
 from evomerge.store import CandidateRow, Store, StudyRow
+from evomerge.store.leases import owner_is_dead_here
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,12 @@ class WorkerTimings:
     mean_s: dict[str, float] = field(default_factory=dict)
 
 
-def effective_state(status: str, lease_expires: datetime | None, now: datetime | None = None) -> str:
-    """A "running" study whose run lease has lapsed was interrupted (kill -9, a lost node): say so."""
+def effective_state(status: str, lease_expires: datetime | None, now: datetime | None = None,
+                    lease_owner: str | None = None) -> str:
+    """A "running" study whose run is gone was interrupted (kill -9, a crash, a lost node): its lease
+    lapsed, or its holder is a process of this host that no longer exists. Ctrl-C stores "paused"."""
     now = now or datetime.now(UTC)
-    if status == "running" and (lease_expires is None or lease_expires < now):
+    if status == "running" and (lease_expires is None or lease_expires < now or owner_is_dead_here(lease_owner)):
         return "interrupted"
     return status
 
@@ -77,7 +80,7 @@ class StudyView:
         now = datetime.now(UTC)
         rows = self.store.list_studies()
         for r in rows:
-            r["state"] = effective_state(r["state"], r.get("lease_expires"), now)
+            r["state"] = effective_state(r["state"], r.get("lease_expires"), now, r.get("lease_owner"))
         return rows
 
     def study(self, study: str) -> StudyRow:
@@ -85,7 +88,7 @@ class StudyView:
 
     def state(self, study: str) -> str:
         st = self.store.get_study(study)
-        return effective_state(st.status, st.lease_expires)
+        return effective_state(st.status, st.lease_expires, lease_owner=st.lease_owner)
 
     def objectives(self, study: str) -> list[ObjectiveDirection]:
         return [ObjectiveDirection(o["name"], o["direction"]) for o in self.store.get_study(study).objectives]
@@ -124,7 +127,7 @@ class StudyView:
         F = _values(self.store.candidates(study, "complete"), _names(st))
         return StudySummary(
             study=study,
-            state=effective_state(st.status, st.lease_expires),
+            state=effective_state(st.status, st.lease_expires, lease_owner=st.lease_owner),
             budget=st.budget,
             counts=counts,
             objectives=[ObjectiveDirection(o["name"], o["direction"]) for o in st.objectives],

@@ -355,7 +355,8 @@ def test_della_keep_probability_follows_rank():
     ranks = della_ranks(deltas)
     assert ranks.min() == 0 and ranks.max() == 1
     p = della_keep_prob(ranks, torch.tensor([0.4]), 0.2)
-    torch.testing.assert_close(p.min(), torch.tensor(0.2)) and torch.testing.assert_close(p.max(), torch.tensor(0.6))
+    torch.testing.assert_close(p.min(), torch.tensor(0.2))
+    torch.testing.assert_close(p.max(), torch.tensor(0.6))
     out = della_linear(
         base, deltas, torch.ones(1), torch.tensor([0.4]), epsilon=0.2, generator=torch.Generator().manual_seed(1)
     )

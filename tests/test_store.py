@@ -157,10 +157,11 @@ def test_study_create_get_list_counts(store):
     for i in range(5):
         _add(store, "a", f"k{i}")
     store.mark_running("a", 1, "w0")
-    store.complete_candidate("a", 1, {"acc": 0.5, "size": 3})
+    store.complete_candidate("a", 1, {"acc": 0.5, "size": 3}, attempt=True)
     store.mark_running("a", 2, "w1")
-    store.fail_candidate("a", 2, "boom")
+    store.fail_candidate("a", 2, "boom", attempt=True)
     store.mark_running("a", 3, "w0")
+    assert store.count_attempt("a", 3) == 1  # its worker died on it
     store.requeue("a", 3)
     store.mark_running("a", 3, "w1")
     store.mark_running("a", 4, "w1")
@@ -171,7 +172,7 @@ def test_study_create_get_list_counts(store):
         "complete": 1,
         "failed": 1,
         "total": 5,
-        "attempts": 5,
+        "attempts": 3,  # dispatches are not attempts: 3 and 4 run, no worker has reported on them yet
     }
     assert store.count_candidates("a") == 5 and store.count_candidates("b") == 0
     assert store.has_study("a") and not store.has_study("nope")
@@ -190,7 +191,7 @@ def test_study_create_get_list_counts(store):
         2,
         1,
     )
-    assert ra["attempts"] == 5 and ra["total"] == 5
+    assert ra["attempts"] == 3 and ra["total"] == 5
     assert rows["b"]["attempts"] == 0 and rows["b"]["queued"] == 0 and rows["b"]["budget"] is None
 
     store.set_study_status("a", "paused")
@@ -295,12 +296,13 @@ def test_add_and_complete_are_idempotent(store):
     assert store.heartbeat("s", [1, 2]) == 1
     samples = {"acc": [1.0, 0.0, 1.0, 1 / 3]}
     assert (
-        store.complete_candidate("s", 1, {"acc": 0.75, "size": 2.0}, samples, {"evaluate_s": 1.5})
+        store.complete_candidate("s", 1, {"acc": 0.75, "size": 2.0}, samples, {"evaluate_s": 1.5}, attempt=True)
         == "complete"
     )
     # a retried task delivers the same (or another) result again: no-op
-    assert store.complete_candidate("s", 1, {"acc": 0.1, "size": 9.0}, {"acc": [0.0]}) is None
-    assert store.fail_candidate("s", 1, "late failure") is False
+    assert store.complete_candidate("s", 1, {"acc": 0.1, "size": 9.0}, {"acc": [0.0]}, attempt=True) is None
+    assert store.fail_candidate("s", 1, "late failure", attempt=True) is False
+    assert store.count_attempt("s", 1) == 1  # a finished candidate is not charged again
     assert store.mark_running("s", 1, "w1") is False
     assert store.requeue("s", 1) is False
     c1 = store.get_candidate("s", 1)
@@ -339,18 +341,24 @@ def test_non_finite_scores_fail_the_candidate(store):
     assert store.complete_candidate("s", 1, {"acc": 0.5, "size": 1.0}) == "complete"
 
 
-def test_attempts_count_every_start(store):
+def test_attempts_count_evaluations_that_reached_a_worker(store):
     _study(store)
     _add(store, "s", "k")
     store.mark_running("s", 1, "w0")
-    store.requeue("s", 1)  # worker died
+    assert store.get_candidate("s", 1).attempts == 0  # dispatched, no worker has answered yet
+    assert store.count_attempt("s", 1) == 1  # worker died on it
+    store.requeue("s", 1)
     store.mark_running("s", 1, "w1")
+    store.requeue("s", 1)  # Ctrl-C or a closed pool before the worker answered: not charged
+    store.mark_running("s", 1, "w2")
     store.mark_running("s", 1, "w2")  # re-dispatched while still marked running
-    assert store.fail_candidate("s", 1, "Traceback ...\nRuntimeError: oom", {"materialize_s": 0.5}) is True
+    assert store.get_candidate("s", 1).attempts == 1
+    assert store.fail_candidate("s", 1, "Traceback ...\nRuntimeError: oom", {"materialize_s": 0.5},
+                                attempt=True) is True
     c = store.get_candidate("s", 1)
-    assert (c.attempts, c.state, c.worker, c.timings) == (3, "failed", "w2", {"materialize_s": 0.5})
+    assert (c.attempts, c.state, c.worker, c.timings) == (2, "failed", "w2", {"materialize_s": 0.5})
     assert "oom" in c.error
-    assert store.list_studies()[0]["attempts"] == 3
+    assert store.list_studies()[0]["attempts"] == 2
 
 
 def test_find_by_hash(store):

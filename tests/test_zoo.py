@@ -226,6 +226,18 @@ def test_lm_eval_runs_the_shipped_yaml_on_a_zoo_model(tiny_zoo, tmp_path, monkey
         limit=8,
         log_samples=True,
     )
+    from evomerge.zoo.modeling import greedy_accuracy
+
+    # lm-eval generates what the zoo's own greedy decoder (which scored the models) generates, and scores
+    # it as the zoo does: the YAMLs' prompt, stop and metric mean what the zoo means. (A tiny zoo's
+    # answers are mostly wrong: the generated text is compared, not only the 0/1 verdicts.)
     for name in ("demo_arith_search", "demo_cross_test"):
-        assert 0.0 <= res["results"][name]["exact_match,none"] <= 1.0
-        assert len(res["samples"][name]) == 8
+        samples = res["samples"][name]
+        assert len(samples) == 8
+        for s in samples:
+            said = s["filtered_resps"][0]
+            # our decoder "scores" lm-eval's answer as the target: a hit iff it generates the same text
+            assert greedy_accuracy(model, tok, [T.Example(name, s["doc"]["prompt"], said)]) == 1.0, (name, said)
+            assert float(s["exact_match"]) == float(said == s["doc"]["target"]), (name, said)
+        hits = [float(s["filtered_resps"][0] == s["doc"]["target"]) for s in samples]
+        assert res["results"][name]["exact_match,none"] == pytest.approx(sum(hits) / 8)

@@ -2,36 +2,31 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import time
-import uuid
+from datetime import datetime
 
 from evomerge.store import Store, StudyLocked
+from evomerge.store.leases import owner_id, owner_is_dead_here
 
 LEASE_TTL_S = 60.0
 LEASE_RENEW_S = 15.0
 
 
-def owner_id() -> str:
-    """host:pid:random, so that a run on this host can tell whether a lease's owner still lives."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+def refusal(study: str, owner: str | None, expires: datetime | None) -> str:
+    """The one line a refused run prints: who holds the study, until when, and how to take over."""
+    until = expires.strftime("%Y-%m-%d %H:%M:%S UTC") if expires is not None else "an unknown time"
+    return (f"study {study} is being searched by {owner} (host:pid:id) until {until}, renewed while it runs; "
+            f"wait for it to end, or once you have checked that process is gone take over with "
+            f"`evomerge resume {study} --force-unlock`")
 
 
-def owner_is_dead_here(owner: str | None) -> bool:
-    """A lease left by a run of this host whose process is gone (kill -9) can be taken at once."""
-    if not owner:
-        return False
-    parts = owner.split(":")
-    if len(parts) < 2 or parts[0] != socket.gethostname():
-        return False
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
+def force_unlock(store: Store, study: str) -> str | None:
+    """Free the study's lease from whoever holds it now (the user checked that it is gone); returns
+    that holder. Only that holder's lease is freed: a run that took the lease since keeps it."""
+    holder = store.get_study(study).lease_owner
+    if holder is not None:
+        store.release_lease(study, holder)
+    return holder
 
 
 class Lease:
@@ -50,10 +45,10 @@ class Lease:
     def acquire(self) -> None:
         try:
             self.store.acquire_lease(self.study, self.owner, self.ttl_s)
-        except StudyLocked:
+        except StudyLocked as e:
             holder = self.store.get_study(self.study).lease_owner
             if not owner_is_dead_here(holder):
-                raise
+                raise StudyLocked(self.study, e.owner, e.expires, refusal(self.study, e.owner, e.expires)) from None
             self.store.acquire_lease(self.study, self.owner, self.ttl_s, force=holder)
         self._renewed = time.monotonic()
 

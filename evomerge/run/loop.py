@@ -224,6 +224,7 @@ class StudyRun:
     def _handle(self, o: Outcome) -> None:
         job = self.inflight.pop(o.handle)
         if o.died is not None:
+            self.store.count_attempt(self.study, job.number)  # it reached a worker, which died on it
             # The worker died (OOM, node lost); the pool replaced it. Retry the candidate a bounded
             # number of times, counted in the store so that the bound holds across restarts.
             cand = self.store.get_candidate(self.study, job.number)
@@ -236,11 +237,11 @@ class StudyRun:
             return
         res = o.result or {}
         if res.get("error"):
-            self.store.fail_candidate(self.study, job.number, res["error"])
+            self.store.fail_candidate(self.study, job.number, res["error"], attempt=True)
             self._tell(job.key, None)
             return
         state = self.store.complete_candidate(self.study, job.number, res["scores"], res["samples"],
-                                              res["timings"])
+                                              res["timings"], attempt=True)
         self.stats.timings.append(res["timings"])
         if state == "failed":
             self._tell(job.key, None)
@@ -256,6 +257,11 @@ class StudyRun:
             self._ensure_reference_point()
             self._loop()
             self.store.set_study_status(self.study, "done" if self._finished() else "paused")
+        except KeyboardInterrupt:
+            # Ctrl-C is a pause the user asked for. Any other end leaves "running", which the view reads
+            # as "interrupted" once this run's lease is gone: a crash, kill -9, a lost node.
+            self.store.set_study_status(self.study, "paused")
+            raise
         finally:
             self.lease.release()
 

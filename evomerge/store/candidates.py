@@ -174,15 +174,25 @@ class CandidateMethods:
             return True
 
     def mark_running(self, study: str, number: int, worker: str | None = None) -> bool:
-        """Mark a queued (or re-dispatched running) candidate running on ``worker``; counts one attempt.
+        """Mark a queued (or re-dispatched running) candidate running on ``worker``.
 
+        Dispatching is not an attempt: ``attempts`` counts evaluations that reached a worker, charged
+        when the worker reports (``attempt=True`` on the result, ``count_attempt`` on its death), so a
+        task lost to Ctrl-C or a closed pool before any worker answered costs the candidate nothing.
         Returns False (and changes nothing) if the candidate is already complete or failed.
         """
         t = now()
-        return self._update_candidate(
-            study, number, _ACTIVE,
-            state="running", attempts=Candidate.attempts + 1, worker=worker, started=t, heartbeat=t,
-        )
+        return self._update_candidate(study, number, _ACTIVE, state="running", worker=worker, started=t, heartbeat=t)
+
+    def count_attempt(self, study: str, number: int) -> int:
+        """Charge one evaluation that reached a worker (one whose worker died on it); returns the count.
+
+        A finished candidate is not charged (a duplicate report of a retried task)."""
+        with self.db.session(write=True) as s:
+            c = find_candidate(s, study_id(s, study), study, number, lock=True)
+            if c.state not in _TERMINAL:
+                c.attempts = int(c.attempts) + 1
+            return int(c.attempts)
 
     def heartbeat(self, study: str, numbers: int | Iterable[int]) -> int:
         """Refresh the heartbeat of running candidates; returns how many rows were touched."""
@@ -206,8 +216,9 @@ class CandidateMethods:
         scores: Mapping[str, float],
         sample_scores: Mapping[str, Sequence[float]] | None = None,
         timings: Mapping[str, Any] | None = None,
+        attempt: bool = False,
     ) -> Literal["complete", "failed"] | None:
-        """Record a candidate's result.
+        """Record a candidate's result; ``attempt``: it came from a worker's evaluation, count it.
 
         Returns ``"complete"`` when recorded, ``"failed"`` when a score (or per-example score) is NaN,
         infinite or not a number (the candidate is recorded failed with that error, no scores kept),
@@ -225,6 +236,8 @@ class CandidateMethods:
             c = find_candidate(s, sid, study, number, lock=True)
             if c.state in _TERMINAL:
                 return None
+            if attempt:
+                c.attempts = int(c.attempts) + 1
             c.finished = t
             c.heartbeat = t
             if tim is not None:
@@ -257,9 +270,13 @@ class CandidateMethods:
                 raise ValueError(f"study {study}: candidate {number} is {c.state}, not complete")
             _write_scores(s, c.id, clean, samples)
 
-    def fail_candidate(self, study: str, number: int, error: str, timings: Mapping[str, Any] | None = None) -> bool:
-        """Record a queued/running candidate as failed; returns False (no-op) if already complete/failed."""
+    def fail_candidate(self, study: str, number: int, error: str, timings: Mapping[str, Any] | None = None,
+                       attempt: bool = False) -> bool:
+        """Record a queued/running candidate as failed (``attempt``: a worker's evaluation failed it, count
+        it); returns False (no-op) if already complete/failed."""
         values: dict[str, Any] = {"state": "failed", "error": str(error)[:_MAX_ERROR_CHARS], "finished": now()}
+        if attempt:
+            values["attempts"] = Candidate.attempts + 1
         tim = clean_timings(timings)
         if tim is not None:
             values["timings"] = tim

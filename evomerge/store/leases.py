@@ -5,6 +5,9 @@ Each call is one conditional UPDATE, so two drivers racing for a lease cannot bo
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -15,6 +18,30 @@ from .engine import Database
 from .errors import StudyLocked, StudyNotFound
 from .models import Study
 from .values import aware, now
+
+
+def owner_id() -> str:
+    """host:pid:random, so that a reader on this host can tell whether a lease's owner still lives."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_dead_here(owner: str | None) -> bool:
+    """Whether ``owner`` (an ``owner_id``) is a process of this host that is gone (kill -9, a crash).
+
+    False when it lives, when it is another host's (nothing here can tell) or not an ``owner_id``.
+    """
+    if not owner:
+        return False
+    parts = owner.split(":")
+    if len(parts) < 2 or parts[0] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
 
 
 def _lease_holder(s: Session, study: str) -> Any:
