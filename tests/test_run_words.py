@@ -34,6 +34,7 @@ objectives:
 algorithm: {{name: {algorithm}, settings: {settings}}}
 budget: {budget}
 seed: 3
+evaluation: {{task_paths: [tasks]}}
 """
 
 
@@ -45,6 +46,9 @@ def family(tmp_path_factory) -> tuple[Path, list[Path]]:
 def _space(tmp: Path, family, algorithm: str = "random", budget: int = 8) -> SearchSpace:
     base, experts = family
     settings = "{pop_size: 4}" if algorithm == "nsga2" else "{}"
+    (tmp / "tasks").mkdir(exist_ok=True)
+    for t in ("t1", "t2"):  # the workers here are fakes; the space only has to name tasks that exist
+        (tmp / "tasks" / f"{t}.yaml").write_text(f"task: {t}\n")
     p = tmp / "s.yaml"
     p.write_text(SPACE.format(base=base, e0=experts[0], e1=experts[1], algorithm=algorithm, settings=settings,
                               budget=budget))
