@@ -59,16 +59,16 @@ def short_reason(e: BaseException) -> str:
     """Why a Ray actor died, in a few words; Ray's own text runs to a dozen lines, and its list of
     common causes (OOM killer, SIGSEGV) is printed whatever the cause was, so only its exit detail counts."""
     text = str(e)
-    detail = re.search(r"Worker exit detail: ([^.]*)", text)
-    if type(e).__name__ == "NodeDiedError" or "node" in (detail.group(1).lower() if detail else ""):
+    m = re.search(r"Worker exit detail: ([^.]*)", text)
+    detail = m.group(1).strip() if m else ""
+    if "memory" in detail.lower():
+        return "out of memory"
+    if type(e).__name__ == "NodeDiedError" or "node" in detail.lower():
         return "node lost"
+    if "connection error" in detail or "unexpectedly" in detail:
+        return "process killed or crashed"
     if detail:
-        d = detail.group(1)
-        if "memory" in d.lower():
-            return "out of memory"
-        if "connection error" in d or "unexpectedly" in d:
-            return "process killed or crashed"
-        return d.strip()[:120]
+        return detail[:120]
     lines = text.strip().splitlines()
     return lines[0][:120] if lines else type(e).__name__
 
