@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from rich.console import Console
-from test_driver import FakeWorker, _space, _study, fake_worker  # noqa: F401 - the fixture
+from test_driver import FakeWorker, _space, _study
 
 from evomerge.run import InProcessPool, StudyRun
 from evomerge.run.pool import LOOPBACK, RayPool, WorkerStartError, short_reason
@@ -26,6 +26,13 @@ from evomerge.workers import WorkerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "search_spaces" / "demo_tasks"
+
+
+@pytest.fixture
+def fake_worker():
+    FakeWorker.calls, FakeWorker.deaths = [], 0
+    yield FakeWorker
+    FakeWorker.calls, FakeWorker.deaths = [], 0
 
 
 def _cannot_start() -> FakeWorker:
@@ -223,4 +230,70 @@ budget: 3
         (row,) = json.loads(st.stdout)
         assert row["state"] == "done" and row["complete"] + row["failed"] == 3
     finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _session_processes(ray_tmp: Path, driver: int) -> list[tuple[int, str]]:
+    """Processes of the Ray session whose temp folder is ``ray_tmp`` (its servers name it on their
+    command line; its workers inherit it in their environment)."""
+    out = []
+    for q in psutil.process_iter(["pid", "name", "cmdline"]):
+        if q.pid == driver:
+            continue
+        try:
+            if str(ray_tmp) in " ".join(q.info["cmdline"] or []) or (
+                    q.info["name"].startswith("ray::") and q.environ().get("RAY_TMPDIR") == str(ray_tmp)):
+                out.append((q.pid, q.info["name"]))
+        except psutil.Error:
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_killing_the_driver_process_group_leaves_no_worker(tmp_path: Path) -> None:
+    """kill -9 of the process group of a search with workers evaluating: 10 seconds later no process of
+    its Ray session is left (the workers run in process groups of their own, and end with the raylet)."""
+    import signal
+    import time
+
+    from evomerge.zoo import build_zoo
+
+    zoo = build_zoo(log=lambda m: None)
+    sp = tmp_path / "space.yaml"
+    sp.write_text(f"""
+base_model: {zoo / "base"}
+models: [{zoo / "arith"}, {zoo / "script"}]
+genome: {{method: task_arithmetic, layer_groups: 2}}
+objectives:
+  - {{name: arith, task: demo_arith_search, metric: "exact_match,none", limit: 8}}
+algorithm: {{name: random}}
+evaluation: {{batch_size: 8, task_paths: [{TASKS}]}}
+budget: 400
+""")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="kp", dir="/tmp"))
+    p = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", "--space", str(sp), "--workers", "2",
+                          "--storage", f"sqlite:///{tmp_path / 'k.db'}", "--no-progress"], cwd=tmp_path,
+                         env=_env(tmp_path, ray_tmp), start_new_session=True, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 240:
+            assert p.poll() is None, "the search ended before it could be killed"
+            names = [n for _, n in _session_processes(ray_tmp, p.pid)]
+            if sum(1 for n in names if n.startswith("ray::MergeWorkerActor") and "__init__" not in n) >= 2:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the workers did not start in 240 s")
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+        left = _session_processes(ray_tmp, p.pid)
+        t1 = time.monotonic()
+        while left and time.monotonic() - t1 < 10:
+            time.sleep(0.5)
+            left = _session_processes(ray_tmp, p.pid)
+        assert not left, f"alive 10 s after kill -9 of the driver's process group: {left}"
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
