@@ -113,7 +113,8 @@ class WorkerPool(ABC):
 
     @abstractmethod
     def wait(self, timeout: float | None = None) -> list[Outcome]:
-        """Finished tasks (at least one unless ``timeout`` passed or nothing is in flight)."""
+        """Finished tasks (at least one unless ``timeout`` passed, nothing is in flight, or a worker
+        finished starting meanwhile)."""
 
     @abstractmethod
     def worker_of(self, handle: int) -> str:
