@@ -312,7 +312,6 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def main() -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         # Without standalone mode click returns an Exit's code instead of raising it.

@@ -22,7 +22,7 @@ from evomerge import front as frontlib
 from evomerge.genomes import make_genome
 from evomerge.objectives import is_bounded
 from evomerge.run.lease import Lease
-from evomerge.run.pool import Outcome, RayPool, Task, WorkerPool, worker_config
+from evomerge.run.pool import Outcome, RayPool, Task, WorkerPool, WorkerStartError, worker_config
 from evomerge.run.problem import build_algorithm
 from evomerge.run.progress import SearchProgress
 from evomerge.run.report import report_todo, score_report
@@ -221,6 +221,9 @@ class StudyRun:
         nd = frontlib.non_dominated(frontlib.to_minimization(F, self.directions))
         return (F[nd].tolist(), fid.model_dump())
 
+    def _say(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False)
+
     def _handle(self, o: Outcome) -> None:
         job = self.inflight.pop(o.handle)
         if o.died is not None:
@@ -228,12 +231,18 @@ class StudyRun:
             # The worker died (OOM, node lost); the pool replaced it. Retry the candidate a bounded
             # number of times, counted in the store so that the bound holds across restarts.
             cand = self.store.get_candidate(self.study, job.number)
-            if cand.attempts >= self.space.evaluation.max_attempts:
+            tries = self.space.evaluation.max_attempts
+            who = "worker " + o.worker.rsplit("-", 1)[-1]  # actor-2 / inprocess-2: the pool's slot
+            if cand.attempts >= tries:
                 self.store.fail_candidate(self.study, job.number, f"worker died {cand.attempts} times: {o.died}")
                 self._tell(job.key, None)
+                self._say(f"{who} died ({o.died}) while evaluating #{job.number}; "
+                          f"failed after {cand.attempts}/{tries} attempts")
             else:
                 self.store.requeue(self.study, job.number)
                 self.queue.appendleft(job)
+                self._say(f"{who} died ({o.died}) while evaluating #{job.number}; "
+                          f"retrying, attempt {cand.attempts + 1}/{tries}")
             return
         res = o.result or {}
         if res.get("error"):
@@ -260,6 +269,14 @@ class StudyRun:
         except KeyboardInterrupt:
             # Ctrl-C is a pause the user asked for. Any other end leaves "running", which the view reads
             # as "interrupted" once this run's lease is gone: a crash, kill -9, a lost node.
+            self.store.set_study_status(self.study, "paused")
+            raise
+        except WorkerStartError:
+            # Nothing was handed to the worker that could not start: put back what others had in flight
+            # and leave the study resumable once the cause (a model, a task, memory) is fixed.
+            for job in self.inflight.values():
+                self.store.requeue(self.study, job.number)
+            self.inflight.clear()
             self.store.set_study_status(self.study, "paused")
             raise
         finally:
@@ -293,8 +310,8 @@ class StudyRun:
                 t0 = time.perf_counter()
                 self._dispatch(pool)
                 self.stats.driver_s += time.perf_counter() - t0
-                if not self.inflight:
-                    break
+                if not self.inflight and not (pool.starting and (self.queue or not self._finished())):
+                    break  # nothing in flight, and no worker starting that there is work for
                 done = pool.wait(WAIT_S)
                 t0 = time.perf_counter()
                 for o in done:

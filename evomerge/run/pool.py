@@ -6,8 +6,10 @@ result or why the worker died; ``idle`` is how many workers could take a task no
 
 Deciding whether a candidate whose worker died is tried again is the loop's (it counts attempts in the
 store, so the bound holds across restarts); the pool replaces the dead worker, and raises ``PoolError``
-after ``max_deaths`` deaths in a row with no result in between (workers that cannot even start, a
-cluster with no node left), instead of replacing workers forever.
+after ``max_deaths`` deaths in a row with no result in between (a cluster with no node left), instead
+of replacing workers forever. A worker that cannot start at all (a missing model, a bad task, out of
+memory) raises ``WorkerStartError`` with its own error at once: no task is handed to a worker before it
+has started, so no candidate is charged for it, and the search stops while the cause gets fixed.
 
 Implementations: ``RayPool`` (one Ray actor per worker, one GPU each when the cluster has GPUs) and
 ``InProcessPool`` (workers run in this process, one task at a time: tests, benchmarks, debugging).
@@ -20,11 +22,14 @@ on a node that dies comes back as a ``died`` outcome and is replaced wherever Ra
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import re
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from evomerge.space import portable_space
@@ -38,6 +43,34 @@ DEATHS_PER_WORKER = 10  # a pool gives up after this many deaths per worker in a
 
 class PoolError(RuntimeError):
     """No worker is left to evaluate anything; the message is for the user."""
+
+
+class WorkerStartError(PoolError):
+    """A worker could not start; the message is its own error, in one line."""
+
+
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message``: what a user needs of an exception, without its traceback."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def short_reason(e: BaseException) -> str:
+    """Why a Ray actor died, in a few words; Ray's own text runs to a dozen lines, and its list of
+    common causes (OOM killer, SIGSEGV) is printed whatever the cause was, so only its exit detail counts."""
+    text = str(e)
+    m = re.search(r"Worker exit detail: ([^.]*)", text)
+    detail = m.group(1).strip() if m else ""
+    if "memory" in detail.lower():
+        return "out of memory"
+    if type(e).__name__ == "NodeDiedError" or "node" in detail.lower():
+        return "node lost"
+    if "connection error" in detail or "unexpectedly" in detail:
+        return "process killed or crashed"
+    if detail:
+        return detail[:120]
+    lines = text.strip().splitlines()
+    return lines[0][:120] if lines else type(e).__name__
 
 
 @dataclass
@@ -80,7 +113,8 @@ class WorkerPool(ABC):
 
     @abstractmethod
     def wait(self, timeout: float | None = None) -> list[Outcome]:
-        """Finished tasks (at least one unless ``timeout`` passed or nothing is in flight)."""
+        """Finished tasks (at least one unless ``timeout`` passed, nothing is in flight, or a worker
+        finished starting meanwhile)."""
 
     @abstractmethod
     def worker_of(self, handle: int) -> str:
@@ -95,6 +129,12 @@ class WorkerPool(ABC):
     @abstractmethod
     def in_flight(self) -> int:
         """Tasks submitted and not yet returned by ``wait``."""
+
+    @property
+    def starting(self) -> int:
+        """Workers still starting: they become idle in a later ``wait`` (which raises ``WorkerStartError``
+        for one that cannot start)."""
+        return 0
 
     @abstractmethod
     def close(self) -> None:
@@ -121,12 +161,11 @@ class _Slots:
         self.deaths = 0
         self.idle.append(slot)
 
-    def died(self, slot: int, why: str) -> None:
-        """Count a death (the caller has replaced the worker); too many in a row end the pool."""
+    def died(self, why: str) -> None:
+        """Count a death (the caller replaces the worker); too many in a row end the pool."""
         self.deaths += 1
         if self.deaths >= self.max_deaths:
             raise PoolError(f"{self.deaths} worker deaths in a row with no result in between; last: {why}")
-        self.idle.append(slot)
 
 
 def worker_config(space: SearchSpace) -> WorkerConfig:
@@ -152,13 +191,19 @@ class InProcessPool(WorkerPool):
     def __init__(self, factory: Callable[[], Evaluates], workers: int = 1, max_deaths: int | None = None) -> None:
         self.factory = factory
         self.slots = _Slots(workers, max_deaths)
-        self.workers: list[Evaluates | None] = [factory() for _ in range(workers)]
+        self.workers: list[Evaluates | None] = [self._start() for _ in range(workers)]
         self.pending: deque[tuple[int, int, Task]] = deque()  # (handle, slot, task)
         self._handles = itertools.count(1)
 
     @classmethod
     def from_config(cls, cfg: WorkerConfig, workers: int = 1) -> InProcessPool:
         return cls(lambda: MergeWorker(cfg), workers)
+
+    def _start(self) -> Evaluates:
+        try:
+            return self.factory()
+        except Exception as e:  # noqa: BLE001 - any start-up failure is the user's to fix: say which
+            raise WorkerStartError(f"a worker could not start: {first_line(e)}") from e
 
     def submit(self, task: Task) -> int:
         slot = self.slots.idle.pop()
@@ -176,9 +221,10 @@ class InProcessPool(WorkerPool):
             assert worker is not None
             return [self._done(slot, Outcome(handle, task, name, result=worker.evaluate(*task.args())))]
         except Exception as e:  # noqa: BLE001 - the worker broke, not the candidate: report, replace
-            why = f"{type(e).__name__}: {e}"
-            self.workers[slot] = self.factory()
-            self.slots.died(slot, why)
+            why = first_line(e)
+            self.slots.died(why)
+            self.workers[slot] = self._start()
+            self.slots.idle.append(slot)
             return [Outcome(handle, task, name, died=why)]
 
     def worker_of(self, handle: int) -> str:
@@ -207,7 +253,6 @@ def ray_env() -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "RAY_AUTH_MODE": "disabled",
     }
     for k in ("EVOMERGE_ZOO_DIR", "HF_HOME", "EVOMERGE_THREADS"):
         if k in os.environ:
@@ -215,39 +260,124 @@ def ray_env() -> dict[str, str]:
     return env
 
 
+LOOPBACK = "127.0.0.1"
+_CLUSTERS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def start_local_ray(ray: Any, num_cpus: int, **kwargs: Any) -> None:
+    """Start a Ray cluster of this process's own that only this machine can reach.
+
+    ``address="local"`` always starts a new cluster: neither ``RAY_ADDRESS`` nor the ``ray_current_cluster``
+    file in Ray's temp folder (another user's cluster, a stale one) is read. Ray binds its servers to the
+    node's address, and resolves a loopback node address to the machine's routable one unless it runs
+    without clusters (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when ray is imported): both are set
+    for the start only. Authentication stays as Ray sets up a new cluster: token authentication, its token
+    in ``~/.ray/auth_token`` (created once, made private to the user here).
+    """
+    # Ray's switch for the node address; a module attribute read at each start, so setting it here
+    # works even when ray was imported before (only this process's start is affected)
+    from ray._private import ray_constants
+
+    token = Path.home() / ".ray" / "auth_token"
+    had_token = token.exists()
+    quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    saved = (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(_CLUSTERS_ENV), quiet.level)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[_CLUSTERS_ENV] = "0"  # Ray's own processes, started below, pick the same address
+    quiet.setLevel(logging.ERROR)  # "token authentication is enabled": the default, not news to the user
+    try:
+        ctx = ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOOPBACK, **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved[0]
+        if saved[1] is None:
+            os.environ.pop(_CLUSTERS_ENV, None)
+        else:
+            os.environ[_CLUSTERS_ENV] = saved[1]
+        quiet.setLevel(saved[2])
+    if not had_token and token.exists():
+        token.chmod(0o600)  # Ray writes it readable by everyone; it is the key to this user's clusters
+    ip = ctx.address_info.get("node_ip_address")
+    if ip != LOOPBACK:
+        ray.shutdown()
+        raise PoolError(f"the local Ray cluster would listen on {ip}, not only on {LOOPBACK}; not started")
+
+
+class MergeWorkerActor:
+    """The Ray actor: a ``MergeWorker``, or why it could not start (``ready`` returns it), so that a start-up
+    failure reaches the driver as the worker's own exception in one line, not as Ray's text about a
+    creation task."""
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.worker: MergeWorker | None = None
+        self.start_error: str | None = None
+        try:
+            self.worker = MergeWorker(cfg)
+        except Exception as e:  # noqa: BLE001 - reported by ready(); the pool stops the search with it
+            self.start_error = first_line(e)
+
+    def ready(self) -> str | None:
+        """None once started; otherwise the start-up error."""
+        return self.start_error
+
+    def info(self) -> dict:
+        assert self.worker is not None, self.start_error
+        return self.worker.info()
+
+    def evaluate(self, *args: Any) -> dict:
+        assert self.worker is not None, self.start_error  # the pool hands tasks to started workers only
+        return self.worker.evaluate(*args)
+
+
 class RayPool(WorkerPool):
     """One ``MergeWorker`` Ray actor per worker (one GPU each when the cluster has GPUs, else one CPU).
 
-    Starts a local Ray (``address=None``) or joins a cluster unless Ray is already initialised. An actor
-    that dies (OOM, lost node) is replaced by a new one, which Ray places wherever resources are free.
+    Starts a local Ray of its own (``address=None``, see ``start_local_ray``) or joins the cluster at
+    ``address`` with the cluster's own authentication, unless Ray is already initialised. Every worker
+    (the first ones and each replacement) is idle only once it has started; one that cannot start raises
+    ``WorkerStartError`` from ``wait``. An actor that dies (OOM, lost node) is replaced by a new one,
+    which Ray places wherever resources are free.
     """
 
     def __init__(self, cfg: WorkerConfig, workers: int = 1, address: str | None = None,
                  max_deaths: int | None = None) -> None:
         import ray  # kept off the path of the commands that do not search (status, front, --help)
 
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if not ray.is_initialized():
             kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
                                           runtime_env={"env_vars": ray_env()})
             if address:
                 ray.init(address=address, **kwargs)
             else:
-                ray.init(num_cpus=max(1, workers), **kwargs)
+                start_local_ray(ray, max(1, workers), **kwargs)
         self.ray = ray
         self.died_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                             ray.exceptions.NodeDiedError)
         self.cfg = cfg
         gpus = ray.cluster_resources().get("GPU", 0)
         self.actor_opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus >= 1 else {"num_cpus": 1}
-        self.remote_cls = ray.remote(MergeWorker)
+        self.remote_cls = ray.remote(MergeWorkerActor)
         self.slots = _Slots(workers, max_deaths)
-        self.actors: list[Any] = [self._new_actor() for _ in range(workers)]
+        self.slots.idle.clear()  # a worker is idle once it has started
+        self.actors: list[Any] = [None] * workers
+        self.starting_refs: dict[Any, int] = {}  # ObjectRef of ready() -> slot
         self.refs: dict[Any, tuple[int, int, Task]] = {}  # ObjectRef -> (handle, slot, task)
         self._handles = itertools.count(1)
+        for slot in range(workers):
+            self._start(slot)
 
-    def _new_actor(self) -> Any:
-        return self.remote_cls.options(max_restarts=0, **self.actor_opts).remote(self.cfg)
+    def _start(self, slot: int) -> None:
+        actor = self.remote_cls.options(max_restarts=0, **self.actor_opts).remote(self.cfg)
+        self.actors[slot] = actor
+        self.starting_refs[actor.ready.remote()] = slot
+
+    def _started(self, slot: int, ref: Any) -> None:
+        try:
+            error = self.ray.get(ref)
+        except self.died_errors as e:
+            error = f"died while starting ({short_reason(e)})"
+        if error is not None:
+            raise WorkerStartError(f"worker {slot} could not start: {error}")
+        self.slots.idle.append(slot)
 
     def submit(self, task: Task) -> int:
         slot = self.slots.idle.pop()
@@ -256,20 +386,24 @@ class RayPool(WorkerPool):
         return handle
 
     def wait(self, timeout: float | None = None) -> list[Outcome]:
-        if not self.refs:
+        """As ``WorkerPool.wait``; returns early (maybe empty) when a worker has started."""
+        if not self.refs and not self.starting_refs:
             return []
-        ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=timeout)
+        ready, _ = self.ray.wait([*self.refs, *self.starting_refs], num_returns=1, timeout=timeout)
         out = []
         for ref in ready:
+            if ref in self.starting_refs:
+                self._started(self.starting_refs.pop(ref), ref)
+                continue
             handle, slot, task = self.refs.pop(ref)
             name = f"actor-{slot}"
             try:
                 res = self.ray.get(ref)
             except self.died_errors as e:
-                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                why = short_reason(e)
                 self.ray.kill(self.actors[slot])  # no-op for a dead actor; frees a half-dead one
-                self.actors[slot] = self._new_actor()
-                self.slots.died(slot, why)
+                self.slots.died(why)
+                self._start(slot)
                 out.append(Outcome(handle, task, name, died=why))
                 continue
             self.slots.finished(slot)
@@ -287,8 +421,14 @@ class RayPool(WorkerPool):
     def in_flight(self) -> int:
         return len(self.refs)
 
+    @property
+    def starting(self) -> int:
+        return len(self.starting_refs)
+
     def close(self) -> None:
         for a in self.actors:
-            self.ray.kill(a)
+            if a is not None:
+                self.ray.kill(a)
         self.slots.idle.clear()
         self.refs.clear()
+        self.starting_refs.clear()
