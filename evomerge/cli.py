@@ -61,7 +61,7 @@ def _run_study(space, store, study: str, workers: int, ray_address: str | None, 
     try:
         study_run.run()
     except KeyboardInterrupt:
-        err.print(f"interrupted: nothing evaluated is lost; go on with `evomerge resume {study}`")
+        err.print(f"paused: nothing evaluated is lost; go on with `evomerge resume {study}`")
         raise typer.Exit(130) from None
     finally:
         try:
