@@ -121,7 +121,10 @@ def _scalar(v: Any) -> Any:
 def resolve_setting(name: str, scopes: Iterable[dict | None], tensor_name: str, t: float) -> Any:
     for sc in scopes:
         if sc and name in sc:
-            v = evaluate_setting(sc[name], tensor_name, t)
+            try:
+                v = evaluate_setting(sc[name], tensor_name, t)
+            except ConfigError as e:  # name the parameter: the value alone does not say where it is
+                raise ConfigError(f"parameters.{name}: {e}") from None
             if v is not None:
                 return v
     return None
