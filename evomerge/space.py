@@ -215,7 +215,7 @@ def load_space(path: str | Path) -> SearchSpace:
     except ValidationError as e:
         err = e.errors()[0]
         msg = _one_line(err["msg"].removeprefix("Value error, "))
-        raise SpaceError(f"{p}: field '{_field_path(err['loc'])}': {msg}") from None
+        raise SpaceError(f"{p}: field '{_one_line(_field_path(err['loc']))}': {msg}") from None
     space = space.model_copy(update={"source_dir": p.resolve().parent})
     if space.name is None:
         space = space.model_copy(update={"name": p.stem})

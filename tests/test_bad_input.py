@@ -458,3 +458,43 @@ def test_one_case_of_each_kind_through_the_interpreter(family, exported_store: s
     ):
         assert_one_line_error(run_cli(args, tmp_path, subprocess_=True))
     assert snapshot(tmp_path) == before
+
+
+@st.composite
+def mutated_mergekit(draw, family: tuple[str, list[str]]) -> dict[str, Any]:
+    data = yaml.safe_load(mergekit_yaml(family))
+    data["parameters"] = {"normalize": True}
+    paths = _paths(data)
+    for _ in range(draw(st.integers(1, 2))):
+        path = draw(st.sampled_from(paths))
+        parent = data
+        try:
+            for p in path[:-1]:
+                parent = parent[p]
+            if draw(st.booleans()):
+                parent[path[-1]] = draw(GARBAGE)
+            elif isinstance(parent, dict):
+                parent.pop(path[-1], None)
+        except (KeyError, IndexError, TypeError):
+            pass
+    return data
+
+
+def test_mergekit_configs_load_or_raise_one_config_error(family, tmp_path: Path) -> None:
+    from evomerge.merge.lora import LoraError
+    from evomerge.merge.mergekit_io import MergeJob, load_merge_config
+    from evomerge.merge.mergekit_settings import ConfigError
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(mutated_mergekit(family))
+    def prop(data: dict[str, Any]) -> None:
+        p = tmp_path / "m.yaml"
+        p.write_text(yaml.safe_dump(data))
+        try:
+            job = load_merge_config(p)
+        except (ConfigError, LoraError) as e:
+            assert str(e) and "\n" not in str(e), str(e)
+            return
+        assert isinstance(job, MergeJob)
+
+    prop()

@@ -99,7 +99,13 @@ def load_merge_config(path: str | Path) -> MergeJob:
         raise ConfigError(f"{p}: a mergekit config must be a mapping")
     if "merge_method" not in data and "method" in data and "groups" in data:
         raise ConfigError(f"{p}: an evomerge recipe must be JSON")
-    job = mergekit_to_recipe(data, config_dir=p.parent)
+    for key in ("models", "slices"):
+        if data.get(key) is not None and not isinstance(data[key], list):
+            raise ConfigError(f"{p}: {key}: must be a list")
+    try:
+        job = mergekit_to_recipe(data, config_dir=p.parent)
+    except (TypeError, AttributeError) as e:  # a value of the wrong type deep in the config: one line
+        raise ConfigError(f"{p}: a value has the wrong type ({str(e).splitlines()[0] if str(e) else e!r})") from None
     job.source_text = text
     return job
 
