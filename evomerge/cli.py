@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -301,7 +301,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (UserError, *(t for t in found if isinstance(t, type)))
 
 
-def _fail(message: str, fallback: str) -> None:
+def _fail(message: str, fallback: str) -> NoReturn:
     """Print ``error: <first line>`` on stderr and exit with code 2."""
     lines = message.strip().splitlines()
     print(f"error: {lines[0] if lines else fallback}", file=sys.stderr)
