@@ -6,11 +6,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from evomerge.merge_cli import merge_command
 from evomerge.zoo import build_zoo
@@ -311,6 +312,13 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (UserError, *(t for t in found if isinstance(t, type)))
 
 
+def _fail(message: str, fallback: str) -> NoReturn:
+    """Print ``error: <first line>`` on stderr and exit with code 2."""
+    lines = message.strip().splitlines()
+    print(f"error: {lines[0] if lines else fallback}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -320,19 +328,18 @@ def main() -> None:
             sys.exit(rc)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
+    except TyperException as e:
+        # typer 0.29 raises its own copy of click's exceptions (typer._click), all under TyperException:
+        # click's own classes never match them.
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare group (`evomerge`, `evomerge zoo`): its help
+            print(e.format_message())
+            sys.exit(0)
+        _fail(e.format_message(), type(e).__name__)
     except Exception as e:
         if isinstance(e, _user_error_types()):
-            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-            sys.exit(2)
-        import click  # click usage errors and the like
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
+            _fail(str(e), type(e).__name__)
         raise
 
 

@@ -36,7 +36,7 @@ def merge_command(
 ) -> None:
     """Merge models once from an evomerge recipe or a mergekit YAML and write a Hugging Face folder."""
     # the merge engine loads torch: only this command pays for it, not the CLI's other commands
-    from evomerge.merge.build import merge_to_folder
+    from evomerge.merge.build import merge_to_folder, os_error_text
     from evomerge.merge.lora import LoraError
     from evomerge.merge.mergekit_export import dump_mergekit_yaml, recipe_to_mergekit
     from evomerge.merge.mergekit_io import dtype_of, load_merge_config
@@ -60,9 +60,11 @@ def merge_command(
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         raise typer.Exit(2) from None
-    except (KeyError, FileNotFoundError) as e:  # a missing tensor or file in a source: one line too
-        msg = e.args[0] if e.args else str(e)
-        print(f"error: {msg}", file=sys.stderr)
+    except KeyError as e:  # a tensor missing from a source: one line too
+        print(f"error: {e.args[0] if e.args else 'missing tensor'}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    except OSError as e:  # a source file missing or unreadable (its args[0] would be the bare errno)
+        print(f"error: {os_error_text(e)}", file=sys.stderr)
         raise typer.Exit(2) from None
     for note in job.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -26,6 +26,9 @@ from evomerge.objectives.tasks import bad_task_path
 from evomerge.zoo import ZOO_MODELS, ZOO_PREFIX, resolve_ref
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The largest integers the store's columns hold on every backend (SQLite and PostgreSQL INTEGER, BIGINT).
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 
 
 def _genome_type(v: Any) -> str:
@@ -52,11 +55,11 @@ class Algorithm(BaseModel):
 class Evaluation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int = Field(default=32, gt=0)
+    batch_size: int = Field(default=32, gt=0, le=INT32_MAX)
     # Directories or YAML files holding lm-eval task definitions (relative to the space file).
     task_paths: list[str] = Field(default_factory=list)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_attempts: int = Field(default=3, ge=1)
+    max_attempts: int = Field(default=3, ge=1, le=INT32_MAX)
     # Score a slice of each objective first; finish only candidates that can still reach the front.
     multi_fidelity: MultiFidelity | None = None
     # Build candidates with the torch.compile'd fused kernels (evomerge.merge.kernels) for linear,
@@ -94,8 +97,9 @@ class SearchSpace(BaseModel):
     report: list[ObjectiveSpec] = Field(default_factory=list)
     algorithm: Algorithm = Field(default_factory=Algorithm)
     evaluation: Evaluation = Field(default_factory=Evaluation)
-    budget: int = Field(default=50, gt=0)
-    seed: int = 0
+    # Bounded by the store's integer columns (budget) and the search libraries' 64-bit seeds.
+    budget: int = Field(default=50, gt=0, le=INT32_MAX)
+    seed: int = Field(default=0, ge=-INT64_MAX - 1, le=INT64_MAX)
     storage: str | None = None
     # Where the file was loaded from; relative paths in the space resolve against it.
     source_dir: Path | None = Field(default=None, exclude=True)
@@ -201,25 +205,44 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc if p not in _UNION_TAGS) or "<root>"
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _parse_yaml(text: str, origin: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpaceError(f"{origin}: not valid YAML{where}") from None
+    except ValueError as e:  # Python refuses to read an integer of thousands of digits
+        # (its message goes on with a hint for Python programmers, not for a space's author)
+        raise SpaceError(f"{origin}: not valid YAML: {_one_line(str(e).split(';')[0])}") from None
+    except RecursionError:
+        raise SpaceError(f"{origin}: not valid YAML: nested too deeply") from None
+
+
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a space file; any problem becomes one SpaceError line naming the field."""
     p = Path(path)
     if not p.is_file():
         raise SpaceError(f"{p}: no such file")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SpaceError(f"{p}: not valid YAML{where}") from None
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpaceError(f"{p}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})") from None
+    except OSError as e:
+        raise SpaceError(f"{p}: cannot read: {e.strerror or type(e).__name__}") from None
+    data = _parse_yaml(text, str(p))
     if not isinstance(data, dict):
         raise SpaceError(f"{p}: the top level must be a mapping")
     try:
         space = SearchSpace.model_validate(data, context={"source_dir": p.resolve().parent})
     except ValidationError as e:
         err = e.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        raise SpaceError(f"{p}: field '{_field_path(err['loc'])}': {msg}") from None
+        msg = _one_line(err["msg"].removeprefix("Value error, "))
+        raise SpaceError(f"{p}: field '{_one_line(_field_path(err['loc']))}': {msg}") from None
     space = space.model_copy(update={"source_dir": p.resolve().parent})
     if space.name is None:
         space = space.model_copy(update={"name": p.stem})
@@ -252,6 +275,6 @@ def dump_space(space: SearchSpace) -> str:
 
 def parse_space_text(text: str, origin: str = "<stored space>") -> SearchSpace:
     try:
-        return SearchSpace.model_validate(yaml.safe_load(text))
-    except (ValidationError, yaml.YAMLError) as e:
+        return SearchSpace.model_validate(_parse_yaml(text, origin))
+    except ValidationError as e:
         raise SpaceError(f"{origin}: the stored space no longer validates: {str(e).splitlines()[0]}") from None

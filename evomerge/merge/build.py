@@ -36,7 +36,7 @@ from evomerge.merge.operators import get_operator
 from evomerge.merge.resident import source_reader
 from evomerge.recipe import LayerGroup, LayerSlice, Recipe, tensor_slot
 
-__all__ = ["build_state_dict", "merge_to_folder"]
+__all__ = ["build_state_dict", "merge_to_folder", "os_error_text", "output_dir_problem"]
 
 
 def _materializer(base: str, sources: list[str], dtype: torch.dtype, device: str, **kw: Any) -> Materializer:
@@ -153,6 +153,42 @@ def _slice_recipe(recipe: Recipe, sl: LayerSlice, offset: int) -> tuple[int, lis
     return bi, merged, sub
 
 
+def os_error_text(e: OSError) -> str:
+    """An OSError as a short phrase: its reason and the file it concerns (no errno, no traceback)."""
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{reason}: {e.filename}" if e.filename else reason
+
+
+def output_dir_problem(out: Path, *, force: bool = False) -> str | None:
+    """Why a model folder must not be written at ``out`` (None: it may), checked before any model loads.
+
+    ``out`` may be absent (its missing parents are created) or an empty folder, or with ``force`` a
+    non-empty one. A symbolic link is refused, even to a folder: replacing it would write elsewhere than
+    the path says (or delete the link's target). The nearest existing ancestor must take a new folder,
+    which is tried, so a read-only or virtual file system (``/proc``) is refused up front too.
+    """
+    if out.is_symlink():
+        return f"{out} is a symbolic link; give the path of a real folder"
+    if out.exists():
+        if not out.is_dir():
+            return f"{out} exists and is not a folder"
+        try:
+            if any(out.iterdir()) and not force:
+                return f"{out} exists and is not empty (use --force to replace it)"
+        except OSError as e:
+            return f"{out}: cannot read the folder: {os_error_text(e)}"
+    parent = out.parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{out}: {parent} is not a folder"
+    try:
+        Path(tempfile.mkdtemp(prefix=".evomerge-probe.", dir=parent)).rmdir()
+    except OSError as e:
+        return f"{out}: cannot create a folder in {parent}: {e.strerror or type(e).__name__}"
+    return None
+
+
 def merge_to_folder(
     job: MergeJob | Recipe,
     out_dir: str | Path,
@@ -171,8 +207,9 @@ def merge_to_folder(
     if isinstance(job, Recipe):
         job = MergeJob(recipe=job)
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ConfigError(f"{out} exists and is not empty (use --force to replace it)")
+    problem = output_dir_problem(out, force=force)
+    if problem is not None:
+        raise ConfigError(problem)
     base_cfg = config_of(model_path(job.recipe.base))
     odt = dtype_of(out_dtype or job.out_dtype)
     if odt is None:  # the base's config says, else its first float tensor
@@ -189,8 +226,11 @@ def merge_to_folder(
     for holder in (config, config.get("text_config")):
         if isinstance(holder, dict) and "torch_dtype" in holder:
             holder["torch_dtype"] = dtype_name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot create the folder: {os_error_text(e)}") from None
     try:
         save_state_dict(sd, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -198,12 +238,12 @@ def merge_to_folder(
         (tmp / "evomerge_recipe.json").write_text(json.dumps(json.loads(job.recipe.canonical_json()), indent=2) + "\n")
         if job.source_text is not None:
             (tmp / "mergekit_config.yml").write_text(job.source_text)
-        if out.exists():
-            if out.is_dir():
-                shutil.rmtree(out)
-            else:
-                out.unlink()
+        if out.exists():  # a folder (output_dir_problem refused anything else), replaced with --force
+            shutil.rmtree(out)
         tmp.rename(out)
+    except OSError as e:  # disk full, permissions changed meanwhile: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"{out}: writing the model failed: {os_error_text(e)}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

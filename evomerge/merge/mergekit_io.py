@@ -27,6 +27,7 @@ from evomerge.merge.mergekit_settings import (
     block_t,
     filters_in,
     input_params,
+    number,
     resolve_setting,
     takes_slices,
 )
@@ -71,7 +72,12 @@ def load_merge_config(path: str | Path) -> MergeJob:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no such file")
-    text = p.read_text()
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror or type(e).__name__}") from None
     if p.suffix.lower() == ".json" or text.lstrip().startswith("{"):
         try:
             recipe = Recipe.from_json(text)
@@ -85,11 +91,21 @@ def load_merge_config(path: str | Path) -> MergeJob:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise ConfigError(f"{p}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    except ValueError as e:  # Python refuses to read an integer of thousands of digits
+        raise ConfigError(f"{p}: not valid YAML: {str(e).split(';')[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a mergekit config must be a mapping")
     if "merge_method" not in data and "method" in data and "groups" in data:
         raise ConfigError(f"{p}: an evomerge recipe must be JSON")
-    job = mergekit_to_recipe(data, config_dir=p.parent)
+    for key in ("models", "slices"):
+        if data.get(key) is not None and not isinstance(data[key], list):
+            raise ConfigError(f"{p}: {key}: must be a list")
+    try:
+        job = mergekit_to_recipe(data, config_dir=p.parent)
+    except (TypeError, AttributeError) as e:  # a value of the wrong type deep in the config: one line
+        raise ConfigError(f"{p}: a value has the wrong type ({str(e).splitlines()[0] if str(e) else e!r})") from None
     job.source_text = text
     return job
 
@@ -399,7 +415,7 @@ class _Resolver:
                 if default is REQUIRED:
                     raise ConfigError(f"{e['where']}.parameters.{k}: required by {self.method} (tensor {name})")
                 v = default
-            (genes if target in ("weight", "density") else extra)[target] = float(v)
+            (genes if target in ("weight", "density") else extra)[target] = number(v, f"{e['where']}.parameters.{k}")
         dens = genes.get("density") if "density" in self.spec.source_genes else None
         return genes.get("weight", 1.0), dens, extra
 
@@ -426,7 +442,7 @@ class _Resolver:
             elif k == "rescale" or isinstance(default, bool):
                 v = bool(v)
             else:
-                v = float(v)
+                v = number(v, f"parameters.{k}")
             out[k] = v
         for k in self.used:
             if (

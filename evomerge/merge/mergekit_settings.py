@@ -14,6 +14,7 @@ mergekit semantics reproduced here (mergekit 0.1.5, ``mergekit/config.py`` and `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "evaluate_setting",
     "filters_in",
     "input_params",
+    "number",
     "resolve_setting",
     "takes_slices",
 ]
@@ -53,6 +55,22 @@ def input_params(spec: OperatorSpec) -> dict[str, str]:
 
 class ConfigError(ValueError):
     """A merge config evomerge cannot run: one line naming the field. The CLI exits with code 2."""
+
+
+def number(value: Any, where: str) -> float:
+    """A parameter's value as a finite float; anything else is a ConfigError naming ``where``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{where}: expected a number, got {_shown(value)}") from None
+    if not math.isfinite(v):
+        raise ConfigError(f"{where}: expected a finite number, got {_shown(value)}")
+    return v
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def block_t(i: int, n: int) -> float:
@@ -103,7 +121,10 @@ def _scalar(v: Any) -> Any:
 def resolve_setting(name: str, scopes: Iterable[dict | None], tensor_name: str, t: float) -> Any:
     for sc in scopes:
         if sc and name in sc:
-            v = evaluate_setting(sc[name], tensor_name, t)
+            try:
+                v = evaluate_setting(sc[name], tensor_name, t)
+            except ConfigError as e:  # name the parameter: the value alone does not say where it is
+                raise ConfigError(f"parameters.{name}: {e}") from None
             if v is not None:
                 return v
     return None

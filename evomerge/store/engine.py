@@ -21,9 +21,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
 from sqlalchemy.orm import Session
 
 from .errors import StorageOpenError, StoreReadOnly
@@ -78,7 +78,13 @@ def _sqlite_read_only_url(u: URL, shown: str) -> URL:
     return u.set(database="file:" + quote(str(path)), query={**u.query, "mode": "ro", "uri": "true"})
 
 
-def _configure_sqlite(engine: Engine, read_only: bool) -> None:
+def _configure_sqlite(engine: Engine, read_only: bool) -> dict[str, bool]:
+    """Set up each connection; returns the switch that turns WAL on once the file is known to be ours."""
+    # Switching the journal mode is a write: off while opening checks the file (another application's
+    # database or a text file stays byte for byte as it was), and never for a reader, which follows the
+    # file's mode.
+    wal = {"on": False}
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy's begin event emit BEGIN itself (pysqlite's implicit BEGIN breaks
@@ -86,7 +92,7 @@ def _configure_sqlite(engine: Engine, read_only: bool) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         try:
-            if not read_only:  # switching the journal mode is a write; readers follow the file's mode
+            if wal["on"] and not read_only:
                 cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
             cur.execute("PRAGMA foreign_keys=ON")
@@ -96,6 +102,8 @@ def _configure_sqlite(engine: Engine, read_only: bool) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
+
+    return wal
 
 
 def _configure_postgresql_read_only(engine: Engine) -> None:
@@ -107,6 +115,11 @@ def _configure_postgresql_read_only(engine: Engine) -> None:
         finally:
             cur.close()
         dbapi_conn.commit()  # SET is transactional on PostgreSQL: a later rollback would undo it
+
+
+def _first_line(e: DatabaseError) -> str:
+    text_ = str(e.orig if e.orig is not None else e).strip()
+    return text_.splitlines()[0] if text_ else type(e).__name__
 
 
 class Database:
@@ -136,8 +149,9 @@ class Database:
             engine = create_engine(connect_url, **kwargs)
         except (ArgumentError, NoSuchModuleError, ImportError) as e:
             raise ValueError(f"invalid storage URL {self.url_display!r}: {e}") from None
+        wal: dict[str, bool] = {}
         if self.dialect == "sqlite":
-            _configure_sqlite(engine, self.read_only)
+            wal = _configure_sqlite(engine, self.read_only)
         elif self.read_only:
             _configure_postgresql_read_only(engine)
         self.engine: Engine = engine
@@ -145,13 +159,20 @@ class Database:
         try:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
-        except OperationalError as e:
-            engine.dispose()
-            msg = str(e.orig).strip().splitlines()[0] if e.orig is not None else str(e)
-            raise StorageOpenError(f"cannot open storage {self.url_display}: {msg}") from None
-        try:
             #: the schema revision found on opening, before any automatic upgrade
             self.revision_at_open: str | None = self.current_revision()
+            if self.revision_at_open is None:
+                self._refuse_foreign_tables()
+        except DatabaseError as e:  # unreachable, not a database (a text file as SQLite), corrupt
+            engine.dispose()
+            raise StorageOpenError(f"cannot open storage {self.url_display}: {_first_line(e)}") from None
+        except BaseException:
+            engine.dispose()
+            raise
+        if wal:  # the file is ours: from now on every connection runs in WAL mode
+            engine.dispose()
+            wal["on"] = True
+        try:
             self._check_schema(auto_upgrade)
         except BaseException:
             engine.dispose()
@@ -192,6 +213,18 @@ class Database:
         """The schema revision recorded in ``alembic_version`` (None for an empty database)."""
         with self.engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
+
+    def _refuse_foreign_tables(self) -> None:
+        """An unversioned database with tables is another application's: never write evomerge's into it."""
+        with self.engine.connect() as conn:
+            # alembic_version alone is an evomerge database downgraded to nothing
+            tables = sorted(set(inspect(conn).get_table_names()) - {"alembic_version"})
+        if tables:
+            shown = ", ".join(tables[:3]) + (", ..." if len(tables) > 3 else "")
+            raise StorageOpenError(
+                f"cannot open storage {self.url_display}: it holds tables ({shown}) but no evomerge schema; "
+                "point --storage at a new file or an evomerge database"
+            )
 
     def _known_revision(self, rev: str) -> bool:
         try:
