@@ -56,6 +56,10 @@ def input_params(spec: OperatorSpec) -> dict[str, str]:
 class ConfigError(ValueError):
     """A merge config evomerge cannot run: one line naming the field. The CLI exits with code 2."""
 
+    def __init__(self, message: str) -> None:
+        # Keys and values quoted from the config may hold line breaks; the message stays one line.
+        super().__init__(" ".join(str(message).split()))
+
 
 def number(value: Any, where: str) -> float:
     """A parameter's value as a finite float; anything else is a ConfigError naming ``where``."""

@@ -194,6 +194,7 @@ class InProcessPool(WorkerPool):
         self.workers: list[Evaluates | None] = [self._start() for _ in range(workers)]
         self.pending: deque[tuple[int, int, Task]] = deque()  # (handle, slot, task)
         self._handles = itertools.count(1)
+        self._failed: WorkerStartError | None = None  # a replacement that could not start, raised next call
 
     @classmethod
     def from_config(cls, cfg: WorkerConfig, workers: int = 1) -> InProcessPool:
@@ -206,12 +207,16 @@ class InProcessPool(WorkerPool):
             raise WorkerStartError(f"a worker could not start: {first_line(e)}") from e
 
     def submit(self, task: Task) -> int:
+        if self._failed is not None:
+            raise self._failed
         slot = self.slots.idle.pop()
         handle = next(self._handles)
         self.pending.append((handle, slot, task))
         return handle
 
     def wait(self, timeout: float | None = None) -> list[Outcome]:
+        if self._failed is not None:
+            raise self._failed
         if not self.pending:
             return []
         handle, slot, task = self.pending.popleft()
@@ -223,8 +228,14 @@ class InProcessPool(WorkerPool):
         except Exception as e:  # noqa: BLE001 - the worker broke, not the candidate: report, replace
             why = first_line(e)
             self.slots.died(why)
-            self.workers[slot] = self._start()
-            self.slots.idle.append(slot)
+            try:
+                self.workers[slot] = self._start()
+                self.slots.idle.append(slot)
+            except WorkerStartError as err:
+                # The death is reported first, so the loop charges the candidate that was on the worker;
+                # the replacement's failure stops the pool at the next call.
+                self.workers[slot] = None
+                self._failed = err
             return [Outcome(handle, task, name, died=why)]
 
     def worker_of(self, handle: int) -> str:
