@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from evomerge.fidelity import MultiFidelity
+from evomerge.files import UnreadableFile, read_user_text
 from evomerge.genomes import DEFAULT_KIND, KINDS, FieldError, SpaceError, check_space
 from evomerge.objectives import KIND_TAGS, Objective, ObjectiveSpec
 from evomerge.objectives.tasks import bad_task_path
@@ -226,14 +227,10 @@ def _parse_yaml(text: str, origin: str) -> Any:
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a space file; any problem becomes one SpaceError line naming the field."""
     p = Path(path)
-    if not p.is_file():
-        raise SpaceError(f"{p}: no such file")
     try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SpaceError(f"{p}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})") from None
-    except OSError as e:
-        raise SpaceError(f"{p}: cannot read: {e.strerror or type(e).__name__}") from None
+        text = read_user_text(p)
+    except UnreadableFile as e:
+        raise SpaceError(f"{p}: {e}") from None
     data = _parse_yaml(text, str(p))
     if not isinstance(data, dict):
         raise SpaceError(f"{p}: the top level must be a mapping")

@@ -19,6 +19,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from evomerge.files import UnreadableFile, read_user_text
 from evomerge.merge.checkpoint import LAYER_NAME_RE, checkpoint_names, config_layers, model_path, read_config
 from evomerge.merge.lora import is_lora_adapter
 from evomerge.merge.mergekit_settings import (
@@ -70,14 +71,10 @@ class MergeJob:
 def load_merge_config(path: str | Path) -> MergeJob:
     """Read ``evomerge merge``'s CONFIG: an evomerge recipe (JSON) or a mergekit YAML."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: no such file")
     try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})") from None
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read: {e.strerror or type(e).__name__}") from None
+        text = read_user_text(p)
+    except UnreadableFile as e:
+        raise ConfigError(f"{p}: {e}") from None
     if p.suffix.lower() == ".json" or text.lstrip().startswith("{"):
         try:
             recipe = Recipe.from_json(text)
