@@ -26,7 +26,7 @@ the end on the member (or point) with the best training accuracy, as the referen
 M2N2 here is the same code as the search algorithm: ``select_parents``, ``sample_crossover``,
 ``crossover_slerp`` / ``crossover`` and ``m2n2_step_update`` from ``evomerge.search.m2n2``, run on
 flattened weights. The ``m2n2`` rows and the ablations use the reference code's split-point crossover,
-SLERP with one angle for the whole vector (``crossover_slerp``); the ``m2n2_linear`` rows use DESIGN's
+SLERP with one angle for the whole vector (``crossover_slerp``); the ``m2n2_linear`` rows use the
 linear split-point crossover (``crossover``, what the search algorithm does on genotypes, where children
 must stay recipes). On random weights the linear crossover shrinks the norm of the near-orthogonal
 parents (by up to 1/sqrt(2)), which costs M2N2 a lot from scratch; from the two seeds both do the same.

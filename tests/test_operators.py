@@ -1,4 +1,4 @@
-"""Invariants of the merge operators (DESIGN section 4), one suite over every registered operator."""
+"""Invariants of the merge operators (docs/conventions.md), one suite over every registered operator."""
 
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def test_chunked_equals_whole(name):
     assert torch.equal(whole, torch.cat(parts))
 
 
-# ---------------------------------------------------------------------------------- DESIGN section 4
+# ------------------------------------------------------------------------- invariants every operator keeps
 
 
 def test_dare_density_one_equals_task_arithmetic():
