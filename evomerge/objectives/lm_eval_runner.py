@@ -69,7 +69,7 @@ from lm_eval.tasks._yaml_loader import _make_loader, load_yaml  # noqa: E402
 
 from evomerge.objectives import lm_eval_patches  # noqa: E402
 from evomerge.objectives.base import EvalContext, EvaluationError, Objective, ObjectiveResult, Window  # noqa: E402
-from evomerge.objectives.tasks import task_file  # noqa: E402
+from evomerge.objectives.tasks import resolve_path, task_file  # noqa: E402
 
 if TYPE_CHECKING:  # the kind module imports this one when it builds an evaluator
     from evomerge.objectives.kinds.lm_eval import LmEvalObjective
@@ -182,7 +182,7 @@ class LmEvalEvaluator:
         dirs: list[str] = []
         self._yaml_files: dict[str, Path] = {}  # task name -> YAML file given directly in task_paths
         for tp in context.task_paths:
-            p = self._path(tp)
+            p = resolve_path(tp, self.base_dir)
             if p.is_dir():
                 dirs.append(str(p))
             elif p.is_file() and p.suffix in (".yaml", ".yml"):
@@ -198,12 +198,6 @@ class LmEvalEvaluator:
         self._lm_model_ref: Any = None
 
     # ------------------------------------------------------------------ task resolution
-
-    def _path(self, ref: str | os.PathLike) -> Path:
-        p = Path(ref).expanduser()
-        if not p.is_absolute() and self.base_dir is not None:
-            p = self.base_dir / p
-        return p.resolve()
 
     @staticmethod
     def _task_name_of(path: Path) -> str | None:

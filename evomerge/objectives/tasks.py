@@ -33,7 +33,8 @@ def task_name_of(path: Path) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _path(ref: str | os.PathLike, base_dir: Path | None) -> Path:
+def resolve_path(ref: str | os.PathLike, base_dir: Path | None) -> Path:
+    """A task reference as an absolute path: relative ones against ``base_dir`` (the space file's folder)."""
     p = Path(ref).expanduser()
     if not p.is_absolute() and base_dir is not None:
         p = base_dir / p
@@ -43,7 +44,7 @@ def _path(ref: str | os.PathLike, base_dir: Path | None) -> Path:
 def bad_task_path(task_paths: Sequence[str], base_dir: Path | None) -> tuple[int, str] | None:
     """The index of the first task path that is neither a directory nor a YAML file, and why."""
     for i, tp in enumerate(task_paths):
-        p = _path(tp, base_dir)
+        p = resolve_path(tp, base_dir)
         if not (p.is_dir() or (p.is_file() and p.suffix in (".yaml", ".yml"))):
             return i, f"task path '{tp}' is neither a directory nor a YAML file ({p})"
     return None
@@ -53,7 +54,7 @@ def known_tasks(task_paths: Sequence[str], base_dir: Path | None) -> dict[str, P
     """Task name -> its YAML file, over every task path."""
     out: dict[str, Path] = {}
     for tp in task_paths:
-        p = _path(tp, base_dir)
+        p = resolve_path(tp, base_dir)
         files = sorted(p.glob("**/*.yaml")) if p.is_dir() else [p] if p.is_file() else []
         for f in files:
             name = task_name_of(f)
@@ -65,14 +66,14 @@ def known_tasks(task_paths: Sequence[str], base_dir: Path | None) -> dict[str, P
 def task_file(ref: str, task_paths: Sequence[str | os.PathLike], base_dir: Path | None) -> Path | None:
     """The YAML file a task reference ending in .yaml/.yml names: relative to ``base_dir``, else (a
     space's "task: its_tasks/x.yaml" read without its folder) to a task directory or the one above it."""
-    p = _path(ref, base_dir)
+    p = resolve_path(ref, base_dir)
     if p.suffix not in (".yaml", ".yml"):
         return None
     if p.is_file():
         return p
     if not Path(ref).expanduser().is_absolute():
         for tp in task_paths:
-            d = _path(tp, base_dir)
+            d = resolve_path(tp, base_dir)
             if not d.is_dir():
                 continue
             for root in (d, d.parent):

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from evomerge.objectives.base import EvalContext, EvaluationError, KindEvaluator, Objective, ObjectiveResult, Window
+from evomerge.objectives.tasks import resolve_path
 
 SEED = 1234  # torch seed around every call, so a scorer that samples scores a model the same way each time
 _SCORER = re.compile(r"^[^:\s][^:]*:[A-Za-z_]\w*$")
@@ -57,9 +58,7 @@ class PythonObjective(Objective):
     def missing_reference(self, base_dir: Path | None, task_paths: Sequence[str]) -> tuple[str, str] | None:
         module_ref = self.scorer.rpartition(":")[0]
         if module_ref.endswith(".py"):
-            path = Path(module_ref).expanduser()
-            if not path.is_absolute() and base_dir is not None:
-                path = base_dir / path
+            path = resolve_path(module_ref, base_dir)
             return None if path.is_file() else ("scorer", f"no scorer file {path}")
         # the top package only: finding a submodule would run the package's code on the driver
         top = module_ref.split(".")[0]
@@ -85,9 +84,7 @@ def load_scorer(ref: str, base_dir: str | Path | None = None) -> Callable[..., S
     """The function a ``scorer`` reference names (a ``.py`` path resolves against ``base_dir``)."""
     module_ref, _, name = ref.rpartition(":")
     if module_ref.endswith(".py"):
-        path = Path(module_ref).expanduser()
-        if not path.is_absolute() and base_dir is not None:
-            path = Path(base_dir) / path
+        path = resolve_path(module_ref, Path(base_dir) if base_dir is not None else None)
         if not path.is_file():
             raise EvaluationError(f"scorer '{ref}': no file {path}")
         key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
