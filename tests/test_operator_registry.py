@@ -35,15 +35,6 @@ K = 2  # every operator takes two sources (SLERP at most two, Model Stock at lea
 WB, DB = (-0.5, 1.5), (0.2, 1.0)
 COST = [{"name": "size", "kind": "cost", "measure": "params"}]
 
-# what merge/mergekit_export.py cannot write yet (integration points, not operator properties); strict, so
-# each flips to a failure once the exporter learns it and the entry must go. None now: what mergekit cannot
-# express is an operator property its spec declares (DELLA's drop: ``mergekit_drop``, tested below)
-EXPORT_GAPS: dict[str, str] = {}
-
-
-def _gap(names: list[str], gaps: dict[str, str] = EXPORT_GAPS) -> list:
-    return [pytest.param(n, marks=pytest.mark.xfail(reason=gaps[n], strict=True)) if n in gaps else n for n in names]
-
 
 def space(method: str, models: list[str], base: str = "base", **genome) -> SearchSpace:
     g = {"method": method, "layer_groups": 1, "num_layers": N_LAYERS, "weight_bounds": list(WB),
@@ -216,14 +207,14 @@ def _exportable_recipe(name: str, family) -> Recipe:
     return recipe
 
 
-@pytest.mark.parametrize("name", _gap(WITH_MERGEKIT))
+@pytest.mark.parametrize("name", WITH_MERGEKIT)
 def test_exports_to_mergekit_yaml(name, family):
     cfg = recipe_to_mergekit(_exportable_recipe(name, family))
     assert cfg is not None and cfg["merge_method"] == OPERATORS[name].mergekit_method
     MergeConfiguration.model_validate(yaml.safe_load(dump_mergekit_yaml(cfg)))  # mergekit's own schema
 
 
-@pytest.mark.parametrize("name", _gap(WITH_MERGEKIT))
+@pytest.mark.parametrize("name", WITH_MERGEKIT)
 def test_mergekit_round_trip(name, family, mat):
     recipe = _exportable_recipe(name, family)
     cfg = recipe_to_mergekit(recipe)

@@ -137,8 +137,8 @@ def _listening(pids: list[int]) -> set[str]:
 def test_local_ray_is_its_own_listens_on_loopback_and_reports_a_start_failure(monkeypatch) -> None:
     import ray  # the Ray tests only
 
-    if ray.is_initialized():
-        pytest.skip("Ray already runs in this process")
+    if ray.is_initialized():  # another test's cluster: this one must start its own
+        ray.shutdown()
     tmp = _ray_temp_with_a_foreign_cluster()
     monkeypatch.setenv("RAY_TMPDIR", str(tmp))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
