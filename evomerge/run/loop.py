@@ -222,7 +222,7 @@ class StudyRun:
         return (F[nd].tolist(), fid.model_dump())
 
     def _say(self, line: str) -> None:
-        self.console.print(line, markup=False, highlight=False)
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)  # one event, one line
 
     def _handle(self, o: Outcome) -> None:
         job = self.inflight.pop(o.handle)
@@ -296,7 +296,7 @@ class StudyRun:
         try:
             self._search(pool)
             if self._report_todo():
-                score_report(self.store, self.study, self.space, pool, self.console.print)
+                score_report(self.store, self.study, self.space, pool, self._say)
         finally:
             pool.close()
 

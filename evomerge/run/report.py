@@ -45,10 +45,15 @@ def score_report(store: Store, study: str, space: SearchSpace, pool: WorkerPool,
                 pool.submit(task)
             for o in pool.wait(None):
                 if o.died is not None:
-                    if tries[o.task.number] < space.evaluation.max_attempts:
+                    n, most = o.task.number, space.evaluation.max_attempts
+                    who = "worker " + o.worker.rsplit("-", 1)[-1]  # the pool's slot, as the search says it
+                    if tries[n] < most:
                         queue.append(o.task)
+                        log(f"{who} died ({o.died}) while scoring #{n} on held-out {', '.join(names)}; "
+                            f"retrying, attempt {tries[n] + 1}/{most}")
                     else:
-                        log(f"candidate {o.task.number}: held-out scoring failed: worker died: {o.died}")
+                        log(f"{who} died ({o.died}) while scoring #{n} on held-out {', '.join(names)}; "
+                            f"no report score after {tries[n]}/{most} attempts")
                     continue
                 res = o.result or {}
                 if res.get("error"):
