@@ -108,6 +108,32 @@ def _upgrade(args: argparse.Namespace) -> None:
 
 # -- the sweep, shared by tests/test_faults.py and bench/faults.py ------------------------------------
 
+# Every candidate is on the front (a + b = 1), so report scoring takes as long as the search.
+SPACE = """
+base_model: {base}
+models: [{e0}, {e1}]
+genome: {{method: task_arithmetic, layer_groups: model}}
+objectives:
+  - {{name: a, task: t1, metric: "exact_match,none"}}
+  - {{name: b, task: t2, metric: "exact_match,none"}}
+report:
+  - {{name: held, task: t3, metric: "exact_match,none"}}
+algorithm: {{name: nsga2, settings: {{pop_size: 4}}}}
+budget: 10
+seed: 5
+evaluation: {{task_paths: [tasks], max_attempts: 3}}
+"""
+
+
+def new_study(url: str, space_yaml: str) -> None:
+    """Study ``s`` of ``space_yaml`` (budget 10, two objectives), created as `evomerge search` would."""
+    from evomerge.store import Store
+
+    with Store(url) as store:
+        store.create_study("s", space_yaml, [{"name": "a", "direction": "maximize"},
+                                             {"name": "b", "direction": "maximize"}], budget=10)
+
+
 def drive(*args: str) -> subprocess.CompletedProcess:
     """This file as a process of its own (a kill -9 must not take the caller with it)."""
     return subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True,

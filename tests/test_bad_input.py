@@ -262,9 +262,13 @@ def test_merge_into_an_empty_folder_still_works(family, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def exported_store(family, tmp_path_factory) -> str:
-    from evomerge.merge.mergekit_io import load_merge_config
+    return make_exported_store(family, tmp_path_factory.mktemp("store"))
 
-    d = tmp_path_factory.mktemp("store")
+
+def make_exported_store(family: tuple[str, list[str]], d: Path) -> str:
+    """A store holding study ``s`` with candidate 1, a merge of ``family`` (what export reads)."""
+    from evomerge.merge.mergekit_io import load_merge_config  # torch-side: only the export tests need it
+
     cfg = d / "m.yaml"
     cfg.write_text(mergekit_yaml(family))
     recipe = load_merge_config(cfg).recipe

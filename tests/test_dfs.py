@@ -297,6 +297,8 @@ def test_hflm_evaluator_on_demo_tasks(mat, tok, tmp_path):
     from evomerge.genomes.base import nonzero_params as count_nonzero_params
     from evomerge.objectives import Evaluator
     from evomerge.space import Objective
+    from evomerge.zoo.modeling import greedy_accuracy
+    from evomerge.zoo.tasks import Example
 
     objs = [
         Objective(name="arith", task="demo_arith_search", metric="exact_match,none", limit=4),
@@ -308,7 +310,10 @@ def test_hflm_evaluator_on_demo_tasks(mat, tok, tmp_path):
     for path in (MIXED, [(0, 0), (0, 2)]):  # the same model object, re-wired in place
         mat.apply(recipe(mat, path, [1.0] * len(path)), model)
         res = ev.evaluate(model)
-        for name in ("arith", "script"):
-            assert len(res[name].samples) == 4 and 0.0 <= res[name].value <= 1.0
+        for name, data in (("arith", "arith_search"), ("script", "script_search")):
+            # each verdict is what the zoo's own greedy decoder says of this wired model and example
+            rows = [json.loads(line) for line in (DEMO_TASKS / "data" / f"{data}.jsonl").read_text().splitlines()[:4]]
+            want = [greedy_accuracy(model, tok, [Example(name, r["prompt"], r["target"])]) for r in rows]
+            assert res[name].samples == want and res[name].value == pytest.approx(sum(want) / 4)
         assert res["size"].value == count_nonzero_params(model) <= path_params(model)
     assert res["size"].value < mat.param_count(recipe(mat, MIXED))

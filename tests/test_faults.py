@@ -16,26 +16,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from fault_driver import drive, evaluations, final_state, kill_and_resume, kill_points
+from fault_driver import SPACE, drive, evaluations, final_state, kill_and_resume, kill_points, new_study
 from fixtures_models import make_tiny_llama_family
 
 from evomerge.space import dump_space, load_space
 from evomerge.store import Store
-
-SPACE = """
-base_model: {base}
-models: [{e0}, {e1}]
-genome: {{method: task_arithmetic, layer_groups: model}}
-objectives:
-  - {{name: a, task: t1, metric: "exact_match,none"}}
-  - {{name: b, task: t2, metric: "exact_match,none"}}
-report:
-  - {{name: held, task: t3, metric: "exact_match,none"}}
-algorithm: {{name: nsga2, settings: {{pop_size: 4}}}}
-budget: 10
-seed: 5
-evaluation: {{task_paths: [tasks], max_attempts: 3}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +35,6 @@ def space_yaml(tmp_path_factory) -> str:
     return dump_space(load_space(p))
 
 
-def _new_study(url: str, space_yaml: str) -> None:
-    store = Store(url)
-    store.create_study("s", space_yaml, [{"name": "a", "direction": "maximize"},
-                                         {"name": "b", "direction": "maximize"}], budget=10)
-    store.close()
-
-
 class Backend:
     """A fresh database per run, holding the study before any driver touched it."""
 
@@ -65,7 +43,7 @@ class Backend:
         self.made: list[str] = []
         if kind == "sqlite":
             self.template = tmp / "template.db"
-            _new_study(f"sqlite:///{self.template}", space_yaml)
+            new_study(f"sqlite:///{self.template}", space_yaml)
 
     def fresh(self, with_study: bool = True) -> str:
         """A new database holding the study, or (``with_study=False``) nothing at all."""
@@ -79,7 +57,7 @@ class Backend:
         self.made.append(name)
         url = self.pg_admin.set(database=name).render_as_string(hide_password=False)
         if with_study:
-            _new_study(url, self.space_yaml)
+            new_study(url, self.space_yaml)
         return url
 
     def _admin(self, sql: str) -> None:

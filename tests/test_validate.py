@@ -50,8 +50,11 @@ budget: 4
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
+    return make_root(tmp_path_factory.mktemp("validate"))
+
+
+def make_root(d: Path) -> Path:
     """A folder with a tiny base and expert, models of other shapes, a task and a scorer file."""
-    d = tmp_path_factory.mktemp("validate")
     make_tiny_llama_family(d / "models", n_experts=1)
     wide, _ = make_tiny_llama_family(d / "w", n_experts=0, hidden_size=16)
     (d / "w" / "base").rename(d / "models" / "wide")  # hidden_size differs: the configs say so
