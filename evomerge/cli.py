@@ -38,13 +38,28 @@ class UserError(Exception):
     """Bad input or a refused operation: printed as one line, exit code 2."""
 
 
-def _store(url: str | None):
+def _store(url: str | None, read_only: bool = False):
+    """The study database; ``read_only`` for commands that only look (they never create or upgrade it)."""
     from evomerge.store import Store, default_storage_url  # SQLAlchemy: not on --help or merge
 
     try:
-        return Store(url or default_storage_url())
+        return Store(url or default_storage_url(), read_only=read_only)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def _no_database_yet(url: str | None) -> str | None:
+    """The path of a SQLite database that does not exist yet (a fresh folder has no studies, not an error)."""
+    from evomerge.store.engine import default_storage_url, parse_url  # SQLAlchemy: not on --help or merge
+
+    try:
+        u = parse_url(url or default_storage_url())
+    except ValueError:
+        return None  # the store says what is wrong with it
+    if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:") and \
+            not u.query.get("uri") and not Path(u.database).exists():
+        return str(Path(u.database).resolve())
+    return None
 
 
 def _study_space(store, study: str):
@@ -194,7 +209,15 @@ def status(
 
     # A "running" study whose run lease has lapsed reads "interrupted" (kill -9 or a lost node leaves
     # running behind); resume picks it up.
-    rows = StudyView(_store(storage)).studies()
+    missing = _no_database_yet(storage)
+    if missing is not None:
+        if as_json:
+            print("[]")
+        else:
+            out.print(f"no studies yet: no database at {missing} (`evomerge search` creates it)",
+                      markup=False, highlight=False)
+        return
+    rows = StudyView(_store(storage, read_only=True)).studies()
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
@@ -242,7 +265,7 @@ def front(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Print the Pareto front of a study, computed from the store."""
-    _print_front(_store(storage), study, as_json)
+    _print_front(_store(storage, read_only=True), study, as_json)
 
 
 @app.command()
@@ -255,7 +278,7 @@ def export(
     """Write a candidate as a Hugging Face model folder with a model card naming its recipe."""
     from evomerge.export import export_candidate  # the genome kinds' exporters: not on --help or merge
 
-    store = _store(storage)
+    store = _store(storage, read_only=True)
     path = export_candidate(store, study, candidate, out_dir)
     out.print(f"wrote {path}")
 

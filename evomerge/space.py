@@ -98,9 +98,9 @@ class SearchSpace(BaseModel):
     report: list[ObjectiveSpec] = Field(default_factory=list)
     algorithm: Algorithm = Field(default_factory=Algorithm)
     evaluation: Evaluation = Field(default_factory=Evaluation)
-    # Bounded by the store's integer columns (budget) and the search libraries' 64-bit seeds.
+    # Bounded by the store's integer columns (budget) and the search libraries' seeds (non-negative, 64-bit).
     budget: int = Field(default=50, gt=0, le=INT32_MAX)
-    seed: int = Field(default=0, ge=-INT64_MAX - 1, le=INT64_MAX)
+    seed: int = Field(default=0, ge=0, le=INT64_MAX)
     storage: str | None = None
     # Where the file was loaded from; relative paths in the space resolve against it.
     source_dir: Path | None = Field(default=None, exclude=True)

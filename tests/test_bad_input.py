@@ -104,6 +104,7 @@ BAD_SPACES: dict[str, bytes] = {
     "budget_1e25": DEMO_YAML.replace("budget: 150", "budget: 10000000000000000000000000").encode(),
     "budget_2_31": DEMO_YAML.replace("budget: 150", f"budget: {2**31}").encode(),
     "seed_1e25": DEMO_YAML.replace("seed: 0", "seed: 10000000000000000000000000").encode(),
+    "seed_negative": DEMO_YAML.replace("seed: 0", "seed: -5").encode(),  # numpy, optuna, pymoo: seeds >= 0
     "nested_too_deep": b"models: " + b"[" * 5000 + b"]" * 5000 + b"\n",
     "not_a_mapping": b"- just\n- a list\n",
     "not_yaml": b"models: [a\n",
@@ -374,7 +375,7 @@ def test_load_space_returns_a_space_or_one_line_space_error(text: bytes) -> None
             assert msg and "\n" not in msg and msg.startswith(str(p)), msg
             return
     assert isinstance(sp, SearchSpace)
-    assert 0 < sp.budget < 2**31 and -(2**63) <= sp.seed < 2**63
+    assert 0 < sp.budget < 2**31 and 0 <= sp.seed < 2**63
 
 
 def test_the_mutations_reach_both_outcomes() -> None:
@@ -507,3 +508,16 @@ def test_mergekit_configs_load_or_raise_one_config_error(family, tmp_path: Path)
         assert isinstance(job, MergeJob)
 
     prop()
+
+
+def test_commands_that_only_look_never_create_a_database(tmp_path: Path) -> None:
+    empty = run_cli(["status"], tmp_path)
+    assert empty.returncode == 0 and "no studies yet" in empty.stdout, empty.stderr
+    assert run_cli(["status", "--json"], tmp_path).stdout.strip() == "[]"
+    for args in (["front", "s"], ["export", "s", "--candidate", "1", "--out", str(tmp_path / "o")],
+                 ["status", "--storage", f"sqlite:///{tmp_path / 'gone' / 'x.db'}"]):
+        r = run_cli(args, tmp_path)
+        if args[0] != "status":
+            assert_one_line_error(r)
+            assert "no database file" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no default.db, no x.db, no output folder
