@@ -171,3 +171,25 @@ def test_storage_upgrade_killed_at_any_statement_leaves_an_upgradable_database(b
         again = drive("upgrade", url)
         assert again.returncode == 0, (n, again.stderr[-2000:])
         assert _schema(url) == want, n
+
+
+def test_ray_death_reports_are_left_to_the_pool(capsys) -> None:
+    """Ray prints every worker death as a dozen '(raylet)' lines; the pool's one line says it all."""
+    from ray._private import worker as ray_worker
+
+    from evomerge.run.pool import RAY_DEATH_REPORT, quiet_worker_death_reports
+
+    original = ray_worker.print_to_stdstream
+    try:
+        quiet_worker_death_reports()
+        quiet_worker_death_reports()  # once is enough: not wrapped twice
+        printer = ray_worker.print_to_stdstream
+        assert printer is not original and getattr(printer, "evomerge_quiet", False)
+        death = f"{RAY_DEATH_REPORT} a task by an unexpected system error. RayTask ID: ffff\\nWorker ID: 12"
+        printer({"lines": [death], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        printer({"lines": ["Task was killed due to the node running low on memory."], "pid": "raylet",
+                 "is_err": False}, ignore_prefix=False)
+        out = capsys.readouterr().out
+        assert RAY_DEATH_REPORT not in out and "low on memory" in out
+    finally:
+        ray_worker.print_to_stdstream = original

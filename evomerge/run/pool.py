@@ -275,6 +275,29 @@ LOOPBACK = "127.0.0.1"
 _CLUSTERS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
+RAY_DEATH_REPORT = "A worker died or was killed while executing"
+
+
+def quiet_worker_death_reports() -> None:
+    """Drop Ray's own report of a worker death from this driver's output: the pool reports each death in
+    one line (which worker, why, which candidate, the attempt); Ray's is a dozen lines of IDs after it."""
+    # Ray's error-listener thread looks the printer up in its module at each message, so wrapping that
+    # module attribute filters it (ray is pinned; tests/test_faults.py checks the hook is still there).
+    from ray._private import worker as ray_worker  # private API: see above; only where Ray runs
+
+    printer = ray_worker.print_to_stdstream
+    if getattr(printer, "evomerge_quiet", False):
+        return
+
+    def print_unless_a_death_report(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet" and any(RAY_DEATH_REPORT in line for line in data.get("lines", [])):
+            return
+        printer(data, ignore_prefix)
+
+    print_unless_a_death_report.evomerge_quiet = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_unless_a_death_report
+
+
 def start_local_ray(ray: Any, num_cpus: int, **kwargs: Any) -> None:
     """Start a Ray cluster of this process's own that only this machine can reach.
 
@@ -360,6 +383,7 @@ class RayPool(WorkerPool):
                 ray.init(address=address, **kwargs)
             else:
                 start_local_ray(ray, max(1, workers), **kwargs)
+        quiet_worker_death_reports()
         self.ray = ray
         self.died_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                             ray.exceptions.NodeDiedError)
