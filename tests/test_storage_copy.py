@@ -19,6 +19,7 @@ from evomerge.store import Store
 from evomerge.store import copy as copy_mod
 from evomerge.store.copy import CopyRefused, copy_studies
 from evomerge.store.leases import owner_id
+from evomerge.view import StudyView
 
 OBJ = [{"name": "a", "direction": "maximize"}, {"name": "b", "direction": "minimize"}]
 CLI = [sys.executable, "-c", "from evomerge.cli import main; main()"]
@@ -104,6 +105,9 @@ def test_round_trip_sqlite_postgresql_sqlite_keeps_every_row(tmp_path: Path, fre
         assert st.get_study("alpha").lease_owner is None
         assert st.sample_scores("alpha", 2) == {"a": [0.0, 1.0, 0.5], "b": [1e-300, -0.0]}
         assert math.isnan(st.latest_checkpoint("beta").state["x"][0])
+        # running at the source, held by no driver here: interrupted until `resume` takes it
+        assert {r["study"]: r["state"] for r in StudyView(st).studies()} == {"alpha": "interrupted",
+                                                                              "beta": "interrupted"}
 
 
 def test_one_study_under_another_name_and_refusals(tmp_path: Path) -> None:
