@@ -11,6 +11,7 @@ Exit 1 (one line on stderr) if the cluster does not offer that much within the t
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
@@ -29,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
 def main() -> int:
     a = parser().parse_args()
     deadline = time.monotonic() + a.timeout
-    ray.init(address=a.address, log_to_driver=False)
+    ray.init(address=a.address, log_to_driver=False, logging_level=logging.WARNING)
     try:
         while (have := ray.cluster_resources().get(a.resource, 0.0)) < a.count:
             if time.monotonic() > deadline:

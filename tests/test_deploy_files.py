@@ -503,3 +503,31 @@ def test_start_worker_joins_with_every_gpu(stub_bin: Path) -> None:
 def test_start_worker_refuses_in_one_line(stub_bin: Path, args, env, gpus, words) -> None:
     rc, err, argv = start_worker(stub_bin, *args, gpus=gpus, **env)
     assert rc == 2 and words in err and err.count("\n") == 1 and argv == [], err
+
+
+@pytest.mark.slow
+def test_wait_for_workers_waits_for_what_the_cluster_offers() -> None:
+    """docker/wait-for-workers.py against a real (local, one-CPU) Ray cluster: enough CPUs at once; GPUs
+    that never come: exit 1 after the timeout, in one line."""
+    import ray
+
+    from evomerge.run.pool import start_local_ray
+
+    if ray.is_initialized():  # another test's cluster: this one needs its own
+        ray.shutdown()
+    start_local_ray(ray, 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        addr = ray.get_runtime_context().gcs_address
+        # the local cluster listens on 127.0.0.1: the script's process must see itself there too
+        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+        def wait(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, str(DOCKER / "wait-for-workers.py"), addr, *args],
+                                  capture_output=True, text=True, env=env, timeout=120)
+
+        r = wait("1", "--resource", "CPU")
+        assert r.returncode == 0 and r.stdout == "the cluster offers 1 CPU\n", r.stderr
+        r = wait("1", "--timeout", "2")
+        assert r.returncode == 1 and r.stderr == "error: the cluster offers 0 GPU after 2s, 1 needed\n", r.stderr
+    finally:
+        ray.shutdown()
