@@ -296,9 +296,9 @@ def storage_upgrade(storage: StorageOpt = None) -> None:
 
 @storage_app.command("copy")
 def storage_copy(
-    src: Annotated[str, typer.Argument(help="storage URL to copy from (read only)")],
-    dst: Annotated[str, typer.Argument(help="storage URL to copy into (its schema is created or upgraded)")],
-    study: Annotated[str | None, typer.Option("--study", help="copy this study only [default: all]")] = None,
+    src: Annotated[str, typer.Argument(metavar="SRC_URL", help="storage URL to copy from (read only)")],
+    dst: Annotated[str, typer.Argument(metavar="DST_URL", help="storage URL to copy into (schema made or upgraded)")],
+    study: Annotated[str | None, typer.Option("--study", help="copy this study only (default: every study)")] = None,
     as_name: Annotated[str | None, typer.Option("--as", help="the copy's name (with --study)")] = None,
 ) -> None:
     """Copy studies between databases (SQLite <-> PostgreSQL): every row, all or nothing; resumable there."""
