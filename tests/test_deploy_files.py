@@ -420,8 +420,11 @@ def test_heads_offer_nothing_and_worker_nodes_offer_what_the_actors_ask(monkeypa
     heads = [a for s in c["services"].values() if s.get("image") in IMAGES
              for a in container_argv(s["image"], s.get("entrypoint"), s.get("command")) if "--head" in a]
     heads += [split_commands(x)[0] for x in cluster()["head_start_ray_commands"]]
-    params = k8s()[("RayCluster", "evomerge")]["spec"]["headGroupSpec"]["rayStartParams"]
-    heads.append([f"--{k}={v}" for k, v in params.items()])
+    rc = k8s()[("RayCluster", "evomerge")]["spec"]
+    heads.append([f"--{k}={v}" for k, v in rc["headGroupSpec"]["rayStartParams"].items()])
+    # KubeRay hands rayStartParams to `ray start` as --KEY=VALUE: each must be an option taking a value
+    for params in [rc["headGroupSpec"]["rayStartParams"], *(g["rayStartParams"] for g in rc["workerGroupSpecs"])]:
+        ray_start_command().make_context("start", ["--head", *(f"--{k}={v}" for k, v in params.items())])
     assert len(heads) == 3
     for h in heads:
         assert _opt(h, "--num-cpus") == "0" and _opt(h, "--num-gpus") == "0", h
