@@ -7,12 +7,14 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from fixtures_models import make_tiny_llama_family
 
+from evomerge.cli import main
 from evomerge.run import InProcessPool, StudyRun
 from evomerge.space import dump_space, load_space
 from evomerge.store import Store
@@ -147,23 +149,34 @@ def test_a_failed_copy_writes_nothing(tmp_path: Path, request, monkeypatch, wher
         {"studies": [], "candidates": [], "scores": [], "sample_scores": [], "checkpoints": []}
 
 
-def test_cli_copies_and_refuses_in_one_line(tmp_path: Path) -> None:
+def test_cli_copies_and_refuses_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     a, b = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
     _fill(a)
-
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*CLI, "storage", "copy", *args], capture_output=True, text=True, cwd=tmp_path)
-
-    r = cli(a, b, "--study", "alpha")
+    r = subprocess.run([*CLI, "storage", "copy", a, b, "--study", "alpha"], capture_output=True, text=True,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "copied alpha: 6 candidates, 5 scores, 5 per-example score rows, 3 checkpoints" in r.stdout
+
+    def cli(*args: str) -> SimpleNamespace:  # the same entry point in this process: no start-up per case
+        monkeypatch.setattr(sys, "argv", ["evomerge", "storage", "copy", *args])
+        with pytest.raises(SystemExit) as e:
+            main()
+        got = capsys.readouterr()
+        return SimpleNamespace(returncode=e.value.code, stdout=got.out, stderr=got.err)
+
+    text = tmp_path / "notes.db"  # not a database: never written to, whichever side it is on
+    text.write_text("not a database\n")
     for args, words in [((a, b, "--study", "alpha"), "already holds 'alpha'"),
                         ((a, b, "--study", "nope"), "no study named 'nope'"),
                         ((a, b, "--as", "x"), "needs the one study"),
-                        ((a, "mysql://x/y"), "unsupported storage URL")]:
+                        ((a, "mysql://x/y"), "unsupported storage URL"),
+                        ((f"sqlite:///{text}", b), "cannot open storage"),
+                        ((a, f"sqlite:///{text}"), "cannot open storage")]:
         r = cli(*args)
         assert r.returncode == 2 and r.stdout == "", (args, r.stdout, r.stderr)
         assert r.stderr.count("\n") == 1 and words in r.stderr and r.stderr.startswith("error: "), r.stderr
+    assert text.read_text() == "not a database\n"
+    assert sorted(p.name for p in tmp_path.glob("notes.db*")) == ["notes.db"]
 
 
 # -- a copied study resumes as the original would ------------------------------------------------------
