@@ -150,6 +150,23 @@ class StudyView:
             out.append(WorkerTimings(worker, len(timings), means))
         return out
 
+    def hypervolume_series(self, study: str) -> list[dict[str, Any]]:
+        """The hypervolume after each finished evaluation, as the run stored it (evaluations, complete,
+        value, recorded); empty before the study has a reference point or with one objective."""
+        return self.store.hypervolume_series(study)
+
+    def table(self, study: str) -> tuple[list[tuple], dict[int, dict[str, float]]]:
+        """Every candidate without its genome and recipe (``evomerge.store.series.TABLE_COLUMNS``) and
+        the scores by number: what a page of the whole study needs, in two queries."""
+        return self.store.study_table(study)
+
+    def children(self, study: str, number: int) -> list[int]:
+        return self.store.children_of(study, number)
+
+    def stamp(self, study: str) -> dict[str, Any]:
+        """A small dict that changes whenever the study changes (a dashboard polls it)."""
+        return self.store.study_stamp(study)
+
 
 def _names(st: StudyRow) -> list[str]:
     return [o["name"] for o in st.objectives]
