@@ -23,7 +23,7 @@ _ERROR_CHARS = 300  # a table row carries the start of the error; the candidate'
 
 # The columns of ``study_table``, in its rows' order.
 TABLE_COLUMNS = ("number", "state", "operator", "generation", "parents", "worker", "attempts", "niche",
-                 "started", "finished", "error")
+                 "started", "finished", "error", "proposal_key")
 
 
 class SeriesMethods:
@@ -87,7 +87,8 @@ class SeriesMethods:
             rows = s.execute(
                 select(Candidate.number, Candidate.state, Candidate.operator, Candidate.generation,
                        Candidate.parents, Candidate.worker, Candidate.attempts, Candidate.niche,
-                       Candidate.started, Candidate.finished, func.substr(Candidate.error, 1, _ERROR_CHARS))
+                       Candidate.started, Candidate.finished, func.substr(Candidate.error, 1, _ERROR_CHARS),
+                       Candidate.proposal_key)
                 .where(Candidate.study_id == sid)
                 .order_by(Candidate.number)
             ).all()
@@ -98,7 +99,7 @@ class SeriesMethods:
                 .where(Candidate.study_id == sid)
             ):
                 scores.setdefault(number, {})[obj] = val
-        table = [(*r[:8], aware(r[8]), aware(r[9]), r[10]) for r in rows]
+        table = [(*r[:8], aware(r[8]), aware(r[9]), r[10], r[11]) for r in rows]
         return table, scores
 
     def children_of(self, study: str, number: int) -> list[int]:

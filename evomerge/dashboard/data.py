@@ -1,0 +1,301 @@
+"""What the dashboard's JSON API answers, built from a read-only ``StudyView``.
+
+Plain functions from a view (and a study name) to JSON-able dicts; the web layer (``app``) only routes
+and caches. Times go out as ISO strings and, where plotted, as seconds since the study started.
+Everything from the store goes out as data, never as markup: the pages put it in the document as text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import yaml
+
+from evomerge.store.series import TABLE_COLUMNS
+from evomerge.view import StudyView, effective_state
+
+COL = {c: i for i, c in enumerate(TABLE_COLUMNS)}
+
+
+def iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t is not None else None
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def space_meta(space_yaml: str) -> dict[str, Any]:
+    """Algorithm, genome kind and report objectives read from the stored space, without validating it
+    (a study of an older evomerge still shows)."""
+    try:
+        sp = yaml.safe_load(space_yaml) or {}
+    except yaml.YAMLError:
+        sp = {}
+    if not isinstance(sp, dict):
+        sp = {}
+    algo = sp.get("algorithm") or {}
+    genome = sp.get("genome") or {}
+    report = sp.get("report") or []
+    return {
+        "algorithm": (algo.get("name") if isinstance(algo, dict) else None) or "?",
+        "genome": (genome.get("type") if isinstance(genome, dict) else None) or "parameter_space",
+        "report": [r.get("name") for r in report if isinstance(r, dict) and r.get("name")],
+    }
+
+
+def front_mask(F_min: np.ndarray) -> np.ndarray:
+    """Non-dominated rows of a finite minimisation matrix, in O(n log n + n * front): after a
+    lexicographic sort a row can only be dominated by rows before it, and then by one on the front."""
+    n, m = F_min.shape
+    mask = np.zeros(n, dtype=bool)
+    if n == 0:
+        return mask
+    order = np.lexsort(tuple(F_min[:, j] for j in reversed(range(m))))
+    front = np.empty((0, m))
+    for i in order:
+        f = F_min[i]
+        if len(front):
+            le = np.all(front <= f, axis=1)
+            if np.any(le & np.any(front < f, axis=1)):
+                continue
+        mask[i] = True
+        front = np.vstack([front, f])
+    return mask
+
+
+def _signs(objectives: list[dict[str, Any]]) -> np.ndarray:
+    return np.array([-1.0 if o["direction"] == "maximize" else 1.0 for o in objectives])
+
+
+# ------------------------------------------------------------------------------------------ studies
+
+
+def _best(objectives: list[dict[str, Any]], scores: dict[int, dict[str, float]],
+          complete: set[int]) -> dict[str, float]:
+    best: dict[str, float] = {}
+    for o in objectives:
+        vals = [s[o["name"]] for n, s in scores.items() if n in complete and o["name"] in s]
+        if vals:
+            best[o["name"]] = max(vals) if o["direction"] == "maximize" else min(vals)
+    return best
+
+
+def study_row(view: StudyView, r: dict[str, Any]) -> dict[str, Any]:
+    """One row of the Studies page (``r``: a row of ``StudyView.studies``): progress, best values,
+    hypervolume and the last activity."""
+    name = r["study"]
+    meta = space_meta(view.study(name).space_yaml)
+    series = view.hypervolume_series(name)
+    stamp_ = view.stamp(name)
+    table, scores = view.table(name) if r["complete"] else ([], {})
+    complete = {t[COL["number"]] for t in table if t[COL["state"]] == "complete"}
+    return {
+        "study": name, "state": r["state"], "algorithm": meta["algorithm"], "genome": meta["genome"],
+        "budget": r["budget"], "done": r["complete"] + r["failed"], "complete": r["complete"],
+        "failed": r["failed"], "running": r["running"], "queued": r["queued"],
+        "objectives": r["objectives"], "best": _best(r["objectives"], scores, complete),
+        "hypervolume": series[-1]["value"] if series else None,
+        "last_activity": iso(max([t for t in (stamp_["latest"], r["updated"]) if t is not None], default=None)),
+    }
+
+
+def study(view: StudyView, name: str) -> dict[str, Any]:
+    """The Study page's header: state, counts, objectives, report objectives, reference point."""
+    st = view.study(name)
+    meta = space_meta(st.space_yaml)
+    counts = view.counts(name)
+    series = view.hypervolume_series(name)
+    return {
+        "study": name, "state": effective_state(st.status, st.lease_expires, lease_owner=st.lease_owner),
+        "budget": st.budget, "counts": counts, "objectives": st.objectives, "report": meta["report"],
+        "algorithm": meta["algorithm"], "genome": meta["genome"], "reference_point": st.reference_point,
+        "hypervolume": series[-1]["value"] if series else None, "created": iso(st.created),
+        "lease_owner": st.lease_owner,
+    }
+
+
+def points(view: StudyView, name: str) -> dict[str, Any]:
+    """Every candidate, column by column (one array per field), with its scores and whether it is on
+    the front of the search objectives; what the Pareto plot, the parallel coordinates, the timeline
+    and the failures list draw."""
+    st = view.study(name)
+    table, scores = view.table(name)
+    names = [o["name"] for o in st.objectives]
+    t0 = st.created
+    cols: dict[str, list[Any]] = {c: [] for c in ("number", "state", "operator", "generation", "parents",
+                                                  "worker", "attempts", "start_s", "end_s", "error")}
+    score_names = sorted({k for s in scores.values() for k in s}, key=lambda k: (k not in names, k))
+    sc: dict[str, list[float | None]] = {k: [] for k in score_names}
+    for r in table:
+        cols["number"].append(r[COL["number"]])
+        cols["state"].append(r[COL["state"]])
+        cols["operator"].append(r[COL["operator"]])
+        cols["generation"].append(r[COL["generation"]])
+        cols["parents"].append(r[COL["parents"]] or [])
+        cols["worker"].append(r[COL["worker"]])
+        cols["attempts"].append(r[COL["attempts"]])
+        started, finished = r[COL["started"]], r[COL["finished"]]
+        cols["start_s"].append(round((started - t0).total_seconds(), 3) if started else None)
+        cols["end_s"].append(round((finished - t0).total_seconds(), 3) if finished else None)
+        err = r[COL["error"]]
+        cols["error"].append(err if r[COL["state"]] == "failed" else None)
+        s = scores.get(r[COL["number"]], {})
+        for k in score_names:
+            sc[k].append(_num(s.get(k)))
+    scored = [i for i, r in enumerate(table)
+              if r[COL["state"]] == "complete" and all(sc[n][i] is not None for n in names)]
+    on_front = [False] * len(table)
+    if scored and names:
+        F = np.array([[sc[n][i] for n in names] for i in scored], dtype=float) * _signs(st.objectives)
+        for i, keep in zip(scored, front_mask(F), strict=True):
+            on_front[i] = bool(keep)
+    return {"objectives": st.objectives, "report": [k for k in score_names if k not in names],
+            "scores": sc, "front": on_front, "scored": len(scored), **cols}
+
+
+def hypervolume(view: StudyView, name: str) -> dict[str, Any]:
+    """The stored series: evaluations, complete, value, seconds since the study was created."""
+    st = view.study(name)
+    series = view.hypervolume_series(name)
+    return {
+        "reference_point": st.reference_point,
+        "evaluations": [p["evaluations"] for p in series],
+        "complete": [p["complete"] for p in series],
+        "value": [p["value"] for p in series],
+        "seconds": [round((p["recorded"] - st.created).total_seconds(), 3) for p in series],
+    }
+
+
+def stamp(view: StudyView, name: str) -> dict[str, Any]:
+    s = view.stamp(name)
+    return {"status": s["status"], "updated": iso(s["updated"]), "counts": s["counts"], "latest": iso(s["latest"])}
+
+
+def algorithm_state(view: StudyView, name: str) -> dict[str, Any]:
+    """M2N2's archive (members and, with per-example scores, what each covers) or MAP's surrogate
+    (each fit's predicted front against what those candidates then scored), from the last checkpoint."""
+    ck = view.store.latest_checkpoint(name)
+    if ck is None:
+        return {"algorithm": None}
+    table, scores = view.table(name)
+    by_key = {str(r[COL["proposal_key"]]): r[COL["number"]] for r in table}
+    names = [o["name"] for o in view.study(name).objectives]
+    if ck.algorithm == "m2n2":
+        members = []
+        for m in ck.state.get("archive", []):
+            n = by_key.get(str(m.get("key")))
+            members.append({"number": n, "samples": m.get("s"), "values": m.get("v")})
+        return {"algorithm": "m2n2", "archive": members}
+    if ck.algorithm == "map":
+        pairs = []
+        for i, fit in enumerate(ck.state.get("fits", [])):
+            pred, keys = fit.get("predicted_front"), fit.get("keys") or []
+            if not pred:
+                continue
+            for k, p in zip(keys, pred, strict=False):
+                n = by_key.get(str(k))
+                obs = scores.get(n, {}) if n is not None else {}
+                if all(x in obs for x in names):
+                    pairs.append({"fit": i, "number": n, "predicted": p, "observed": [obs[x] for x in names]})
+        return {"algorithm": "map", "objectives": names, "pairs": pairs, "fits": len(ck.state.get("fits", []))}
+    return {"algorithm": ck.algorithm}
+
+
+# ---------------------------------------------------------------------------------------- candidate
+
+
+def _sample_summary(view: StudyView, name: str, number: int, parents: list[int]) -> list[dict[str, Any]]:
+    """Per objective: examples, the mean, and against each parent the examples this one gets right
+    (score >= 0.5) that the parent does not, and the other way round."""
+    mine = view.sample_scores(name, number)
+    theirs = {p: view.sample_scores(name, p) for p in parents}
+    out = []
+    for obj, vals in mine.items():
+        a = np.asarray(vals, dtype=float)
+        row: dict[str, Any] = {"objective": obj, "examples": int(a.size),
+                               "mean": float(a.mean()) if a.size else None, "parents": []}
+        for p, s in theirs.items():
+            b = np.asarray(s.get(obj, []), dtype=float)
+            if b.size != a.size or not a.size:
+                continue
+            row["parents"].append({"parent": p, "mean": float(b.mean()),
+                                   "gained": int(np.sum((a >= 0.5) & (b < 0.5))),
+                                   "lost": int(np.sum((a < 0.5) & (b >= 0.5)))})
+        out.append(row)
+    return out
+
+
+def _genome_view(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe as the Candidate page draws it: a weight (and density) heatmap of layer group x
+    source model for a parameter-space merge, the layer path with its scales for a data-flow one."""
+    if recipe.get("kind") == "data_flow":
+        return {"kind": "data_flow", "models": recipe.get("models", []), "path": recipe.get("path", []),
+                "scales": recipe.get("scales", [])}
+    groups = recipe.get("groups") or []
+    return {
+        "kind": "parameter_space", "method": recipe.get("method"), "sources": recipe.get("sources", []),
+        "groups": [g.get("name") for g in groups],
+        "weights": [g.get("weights") for g in groups],
+        "densities": [g.get("densities") for g in groups] if any(g.get("densities") for g in groups) else None,
+    }
+
+
+def warm_up() -> None:
+    """Import what the first candidate page needs."""
+    _mergekit_yaml("{}")
+
+
+def _mergekit_yaml(recipe_json: str) -> tuple[str | None, str | None]:
+    """The candidate's mergekit config, or why there is none."""
+    # the genome kinds and the mergekit translation: loaded with the first candidate page only
+    from evomerge.genomes import recipe_from_json
+    from evomerge.genomes.parameter_space.export import resolved_for_mergekit
+    from evomerge.merge.mergekit_export import dump_mergekit_yaml, recipe_to_mergekit
+    from evomerge.recipe import Recipe
+
+    try:
+        recipe = recipe_from_json(recipe_json)
+        if not isinstance(recipe, Recipe):
+            return None, "a data-flow candidate has no mergekit form (export writes its own model folder)"
+        cfg = recipe_to_mergekit(resolved_for_mergekit(recipe))
+    except (ValueError, OSError, KeyError) as e:
+        return None, f"no mergekit form: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if cfg is None:
+        return None, "mergekit cannot express this recipe (see `evomerge export`, which writes the model itself)"
+    return dump_mergekit_yaml(cfg), None
+
+
+def candidate(view: StudyView, name: str, number: int, storage_arg: str) -> dict[str, Any]:
+    st = view.study(name)
+    c = view.candidate(name, number)
+    names = [o["name"] for o in st.objectives]
+    recipe = json.loads(c.recipe_json)
+    yml, why = _mergekit_yaml(c.recipe_json)
+    return {
+        "study": name, "number": c.number, "state": c.state, "operator": c.operator, "generation": c.generation,
+        "worker": c.worker, "attempts": c.attempts, "error": c.error, "timings": c.timings,
+        "created": iso(c.created), "started": iso(c.started), "finished": iso(c.finished),
+        "objectives": st.objectives,
+        "scores": {k: v for k, v in c.scores.items() if k in names},
+        "report_scores": {k: v for k, v in c.scores.items() if k not in names},
+        "samples": _sample_summary(view, name, number, c.parents),
+        "genome": _genome_view(recipe), "recipe": recipe, "recipe_hash": c.recipe_hash,
+        "mergekit_yaml": yml, "mergekit_missing": why,
+        "parents": c.parents, "children": view.children(name, number),
+        "export_command": export_command(name, number, storage_arg),
+    }
+
+
+def export_command(name: str, number: int, storage_arg: str) -> str:
+    """The shell command that exports this candidate, quoted for a POSIX shell."""
+    out = f"merged-{name}-{number}".replace("/", "_")
+    parts = ["evomerge", "export", name, "--candidate", str(number), "--out", out]
+    if storage_arg:
+        parts += ["--storage", storage_arg]
+    return " ".join(shlex.quote(p) for p in parts)
