@@ -151,7 +151,10 @@
     EM.clear(genBody);
     const report = P.report;
     const front = P.number.map((_, i) => i).filter((i) => P.front[i]);
-    const withReport = front.filter((i) => report.some((r) => P.scores[r][i] !== null));
+    const SHOWN = 12;
+    const allReport = front.filter((i) => report.some((r) => P.scores[r][i] !== null));
+    const key = (i) => P.scores[report[0]][i] === null ? -Infinity : P.scores[report[0]][i];
+    const withReport = allReport.slice().sort((x, y) => key(y) - key(x)).slice(0, SHOWN);
     if (!report.length || !withReport.length) {
       genBody.appendChild(EM.el("div", { class: "empty", text: !S.report.length
         ? "This study has no report objectives (add `report:` to the space to score the front on held-out data)."
@@ -168,7 +171,9 @@
         ...cols.map((c) => EM.el("td", { class: "num", text: EM.fmt(P.scores[c][i]) }))));
     }
     const plot = EM.el("div", { class: "plot small", id: "heldout-plot" });
-    genBody.append(plot, EM.el("table", { id: "heldout" }, EM.el("thead", {}, head), body));
+    genBody.append(EM.el("div", { class: "legend-note", text: allReport.length + " front members scored on held-out data" +
+      (allReport.length > SHOWN ? "; the best " + SHOWN + " by " + report[0] + " shown" : "") }),
+    plot, EM.el("table", { id: "heldout" }, EM.el("thead", {}, head), body));
     const labels = withReport.map((i) => "#" + P.number[i]);
     const traces = cols.map((c) => ({ type: "bar", name: EM.esc(c + (report.includes(c) ? " (held out)" : " (search)")),
       x: labels, y: withReport.map((i) => P.scores[c][i]) }));
@@ -211,7 +216,7 @@
         EM.el("td", {}, EM.el("div", { class: "error-text", text: P.error[i] || "" }))));
     }
     failBody.append(EM.el("div", { class: "legend-note", text: ids.length + " failed" + (ids.length > 200 ? " (newest 200 shown)" : "") }),
-      EM.el("table", { id: "failures" }, EM.el("thead", {}, EM.el("tr", {}, ...["candidate", "worker", "attempts", "error"].map((h) => EM.el("th", { text: h })))), body));
+      EM.el("table", { id: "failures" }, EM.el("thead", {}, EM.el("tr", {}, ...["candidate", "worker", "attempts", "error"].map((h) => EM.el("th", { text: h, class: h === "attempts" ? "num" : null })))), body));
   }
 
   function drawAlgorithm() {
@@ -227,9 +232,12 @@
       if (withS.length) {
         const d = EM.el("div", { class: "plot small", id: "niches" });
         algoBody.appendChild(d);
+        d.style.height = Math.max(220, 80 + 18 * withS.length) + "px";
         Plotly.react(d, [{ type: "heatmap", z: withS.map((m) => m.samples), y: withS.map((m) => "#" + m.number),
-          colorscale: "Blues", hovertemplate: "%{y}, example %{x}: %{z}<extra></extra>" }],
-        { margin: { l: 60, r: 10, t: 10, b: 40 }, xaxis: { title: { text: "example" } } }, EM.plotConfig);
+          colorscale: [[0, "#f1f5f9"], [1, "#1d4ed8"]], ygap: 1, colorbar: { title: { text: "score" } },
+          hovertemplate: "%{y}, example %{x}: %{z}<extra></extra>" }],
+        { margin: { l: 60, r: 10, t: 10, b: 40 }, yaxis: { type: "category", autorange: "reversed", title: { text: "archive member" } },
+          xaxis: { title: { text: "example (every search objective's examples, in objective order)" } } }, EM.plotConfig);
       }
       return;
     }
@@ -246,7 +254,8 @@
         const lo = Math.min(...px, ...py), hi = Math.max(...px, ...py);
         Plotly.react(d, [
           { type: "scatter", mode: "markers", x: px, y: py, customdata: A.pairs.map((p) => p.number),
-            marker: { color: A.pairs.map((p) => p.fit), colorscale: "Viridis", size: 8, colorbar: { title: { text: "fit" } } },
+            marker: A.fits > 1 ? { color: A.pairs.map((p) => p.fit), colorscale: "Viridis", cmin: 0, cmax: A.fits - 1, size: 8,
+              colorbar: { title: { text: "surrogate fit" } } } : { color: "#2563eb", size: 8 },
             hovertemplate: "#%{customdata}: predicted %{x:.4g}, observed %{y:.4g}<extra></extra>", name: "candidates" },
           { type: "scatter", mode: "lines", x: [lo, hi], y: [lo, hi], line: { dash: "dot", color: "#64748b" }, hoverinfo: "skip", name: "exact" }],
         { title: { text: EM.esc(name), font: { size: 13 } }, margin: { l: 55, r: 10, t: 30, b: 45 }, showlegend: false,
