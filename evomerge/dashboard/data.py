@@ -253,17 +253,21 @@ def warm_up() -> None:
 
 def _mergekit_yaml(recipe_json: str) -> tuple[str | None, str | None]:
     """The candidate's mergekit config, or why there is none."""
-    # the genome kinds and the mergekit translation: loaded with the first candidate page only
+    # the genome kinds and the mergekit translation (torch comes with the operators): loaded with the
+    # first candidate page, or by ``warm_up`` in the background when the server starts
     from evomerge.genomes import recipe_from_json
-    from evomerge.genomes.parameter_space.export import resolved_for_mergekit
     from evomerge.merge.mergekit_export import dump_mergekit_yaml, recipe_to_mergekit
     from evomerge.recipe import Recipe
+    from evomerge.zoo import resolve_ref
 
     try:
         recipe = recipe_from_json(recipe_json)
         if not isinstance(recipe, Recipe):
             return None, "a data-flow candidate has no mergekit form (export writes its own model folder)"
-        cfg = recipe_to_mergekit(resolved_for_mergekit(recipe))
+        # mergekit reads folders, not zoo:// references (as `evomerge export` writes it)
+        resolved = recipe.model_copy(update={"base": resolve_ref(recipe.base),
+                                             "sources": [resolve_ref(s) for s in recipe.sources]})
+        cfg = recipe_to_mergekit(resolved)
     except (ValueError, OSError, KeyError) as e:
         return None, f"no mergekit form: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     if cfg is None:
