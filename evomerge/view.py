@@ -155,10 +155,18 @@ class StudyView:
         value, recorded); empty before the study has a reference point or with one objective."""
         return self.store.hypervolume_series(study)
 
+    def last_hypervolume(self, study: str) -> dict[str, Any] | None:
+        """The newest point of the series (None before the first)."""
+        return self.store.last_hypervolume(study)
+
     def table(self, study: str) -> tuple[list[tuple], dict[int, dict[str, float]]]:
         """Every candidate without its genome and recipe (``evomerge.store.series.TABLE_COLUMNS``) and
         the scores by number: what a page of the whole study needs, in two queries."""
         return self.store.study_table(study)
+
+    def best_scores(self, study: str) -> dict[str, tuple[float, float]]:
+        """Per score name, (lowest, highest) over the complete candidates: one aggregate query."""
+        return self.store.best_scores(study)
 
     def children(self, study: str, number: int) -> list[int]:
         return self.store.children_of(study, number)

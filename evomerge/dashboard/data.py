@@ -7,6 +7,7 @@ Everything from the store goes out as data, never as markup: the pages put it in
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shlex
@@ -30,6 +31,7 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+@functools.lru_cache(maxsize=256)  # a study's space never changes, and YAML is slow to parse
 def space_meta(space_yaml: str) -> dict[str, Any]:
     """Algorithm, genome kind and report objectives read from the stored space, without validating it
     (a study of an older evomerge still shows)."""
@@ -49,23 +51,35 @@ def space_meta(space_yaml: str) -> dict[str, Any]:
     }
 
 
-def front_mask(F_min: np.ndarray) -> np.ndarray:
-    """Non-dominated rows of a finite minimisation matrix, in O(n log n + n * front): after a
-    lexicographic sort a row can only be dominated by rows before it, and then by one on the front."""
+def _dominated_by(A: np.ndarray, G: np.ndarray) -> np.ndarray:
+    """For each row of G: does some row of A dominate it?"""
+    if not len(A) or not len(G):
+        return np.zeros(len(G), dtype=bool)
+    return (np.all(A[:, None, :] <= G[None], axis=2) & np.any(A[:, None, :] < G[None], axis=2)).any(axis=0)
+
+
+def front_mask(F_min: np.ndarray, block: int = 128, elite: int = 48) -> np.ndarray:
+    """Non-dominated rows of a finite minimisation matrix (what ``front.non_dominated`` answers, in
+    tens of milliseconds for 10,000 rows). First the rows that one of a few good rows (best sums of
+    ranks) dominates are dropped at once, most of a large study; then, after a lexicographic sort, a
+    row can only be dominated by rows before it, and then by one on the front of those: blocks of
+    sorted rows are checked against the front so far and among themselves, and their survivors join it."""
     n, m = F_min.shape
     mask = np.zeros(n, dtype=bool)
     if n == 0:
         return mask
-    order = np.lexsort(tuple(F_min[:, j] for j in reversed(range(m))))
+    ranks = np.argsort(np.argsort(F_min, axis=0), axis=0).sum(axis=1)
+    good = F_min[np.argsort(ranks)[:elite]]
+    alive = np.flatnonzero(~_dominated_by(good, F_min))
+    order = alive[np.lexsort(tuple(F_min[alive, j] for j in reversed(range(m))))]
     front = np.empty((0, m))
-    for i in order:
-        f = F_min[i]
-        if len(front):
-            le = np.all(front <= f, axis=1)
-            if np.any(le & np.any(front < f, axis=1)):
-                continue
-        mask[i] = True
-        front = np.vstack([front, f])
+    for s in range(0, len(order), block):
+        idx = order[s: s + block]
+        G = F_min[idx]
+        dominated = _dominated_by(G, G) | _dominated_by(front, G)
+        keep = idx[~dominated]
+        mask[keep] = True
+        front = np.vstack([front, F_min[keep]])
     return mask
 
 
@@ -76,31 +90,22 @@ def _signs(objectives: list[dict[str, Any]]) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ studies
 
 
-def _best(objectives: list[dict[str, Any]], scores: dict[int, dict[str, float]],
-          complete: set[int]) -> dict[str, float]:
-    best: dict[str, float] = {}
-    for o in objectives:
-        vals = [s[o["name"]] for n, s in scores.items() if n in complete and o["name"] in s]
-        if vals:
-            best[o["name"]] = max(vals) if o["direction"] == "maximize" else min(vals)
-    return best
-
-
 def study_row(view: StudyView, r: dict[str, Any]) -> dict[str, Any]:
     """One row of the Studies page (``r``: a row of ``StudyView.studies``): progress, best values,
     hypervolume and the last activity."""
     name = r["study"]
     meta = space_meta(view.study(name).space_yaml)
-    series = view.hypervolume_series(name)
+    last = view.last_hypervolume(name)
     stamp_ = view.stamp(name)
-    table, scores = view.table(name) if r["complete"] else ([], {})
-    complete = {t[COL["number"]] for t in table if t[COL["state"]] == "complete"}
+    lo_hi = view.best_scores(name) if r["complete"] else {}
+    best = {o["name"]: lo_hi[o["name"]][1 if o["direction"] == "maximize" else 0]
+            for o in r["objectives"] if o["name"] in lo_hi}
     return {
         "study": name, "state": r["state"], "algorithm": meta["algorithm"], "genome": meta["genome"],
         "budget": r["budget"], "done": r["complete"] + r["failed"], "complete": r["complete"],
         "failed": r["failed"], "running": r["running"], "queued": r["queued"],
-        "objectives": r["objectives"], "best": _best(r["objectives"], scores, complete),
-        "hypervolume": series[-1]["value"] if series else None,
+        "objectives": r["objectives"], "best": best,
+        "hypervolume": last["value"] if last else None,
         "last_activity": iso(max([t for t in (stamp_["latest"], r["updated"]) if t is not None], default=None)),
     }
 
@@ -110,12 +115,12 @@ def study(view: StudyView, name: str) -> dict[str, Any]:
     st = view.study(name)
     meta = space_meta(st.space_yaml)
     counts = view.counts(name)
-    series = view.hypervolume_series(name)
+    last = view.last_hypervolume(name)
     return {
         "study": name, "state": effective_state(st.status, st.lease_expires, lease_owner=st.lease_owner),
         "budget": st.budget, "counts": counts, "objectives": st.objectives, "report": meta["report"],
         "algorithm": meta["algorithm"], "genome": meta["genome"], "reference_point": st.reference_point,
-        "hypervolume": series[-1]["value"] if series else None, "created": iso(st.created),
+        "hypervolume": last["value"] if last else None, "created": iso(st.created),
         "lease_owner": st.lease_owner,
     }
 
@@ -128,35 +133,27 @@ def points(view: StudyView, name: str) -> dict[str, Any]:
     table, scores = view.table(name)
     names = [o["name"] for o in st.objectives]
     t0 = st.created
-    cols: dict[str, list[Any]] = {c: [] for c in ("number", "state", "operator", "generation", "parents",
-                                                  "worker", "attempts", "start_s", "end_s", "error")}
+    cols = dict(zip(TABLE_COLUMNS, (list(c) for c in zip(*table, strict=True)), strict=True)) if table else \
+        {c: [] for c in TABLE_COLUMNS}
+    numbers, states = cols["number"], cols["state"]
+    out: dict[str, Any] = {c: cols[c] for c in ("number", "state", "operator", "generation", "worker", "attempts")}
+    out["start_s"] = [round((t - t0).total_seconds(), 3) if t else None for t in cols["started"]]
+    out["end_s"] = [round((t - t0).total_seconds(), 3) if t else None for t in cols["finished"]]
+    out["error"] = [e if s == "failed" else None for e, s in zip(cols["error"], states, strict=True)]
     score_names = sorted({k for s in scores.values() for k in s}, key=lambda k: (k not in names, k))
-    sc: dict[str, list[float | None]] = {k: [] for k in score_names}
-    for r in table:
-        cols["number"].append(r[COL["number"]])
-        cols["state"].append(r[COL["state"]])
-        cols["operator"].append(r[COL["operator"]])
-        cols["generation"].append(r[COL["generation"]])
-        cols["parents"].append(r[COL["parents"]] or [])
-        cols["worker"].append(r[COL["worker"]])
-        cols["attempts"].append(r[COL["attempts"]])
-        started, finished = r[COL["started"]], r[COL["finished"]]
-        cols["start_s"].append(round((started - t0).total_seconds(), 3) if started else None)
-        cols["end_s"].append(round((finished - t0).total_seconds(), 3) if finished else None)
-        err = r[COL["error"]]
-        cols["error"].append(err if r[COL["state"]] == "failed" else None)
-        s = scores.get(r[COL["number"]], {})
-        for k in score_names:
-            sc[k].append(_num(s.get(k)))
-    scored = [i for i, r in enumerate(table)
-              if r[COL["state"]] == "complete" and all(sc[n][i] is not None for n in names)]
+    empty: dict[str, float] = {}
+    per = [scores.get(n, empty) for n in numbers]
+    # stored scores are finite floats (the store refuses NaN and infinities)
+    sc = {k: [s.get(k) for s in per] for k in score_names}
+    scored = [i for i, (s, st_) in enumerate(zip(per, states, strict=True))
+              if st_ == "complete" and all(n in s for n in names)]
     on_front = [False] * len(table)
     if scored and names:
-        F = np.array([[sc[n][i] for n in names] for i in scored], dtype=float) * _signs(st.objectives)
-        for i, keep in zip(scored, front_mask(F), strict=True):
-            on_front[i] = bool(keep)
+        F = np.array([[per[i][n] for n in names] for i in scored], dtype=float) * _signs(st.objectives)
+        for i in np.asarray(scored)[front_mask(F)]:
+            on_front[int(i)] = True
     return {"objectives": st.objectives, "report": [k for k in score_names if k not in names],
-            "scores": sc, "front": on_front, "scored": len(scored), **cols}
+            "scores": sc, "front": on_front, "scored": len(scored), **out}
 
 
 def hypervolume(view: StudyView, name: str) -> dict[str, Any]:

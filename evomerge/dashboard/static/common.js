@@ -87,6 +87,13 @@ EM.live = async function (study, refresh, dot) {
   setTimeout(tick, cfg.poll_ms);
 };
 
+// A time axis in seconds, minutes or hours, whichever reads best for a span of `maxS` seconds.
+EM.timeUnit = function (maxS) {
+  if (maxS < 300) return { div: 1, name: "seconds" };
+  if (maxS < 3 * 3600) return { div: 60, name: "minutes" };
+  return { div: 3600, name: "hours" };
+};
+
 EM.plotConfig = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["sendDataToCloud"] };
 
 EM.objLabel = (o) => o.name + (o.direction === "maximize" ? " (max ↑)" : " (min ↓)");

@@ -45,10 +45,13 @@
       if (objs.length > 1) ySel.value = objs[1].name;
     }
     const byTime = xMode.value === "seconds";
+    let maxS = 0;
+    for (const [H] of got) for (const v of H.seconds) if (v > maxS) maxS = v;
+    const unit = EM.timeUnit(maxS);
     Plotly.react(hvDiv, names.map((s, k) => ({ type: "scatter", mode: "lines", name: EM.esc(s), line: { shape: "hv", width: 2 },
-      x: byTime ? got[k][0].seconds.map((v) => v / 60) : got[k][0].evaluations, y: got[k][0].value })),
+      x: byTime ? got[k][0].seconds.map((v) => v / unit.div) : got[k][0].evaluations, y: got[k][0].value })),
     { margin: { l: 60, r: 10, t: 10, b: 45 }, legend: { orientation: "h", y: 1.12 },
-      xaxis: { title: { text: byTime ? "minutes since each study started" : "evaluations finished" } }, yaxis: { title: { text: "hypervolume" } } }, EM.plotConfig);
+      xaxis: { title: { text: byTime ? unit.name + " since each study started" : "evaluations finished" } }, yaxis: { title: { text: "hypervolume" } } }, EM.plotConfig);
     const ox = objs.find((o) => o.name === xSel.value), oy = objs.find((o) => o.name === ySel.value);
     const traces = [];
     names.forEach((s, k) => {

@@ -96,8 +96,10 @@
     for (const i of sorted) { if (sy * Y[i] < bestY) { front2.add(i); bestY = sy * Y[i]; } }
     const hover = (i) => [P.number[i], EM.esc(P.operator[i] || "?"), P.generation[i],
       S.objectives.map((o) => EM.esc(o.name) + " " + EM.fmt(P.scores[o.name][i])).join("<br>")];
+    // past a few thousand points SVG redraws take seconds: WebGL then (the browser tests stay below)
+    const kind = idx.length > 3000 ? "scattergl" : "scatter";
     const trace = (ids, name, marker, extra) => Object.assign({
-      type: "scatter", mode: "markers", name, x: ids.map((i) => X[i]), y: ids.map((i) => Y[i]),
+      type: kind, mode: "markers", name, x: ids.map((i) => X[i]), y: ids.map((i) => Y[i]),
       customdata: ids.map(hover), marker,
       hovertemplate: "<b>#%{customdata[0]}</b> · %{customdata[1]} · generation %{customdata[2]}<br>%{customdata[3]}<extra></extra>",
     }, extra || {});
@@ -142,9 +144,10 @@
     Plotly.react(hvEval, [{ type: "scatter", mode: "lines", x: H.evaluations, y: H.value, line, name: "hypervolume",
       hovertemplate: "after %{x} evaluations: %{y:.4g}<extra></extra>" }],
     Object.assign(lay("evaluations finished"), { title: { text: "over evaluations", font: { size: 13 } } }), EM.plotConfig);
-    Plotly.react(hvTime, [{ type: "scatter", mode: "lines", x: H.seconds.map((s) => s / 60), y: H.value, line, name: "hypervolume",
-      hovertemplate: "%{x:.1f} min: %{y:.4g}<extra></extra>" }],
-    Object.assign(lay("minutes since the study started"), { title: { text: "over wall time", font: { size: 13 } } }), EM.plotConfig);
+    const u = EM.timeUnit(Math.max(...H.seconds));
+    Plotly.react(hvTime, [{ type: "scatter", mode: "lines", x: H.seconds.map((s) => s / u.div), y: H.value, line, name: "hypervolume",
+      hovertemplate: "%{x:.1f} " + u.name + ": %{y:.4g}<extra></extra>" }],
+    Object.assign(lay(u.name + " since the study started"), { title: { text: "over wall time", font: { size: 13 } } }), EM.plotConfig);
   }
 
   function drawHeldOut() {
@@ -177,23 +180,26 @@
     const labels = withReport.map((i) => "#" + P.number[i]);
     const traces = cols.map((c) => ({ type: "bar", name: EM.esc(c + (report.includes(c) ? " (held out)" : " (search)")),
       x: labels, y: withReport.map((i) => P.scores[c][i]) }));
-    Plotly.react(plot, traces, { barmode: "group", margin: { l: 50, r: 10, t: 10, b: 40 }, legend: { orientation: "h", y: 1.12 } }, EM.plotConfig);
+    Plotly.react(plot, traces, { barmode: "group", margin: { l: 50, r: 10, t: 10, b: 40 }, legend: { orientation: "h", y: 1.12 },
+      xaxis: { type: "category" }, yaxis: { title: { text: "score" } } }, EM.plotConfig);
   }
 
   function drawTimeline() {
-    const MAX = 1500;
+    const MAX = 600;
     const all = P.number.map((_, i) => i).filter((i) => P.start_s[i] !== null && P.worker[i]);
     const ids = all.slice(-MAX);
     document.getElementById("timeline-note").textContent = all.length > MAX
       ? "showing the last " + MAX + " of " + all.length + " evaluations" : all.length + " evaluations";
-    const now = Math.max(0, ...P.end_s.filter((v) => v !== null), ...P.start_s.filter((v) => v !== null));
+    let now = 0;
+    for (const v of P.end_s.concat(P.start_s)) if (v !== null && v > now) now = v;
+    const u = EM.timeUnit(now);
     const color = { complete: "#16a34a", failed: "#dc2626", running: "#f59e0b", queued: "#9ca3af" };
     const byState = {};
     for (const i of ids) (byState[P.state[i]] = byState[P.state[i]] || []).push(i);
     const traces = Object.entries(byState).map(([state, list]) => ({
       type: "bar", orientation: "h", name: state, marker: { color: color[state] || "#64748b" },
-      y: list.map((i) => EM.esc(P.worker[i])), base: list.map((i) => P.start_s[i] / 60),
-      x: list.map((i) => Math.max(((P.end_s[i] === null ? now : P.end_s[i]) - P.start_s[i]) / 60, 1e-4)),
+      y: list.map((i) => EM.esc(P.worker[i])), base: list.map((i) => P.start_s[i] / u.div),
+      x: list.map((i) => Math.max(((P.end_s[i] === null ? now : P.end_s[i]) - P.start_s[i]) / u.div, 1e-4)),
       customdata: list.map((i) => [P.number[i], ((P.end_s[i] === null ? now : P.end_s[i]) - P.start_s[i]).toFixed(1)]),
       hovertemplate: "#%{customdata[0]} · %{customdata[1]} s<extra>" + state + "</extra>",
     }));
@@ -201,7 +207,7 @@
     const workers = new Set(ids.map((i) => P.worker[i]));
     tlDiv.style.height = Math.max(200, 60 + 28 * workers.size) + "px";
     Plotly.react(tlDiv, traces, { barmode: "overlay", margin: { l: 110, r: 10, t: 10, b: 45 },
-      xaxis: { title: { text: "minutes since the study started" } }, yaxis: { type: "category", automargin: true },
+      xaxis: { title: { text: u.name + " since the study started" } }, yaxis: { type: "category", automargin: true },
       legend: { orientation: "h", y: 1.1 }, bargap: 0.3 }, EM.plotConfig);
   }
 
