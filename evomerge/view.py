@@ -168,8 +168,15 @@ class StudyView:
         """Per score name, (lowest, highest) over the complete candidates: one aggregate query."""
         return self.store.best_scores(study)
 
-    def children(self, study: str, number: int) -> list[int]:
-        return self.store.children_of(study, number)
+    def lineage(self, study: str, number: int) -> tuple[list[int], list[int]]:
+        """The candidate's parents and children, as candidate numbers. The run stores a candidate's
+        parents as the proposal keys the algorithm gave them; they are mapped to numbers here."""
+        rows = self.store.lineage_table(study)
+        by_key = {k: n for n, k, _ in rows}
+        key = next((k for n, k, _ in rows if n == number), None)
+        parents = next((p for n, _, p in rows if n == number), [])
+        return ([by_key[str(p)] for p in parents if str(p) in by_key],
+                [n for n, _, p in rows if key is not None and key in {str(x) for x in p}])
 
     def stamp(self, study: str) -> dict[str, Any]:
         """A small dict that changes whenever the study changes (a dashboard polls it)."""

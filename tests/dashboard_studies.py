@@ -29,7 +29,7 @@ objectives:
   - {{name: c, task: t3, metric: "exact_match,none"}}
 report:
   - {{name: held, task: t4, metric: "exact_match,none"}}
-algorithm: {{name: {algorithm}}}
+algorithm: {{name: {algorithm}{settings}}}
 budget: {budget}
 evaluation: {{task_paths: [tasks]}}
 """
@@ -68,7 +68,8 @@ def make_space(tmp_path: Path, name: str = "demo", algorithm: str = "nsga2", bud
         (tmp_path / "tasks" / f"{t}.yaml").write_text(f"task: {t}\n")
     p = tmp_path / f"{abs(hash(name))}.yaml"
     p.write_text(SPACE.format(name=json.dumps(name), base=models / "base", e0=models / "expert0",
-                              e1=models / "expert1", algorithm=algorithm, budget=budget))
+                              e1=models / "expert1", algorithm=algorithm, budget=budget,
+                              settings=", settings: {pop_size: 6}" if algorithm == "nsga2" else ""))
     return load_space(p)
 
 

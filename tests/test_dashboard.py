@@ -75,7 +75,8 @@ def test_api_follows_a_running_search(url: str, tmp_path: Path) -> None:
     assert len(set(complete)) >= 3 and complete == sorted(complete)
     for stamp, pts, hv in seen:  # points and series are read after the stamp: never behind it
         assert pts["state"].count("complete") >= stamp["counts"].get("complete", 0)
-        assert hv["evaluations"] == list(range(1, len(hv["evaluations"]) + 1))
+        ev, val = hv["evaluations"], hv["value"]  # the points where the hypervolume changed, and the last
+        assert ev == sorted(set(ev)) and all(a < b for a, b in zip(val[:-2], val[1:-1], strict=True))
     # the final answers agree with the store
     store = Store(url, read_only=True)
     try:
@@ -90,7 +91,10 @@ def test_api_follows_a_running_search(url: str, tmp_path: Path) -> None:
         assert pts["report"] == ["held"]
         hv = client.get("/api/hypervolume", params={"study": "live"}).json()
         assert hv["value"][-1] == pytest.approx(view.hypervolume("live"))
-        assert len(hv["value"]) == view.summary("live").done
+        series = view.hypervolume_series("live")
+        assert hv["evaluations"][-1] == view.summary("live").done == len(series)
+        changed = [p["evaluations"] for i, p in enumerate(series) if i == 0 or p["value"] != series[i - 1]["value"]]
+        assert hv["evaluations"][:-1] == changed[: len(hv["evaluations"]) - 1]
         s = client.get("/api/study", params={"study": "live"}).json()
         assert s["state"] == "done" and s["algorithm"] == "nsga2" and len(s["objectives"]) == 3
         rows = client.get("/api/studies").json()
@@ -103,9 +107,14 @@ def test_api_follows_a_running_search(url: str, tmp_path: Path) -> None:
         n = front.number
         assert c["export_command"] == f"evomerge export live --candidate {n} --out merged-live-{n}"
         assert c["mergekit_yaml"] and "merge_method: ties" in c["mergekit_yaml"]
-        child = next((x for x in view.candidates("live") if x.parents), None)
-        if child is not None:
-            parent = client.get("/api/candidate", params={"study": "live", "number": child.parents[0]}).json()
+        # lineage in candidate numbers (the run stores parents as the algorithm's proposal keys)
+        cands = view.candidates("live")
+        by_key = {c.proposal_key: c.number for c in cands}
+        child = next(x for x in cands if x.parents)  # NSGA-II's second generation has parents
+        got = client.get("/api/candidate", params={"study": "live", "number": child.number}).json()
+        assert got["parents"] == [by_key[str(k)] for k in child.parents] and got["samples"]
+        for p in got["parents"]:
+            parent = client.get("/api/candidate", params={"study": "live", "number": p}).json()
             assert child.number in parent["children"]
         assert client.get("/api/study", params={"study": "nope"}).status_code == 404
         assert client.get("/api/candidate", params={"study": "live", "number": 999}).status_code == 404

@@ -117,12 +117,12 @@ def test_a_study_named_like_a_script_is_text(site) -> None:
     page, errors = _open(site, "/", "studies-xss")
     page.wait_for_selector("#studies")
     assert page.locator("a.study-link", has_text=XSS).inner_text() == XSS
-    assert page.evaluate("document.scripts.length") == 3  # plotly, common, the page's own
+    assert page.evaluate("document.scripts.length") == 2  # common.js and the page's own
     page.goto(site["base"] + "/study?name=" + quote(XSS))
     page.wait_for_function("document.body.dataset.loaded !== undefined")
     assert page.locator("#study-name").inner_text() == XSS and page.title().startswith(XSS)
     page.screenshot(path=str(site["shots"] / "study-xss.png"), full_page=True)
-    assert errors == [] and page.evaluate("document.scripts.length") == 3
+    assert errors == [] and page.evaluate("document.scripts.length") == 3  # and plotly
     page.close()
 
 

@@ -157,9 +157,14 @@ def points(view: StudyView, name: str) -> dict[str, Any]:
 
 
 def hypervolume(view: StudyView, name: str) -> dict[str, Any]:
-    """The stored series: evaluations, complete, value, seconds since the study was created."""
+    """The stored series (evaluations, complete, value, seconds since the study was created) at the
+    evaluations where the hypervolume changed, and the last."""
     st = view.study(name)
     series = view.hypervolume_series(name)
+    # a step plot needs only the points where the value changes, and the last one: the curve drawn is the
+    # same, from a few hundred points instead of one per evaluation
+    series = [p for i, p in enumerate(series)
+              if i == 0 or i == len(series) - 1 or p["value"] != series[i - 1]["value"]]
     return {
         "reference_point": st.reference_point,
         "evaluations": [p["evaluations"] for p in series],
@@ -211,7 +216,7 @@ def _sample_summary(view: StudyView, name: str, number: int, parents: list[int])
     """Per objective: examples, the mean, and against each parent the examples this one gets right
     (score >= 0.5) that the parent does not, and the other way round."""
     mine = view.sample_scores(name, number)
-    theirs = {p: view.sample_scores(name, p) for p in parents}
+    theirs = {p: view.sample_scores(name, p) for p in parents}  # numbers of candidates that exist
     out = []
     for obj, vals in mine.items():
         a = np.asarray(vals, dtype=float)
@@ -278,6 +283,7 @@ def candidate(view: StudyView, name: str, number: int, storage_arg: str) -> dict
     names = [o["name"] for o in st.objectives]
     recipe = json.loads(c.recipe_json)
     yml, why = _mergekit_yaml(c.recipe_json)
+    parents, children = view.lineage(name, number)
     return {
         "study": name, "number": c.number, "state": c.state, "operator": c.operator, "generation": c.generation,
         "worker": c.worker, "attempts": c.attempts, "error": c.error, "timings": c.timings,
@@ -285,10 +291,10 @@ def candidate(view: StudyView, name: str, number: int, storage_arg: str) -> dict
         "objectives": st.objectives,
         "scores": {k: v for k, v in c.scores.items() if k in names},
         "report_scores": {k: v for k, v in c.scores.items() if k not in names},
-        "samples": _sample_summary(view, name, number, c.parents),
+        "samples": _sample_summary(view, name, number, parents),
         "genome": _genome_view(recipe), "recipe": recipe, "recipe_hash": c.recipe_hash,
         "mergekit_yaml": yml, "mergekit_missing": why,
-        "parents": c.parents, "children": view.children(name, number),
+        "parents": parents, "children": children,
         "export_command": export_command(name, number, storage_arg),
     }
 

@@ -132,14 +132,16 @@ class SeriesMethods:
             ).all()
         return {obj: (lo, hi) for obj, lo, hi in rows}
 
-    def children_of(self, study: str, number: int) -> list[int]:
-        """Numbers of the candidates that name ``number`` among their parents."""
+    def lineage_table(self, study: str) -> list[tuple[int, str, list[int]]]:
+        """(number, proposal_key, parents as stored) of every candidate, in number order."""
         with self.db.session() as s:
             sid = study_id(s, study)
             rows = s.execute(
-                select(Candidate.number, Candidate.parents).where(Candidate.study_id == sid)
+                select(Candidate.number, Candidate.proposal_key, Candidate.parents)
+                .where(Candidate.study_id == sid)
+                .order_by(Candidate.number)
             ).all()
-        return [n for n, parents in rows if number in (parents or [])]
+        return [(n, k, list(p or [])) for n, k, p in rows]
 
     def study_stamp(self, study: str) -> dict[str, Any]:
         """What changes whenever anything of the study that a page shows changes: the status, the

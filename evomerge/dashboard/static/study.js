@@ -29,7 +29,8 @@
       EM.el("span", { class: "legend-note", id: "pareto-count" })), paretoDiv);
   const parDiv = EM.el("div", { class: "plot", id: "parcoords" });
   const parcoords = card("parcoords-card", "All objectives (parallel coordinates)",
-    "One line per scored candidate across every objective; blue lines are on the Pareto front of all objectives. Drag along an axis to filter.", parDiv);
+    "One line per scored candidate across every objective; blue lines are on the Pareto front of all objectives. Drag along an axis to filter.",
+    EM.el("div", { class: "legend-note", id: "parcoords-note" }), parDiv);
   const hvEval = EM.el("div", { class: "plot small", id: "hv-evals" });
   const hvTime = EM.el("div", { class: "plot small", id: "hv-time" });
   const hv = card("hv-card", "Hypervolume",
@@ -122,7 +123,19 @@
   function drawParcoords() {
     if (S.objectives.length < 3) { parcoords.style.display = "none"; return; }
     parcoords.style.display = "";
-    const idx = scoredIdx();
+    // every front member and an even sample of the others: past a few thousand lines the plot is a blur
+    // that takes seconds to redraw
+    const MAX = 2000;
+    let idx = scoredIdx();
+    const note = document.getElementById("parcoords-note");
+    if (idx.length > MAX) {
+      const rest = idx.filter((i) => !P.front[i]);
+      const room = Math.max(0, MAX - (idx.length - rest.length)), step = rest.length / Math.max(1, room);
+      const keep = new Set(idx.filter((i) => P.front[i]));
+      for (let k = 0; k < room; k++) keep.add(rest[Math.floor(k * step)]);
+      note.textContent = "showing all " + (idx.length - rest.length) + " front members and " + room + " of the " + rest.length + " others";
+      idx = idx.filter((i) => keep.has(i));
+    } else note.textContent = idx.length + " scored candidates";
     Plotly.react(parDiv, [{
       type: "parcoords",
       line: { color: idx.map((i) => (P.front[i] ? 1 : 0)), colorscale: [[0, "#cbd5e1"], [1, "#2563eb"]], cmin: 0, cmax: 1 },
@@ -278,8 +291,10 @@
   function drawAll() { header(); fillAxes(); drawPareto(); drawParcoords(); drawHV(); drawHeldOut(); drawTimeline(); drawFailures(); drawAlgorithm(); }
 
   async function refresh() {
+    // the algorithm's own state is fetched for the algorithms that have one to show
+    const own = !S || ["m2n2", "map"].includes(S.algorithm);
     [S, P, H, A] = await Promise.all([EM.api("/api/study", { study }), EM.api("/api/points", { study }),
-      EM.api("/api/hypervolume", { study }), EM.api("/api/algorithm", { study })]);
+      EM.api("/api/hypervolume", { study }), own ? EM.api("/api/algorithm", { study }) : Promise.resolve({ algorithm: S.algorithm })]);
     drawAll();
     document.body.dataset.loaded = String(P.scored);
   }
