@@ -34,8 +34,8 @@
     const body = EM.el("tbody");
     for (const s of C.samples) {
       const rel = s.parents.length ? EM.el("div") : EM.el("span", { class: "legend-note", text: C.parents.length ? "parents scored other examples" : "no parents (an initial candidate)" });
-      for (const p of s.parents) rel.appendChild(EM.el("div", {}, "vs ", EM.el("a", { href: EM.candUrl(study, p.parent), text: "#" + p.parent }),
-        " (mean " + EM.fmt(p.mean) + "): gets " + p.gained + " right that it misses, misses " + p.lost + " it gets right"));
+      for (const p of s.parents) rel.appendChild(EM.el("div", {}, "parent ", EM.el("a", { href: EM.candUrl(study, p.parent), text: "#" + p.parent }),
+        " (mean " + EM.fmt(p.mean) + "): " + p.gained + " right here that the parent got wrong, " + p.lost + " wrong here that the parent got right"));
       body.appendChild(EM.el("tr", {}, EM.el("td", { text: s.objective }), EM.el("td", { class: "num", text: String(s.examples) }),
         EM.el("td", { class: "num", text: EM.fmt(s.mean) }), EM.el("td", {}, rel)));
     }
@@ -65,11 +65,11 @@
       colorbar: { title: { text: "weight" }, x: g.densities ? 0.45 : 1.0 }, texttemplate: "%{z:.2f}", hovertemplate: "%{y} · %{x}: weight %{z:.3f}<extra></extra>" }];
     const layout = { margin: { l: 90, r: 10, t: 30, b: 60 }, annotations: [] };
     if (g.densities) {
-      traces.push({ type: "heatmap", z: g.densities, x: srcs, y: g.groups.map(EM.esc), colorscale: "Greens", zmin: 0, zmax: 1, xaxis: "x2", yaxis: "y2",
+      traces.push({ type: "heatmap", z: g.densities, x: srcs, y: g.groups.map(EM.esc), colorscale: [[0, "#f0fdf4"], [1, "#166534"]], zmin: 0, zmax: 1, xaxis: "x2", yaxis: "y2",
         colorbar: { title: { text: "density" } }, texttemplate: "%{z:.2f}", hovertemplate: "%{y} · %{x}: density %{z:.3f}<extra></extra>" });
       Object.assign(layout, { grid: { rows: 1, columns: 2, pattern: "independent" } });
-      layout.annotations = [{ text: "weight", x: 0.2, y: 1.06, xref: "paper", yref: "paper", showarrow: false },
-        { text: "density", x: 0.8, y: 1.06, xref: "paper", yref: "paper", showarrow: false }];
+      layout.annotations = [{ text: "weight", x: 0.2, y: 1.12, xref: "paper", yref: "paper", showarrow: false },
+        { text: "density", x: 0.8, y: 1.12, xref: "paper", yref: "paper", showarrow: false }];
     }
     gDiv.style.height = Math.max(260, 90 + 26 * g.groups.length) + "px";
     Plotly.newPlot(gDiv, traces, layout, EM.plotConfig);

@@ -107,7 +107,7 @@
     const dominated = idx.filter((i) => !front2.has(i) && !P.front[i]);
     const fullFront = idx.filter((i) => !front2.has(i) && P.front[i]);
     const frontIds = sorted.filter((i) => front2.has(i));
-    const traces = [trace(dominated, "dominated", { color: "#94a3b8", opacity: 0.35, size: 6 })];
+    const traces = [trace(dominated, "dominated", { color: "#94a3b8", opacity: 0.55, size: 6 })];
     if (S.objectives.length > 2) traces.push(trace(fullFront, "front on other objectives", { color: "#60a5fa", opacity: 0.8, size: 7 }));
     traces.push(trace(frontIds, "front (these two axes)", { color: "#2563eb", size: 10, line: { color: "#1e3a8a", width: 1 } },
       { mode: "lines+markers", line: { color: "#2563eb", width: 2, shape: "hv" } }));
