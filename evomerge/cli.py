@@ -304,8 +304,14 @@ def dashboard(
     """Serve the read-only web dashboard of the study database (http://127.0.0.1:8000/ by default)."""
     from evomerge.dashboard import serve  # FastAPI, uvicorn, plotly: only when the dashboard runs
     from evomerge.store import default_storage_url  # SQLAlchemy: not on --help or merge
+    from evomerge.store.engine import parse_url
 
-    serve(storage or default_storage_url(), host, port, storage_arg=storage or "",
+    url = storage or default_storage_url()
+    try:
+        parse_url(url)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    serve(url, host, port, storage_arg=storage or "",
           say=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True))
 
 # Errors printed as one line with exit code 2, by (module, class). Looked up only once something was

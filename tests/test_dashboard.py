@@ -3,10 +3,14 @@ every answer agrees with the store, nothing is written, only GET is served, asse
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from dashboard_studies import run_search
@@ -157,3 +161,37 @@ def test_front_mask_matches_the_front_module() -> None:
     for n, m in ((1, 2), (50, 2), (300, 3), (200, 4)):
         F = rng.integers(0, 6, size=(n, m)).astype(float)  # ties and duplicates included
         assert (front_mask(F) == non_dominated(F)).all()
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "from evomerge.cli import main; main()", "dashboard", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_the_command_binds_this_host_by_default_and_warns_otherwise(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    Store(url).close()
+    for host, warned in (("127.0.0.1", False), ("0.0.0.0", True)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = _cli("--storage", url, "--host", host, "--port", str(port))
+        try:
+            lines = [proc.stderr.readline() for _ in range(2)]
+            assert f"on http://{host}:{port}/" in lines[0] and "(read-only)" in lines[0]
+            assert lines[1].startswith("warning: listening on 0.0.0.0") == warned
+            assert warned or "this machine only (127.0.0.1)" in lines[1]
+            for _ in range(100):
+                try:
+                    r = httpx.get(f"http://127.0.0.1:{port}/api/studies", timeout=2)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            assert r.status_code == 200 and r.json() == []
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    for bad in (["--storage", f"sqlite:///{tmp_path / 'missing.db'}"], ["--storage", "nosuch://x"]):
+        p = _cli(*bad)
+        out, errtext = p.communicate(timeout=60)
+        assert p.returncode == 2 and errtext.startswith("error: ") and len(errtext.strip().splitlines()) == 1, errtext
