@@ -23,7 +23,7 @@ from evomerge.dashboard.data import warm_up
 from evomerge.store import Store
 
 CHROMIUM = os.environ.get("EVOMERGE_CHROMIUM", "/usr/bin/chromium")
-# WebGL in software, for the parallel coordinates; no sandbox: CI runs as root
+# WebGL in software, for plots of more than 3000 points; no sandbox: CI runs as root
 ARGS = ["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
 XSS = "<script>alert(1)</script>"
 
@@ -94,7 +94,10 @@ def test_plots_draw_every_scored_candidate_and_a_click_opens_it(site) -> None:
     scored = pts["scored"]
     assert scored == int(page.evaluate("document.body.dataset.loaded")) and scored > 10
     assert page.locator("#pareto .scatterlayer .point").count() == scored
-    assert page.locator("#parcoords canvas").count() > 0 and page.locator("#parcoords .axis").count() == 3
+    # parallel coordinates: one line of three points per scored candidate, in two paths (front, dominated)
+    drawn = page.evaluate("""() => document.getElementById('parcoords').data
+        .reduce((n, t) => n + t.x.filter((v) => v !== null).length, 0)""")
+    assert drawn == 3 * scored and page.locator("#parcoords .scatterlayer path.js-line").count() >= 1
     assert page.locator("#hv-evals .scatterlayer path.js-line").count() == 1
     assert page.locator("#timeline .barlayer path").count() == len([s for s in pts["start_s"] if s is not None])
     front = {n for n, f in zip(pts["number"], pts["front"], strict=True) if f}

@@ -29,7 +29,7 @@
       EM.el("span", { class: "legend-note", id: "pareto-count" })), paretoDiv);
   const parDiv = EM.el("div", { class: "plot", id: "parcoords" });
   const parcoords = card("parcoords-card", "All objectives (parallel coordinates)",
-    "One line per scored candidate across every objective; blue lines are on the Pareto front of all objectives. Drag along an axis to filter.",
+    "One line per scored candidate across every objective, each axis from its worst value (bottom) to its best (top): blue lines are on the Pareto front of all objectives, grey ones are dominated.",
     EM.el("div", { class: "legend-note", id: "parcoords-note" }), parDiv);
   const hvEval = EM.el("div", { class: "plot small", id: "hv-evals" });
   const hvTime = EM.el("div", { class: "plot small", id: "hv-time" });
@@ -120,15 +120,16 @@
     }, EM.plotConfig);
   }
 
+  // Parallel coordinates drawn as SVG lines (one path per group): plotly's own parcoords needs WebGL and
+  // takes seconds in a browser without a GPU. Each axis runs from its worst value (bottom) to its best
+  // (top), so a line high everywhere is good everywhere.
   function drawParcoords() {
     if (S.objectives.length < 3) { parcoords.style.display = "none"; return; }
     parcoords.style.display = "";
-    // every front member and an even sample of the others: past a few thousand lines the plot is a blur
-    // that takes seconds to redraw
     const MAX = 2000;
     let idx = scoredIdx();
     const note = document.getElementById("parcoords-note");
-    if (idx.length > MAX) {
+    if (idx.length > MAX) {  // every front member and an even sample of the others
       const rest = idx.filter((i) => !P.front[i]);
       const room = Math.max(0, MAX - (idx.length - rest.length)), step = rest.length / Math.max(1, room);
       const keep = new Set(idx.filter((i) => P.front[i]));
@@ -136,11 +137,43 @@
       note.textContent = "showing all " + (idx.length - rest.length) + " front members and " + room + " of the " + rest.length + " others";
       idx = idx.filter((i) => keep.has(i));
     } else note.textContent = idx.length + " scored candidates";
-    Plotly.react(parDiv, [{
-      type: "parcoords",
-      line: { color: idx.map((i) => (P.front[i] ? 1 : 0)), colorscale: [[0, "#cbd5e1"], [1, "#2563eb"]], cmin: 0, cmax: 1 },
-      dimensions: S.objectives.map((o) => ({ label: EM.esc(EM.objLabel(o)), values: idx.map((i) => P.scores[o.name][i]) })),
-    }], { margin: { l: 70, r: 70, t: 40, b: 20 } }, EM.plotConfig);
+    const objs = S.objectives;
+    const lo = {}, hi = {};
+    for (const o of objs) {
+      const v = idx.map((i) => P.scores[o.name][i]);
+      lo[o.name] = Math.min(...v); hi[o.name] = Math.max(...v);
+    }
+    const norm = (o, v) => {
+      const span = hi[o.name] - lo[o.name] || 1;
+      const t = (v - lo[o.name]) / span;
+      return o.direction === "maximize" ? t : 1 - t;
+    };
+    const lines = (ids) => {
+      const x = [], y = [], cd = [];
+      for (const i of ids) {
+        objs.forEach((o, j) => { x.push(j); y.push(norm(o, P.scores[o.name][i])); cd.push(P.number[i]); });
+        x.push(null); y.push(null); cd.push(null);
+      }
+      return { x, y, customdata: cd };
+    };
+    const others = idx.filter((i) => !P.front[i]), front = idx.filter((i) => P.front[i]);
+    const traces = [
+      Object.assign({ type: "scatter", mode: "lines", name: "dominated", line: { color: "rgba(148,163,184,0.35)", width: 1 }, hoverinfo: "skip" }, lines(others)),
+      Object.assign({ type: "scatter", mode: "lines", name: "on the front", line: { color: "rgba(37,99,235,0.75)", width: 1.5 },
+        hovertemplate: "#%{customdata}<extra></extra>" }, lines(front)),
+    ];
+    const ann = [];
+    objs.forEach((o, j) => {
+      const best = o.direction === "maximize" ? hi[o.name] : lo[o.name], worst = o.direction === "maximize" ? lo[o.name] : hi[o.name];
+      ann.push({ x: j, y: 1.02, yanchor: "bottom", text: "<b>" + EM.esc(EM.objLabel(o)) + "</b><br>best " + EM.fmt(best), showarrow: false });
+      ann.push({ x: j, y: -0.02, yanchor: "top", text: "worst " + EM.fmt(worst), showarrow: false });
+    });
+    Plotly.react(parDiv, traces, {
+      margin: { l: 40, r: 40, t: 50, b: 40 }, showlegend: true, legend: { orientation: "h", y: -0.12 }, annotations: ann,
+      xaxis: { range: [-0.15, objs.length - 0.85], showticklabels: false, zeroline: false, showgrid: true, gridcolor: "#64748b", tickvals: objs.map((_, j) => j), fixedrange: true },
+      yaxis: { range: [-0.05, 1.05], showticklabels: false, zeroline: false, showgrid: false, fixedrange: true },
+      hovermode: "closest",
+    }, EM.plotConfig);
   }
 
   function drawHV() {
@@ -288,14 +321,24 @@
       ": nothing of its own to show (M2N2 shows its archive and niches, MAP its surrogate)." }));
   }
 
-  function drawAll() { header(); fillAxes(); drawPareto(); drawParcoords(); drawHV(); drawHeldOut(); drawTimeline(); drawFailures(); drawAlgorithm(); }
+  // window.evomergeTimings: milliseconds each part took to draw, last time (the benchmark reads it)
+  function drawAll() {
+    const t = {};
+    for (const f of [header, fillAxes, drawPareto, drawParcoords, drawHV, drawHeldOut, drawTimeline, drawFailures, drawAlgorithm]) {
+      const t0 = performance.now(); f(); t[f.name] = Math.round(performance.now() - t0);
+    }
+    window.evomergeTimings = t;
+  }
 
   async function refresh() {
     // the algorithm's own state is fetched for the algorithms that have one to show
     const own = !S || ["m2n2", "map"].includes(S.algorithm);
+    const t0 = performance.now();
     [S, P, H, A] = await Promise.all([EM.api("/api/study", { study }), EM.api("/api/points", { study }),
       EM.api("/api/hypervolume", { study }), own ? EM.api("/api/algorithm", { study }) : Promise.resolve({ algorithm: S.algorithm })]);
+    const fetched = performance.now() - t0;
     drawAll();
+    window.evomergeTimings.fetch = Math.round(fetched);
     document.body.dataset.loaded = String(P.scored);
   }
 
