@@ -195,3 +195,23 @@ def test_the_command_binds_this_host_by_default_and_warns_otherwise(tmp_path: Pa
         p = _cli(*bad)
         out, errtext = p.communicate(timeout=60)
         assert p.returncode == 2 and errtext.startswith("error: ") and len(errtext.strip().splitlines()) == 1, errtext
+
+
+def test_a_data_flow_candidate_shows_its_layer_path(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'df.db'}")
+    store.create_study("df", "genome: {type: data_flow}\nalgorithm: {name: random}\n",
+                       [{"name": "a", "direction": "maximize"}, {"name": "cost", "direction": "minimize"}], 3)
+    recipe = {"kind": "data_flow", "version": 1, "models": ["zoo://base", "zoo://math"], "num_layers": [4, 4],
+              "path": [[0, 0], [1, 1], [1, 2], [0, 3]], "scales": [1.0, 0.8, 1.2, 1.0],
+              "embed_source": 0, "head_source": 0}
+    n = store.add_candidate("df", proposal_key="0", genome=[0.1], recipe_json=recipe, recipe_hash="h0")
+    store.mark_running("df", n, worker="w")
+    store.complete_candidate("df", n, {"a": 0.5, "cost": 2.0}, None, {})
+    client = TestClient(create_app(store))
+    c = client.get("/api/candidate", params={"study": "df", "number": n}).json()
+    assert c["genome"] == {"kind": "data_flow", "models": recipe["models"], "path": recipe["path"],
+                           "scales": recipe["scales"]}
+    assert c["mergekit_yaml"] is None and "data-flow" in c["mergekit_missing"]
+    s = client.get("/api/study", params={"study": "df"}).json()
+    assert (s["genome"], s["algorithm"], s["hypervolume"]) == ("data_flow", "random", None)
+    store.close()
