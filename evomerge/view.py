@@ -155,6 +155,10 @@ class StudyView:
         value, recorded); empty before the study has a reference point or with one objective."""
         return self.store.hypervolume_series(study)
 
+    def hypervolume_changes(self, study: str) -> list[dict[str, Any]]:
+        """The points of the series where the hypervolume changed, and the last: its step curve."""
+        return self.store.hypervolume_changes(study)
+
     def last_hypervolume(self, study: str) -> dict[str, Any] | None:
         """The newest point of the series (None before the first)."""
         return self.store.last_hypervolume(study)

@@ -160,11 +160,9 @@ def hypervolume(view: StudyView, name: str) -> dict[str, Any]:
     """The stored series (evaluations, complete, value, seconds since the study was created) at the
     evaluations where the hypervolume changed, and the last."""
     st = view.study(name)
-    series = view.hypervolume_series(name)
     # a step plot needs only the points where the value changes, and the last one: the curve drawn is the
     # same, from a few hundred points instead of one per evaluation
-    series = [p for i, p in enumerate(series)
-              if i == 0 or i == len(series) - 1 or p["value"] != series[i - 1]["value"]]
+    series = view.hypervolume_changes(name)
     return {
         "reference_point": st.reference_point,
         "evaluations": [p["evaluations"] for p in series],
