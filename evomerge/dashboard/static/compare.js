@@ -28,7 +28,7 @@
   main.append(EM.el("section", { class: "card" }, EM.el("h2", { text: "Studies" }), picker),
     EM.el("div", { class: "grid2" },
       EM.el("section", { class: "card" }, EM.el("h2", { text: "Hypervolume" }), EM.el("div", { class: "controls" }, xMode), hvDiv),
-      EM.el("section", { class: "card" }, EM.el("h2", { text: "Pareto fronts" }),
+      EM.el("section", { class: "card" }, EM.el("h2", { text: "Pareto fronts on two objectives" }),
         EM.el("div", { class: "controls" }, EM.el("label", {}, "x ", xSel), EM.el("label", {}, "y ", ySel)), frDiv)));
   const cache = {};
   async function get(s) {
@@ -57,9 +57,14 @@
     names.forEach((s, k) => {
       const P = got[k][1];
       if (!ox || !oy || !P.scores[ox.name] || !P.scores[oy.name]) return;
-      const ids = P.number.map((_, i) => i).filter((i) => P.front[i] && P.scores[ox.name][i] !== null && P.scores[oy.name][i] !== null);
-      const sx = ox.direction === "maximize" ? -1 : 1;
-      ids.sort((a, b) => sx * (P.scores[ox.name][a] - P.scores[ox.name][b]));
+      // each study's front on the two axes shown: best x first, each kept point better in y than all before
+      const X = P.scores[ox.name], Y = P.scores[oy.name];
+      const sx = ox.direction === "maximize" ? -1 : 1, sy = oy.direction === "maximize" ? -1 : 1;
+      const all = P.number.map((_, i) => i).filter((i) => P.state[i] === "complete" && X[i] !== null && Y[i] !== null);
+      all.sort((a, b) => sx * X[a] - sx * X[b] || sy * Y[a] - sy * Y[b]);
+      const ids = [];
+      let bestY = Infinity;
+      for (const i of all) if (sy * Y[i] < bestY) { ids.push(i); bestY = sy * Y[i]; }
       traces.push({ type: "scatter", mode: "lines+markers", name: EM.esc(s), line: { shape: "hv" },
         x: ids.map((i) => P.scores[ox.name][i]), y: ids.map((i) => P.scores[oy.name][i]),
         customdata: ids.map((i) => [EM.esc(s), P.number[i], s]), hovertemplate: "%{customdata[0]} #%{customdata[1]}<extra></extra>" });
