@@ -173,14 +173,9 @@ class StudyView:
         return self.store.best_scores(study)
 
     def lineage(self, study: str, number: int) -> tuple[list[int], list[int]]:
-        """The candidate's parents and children, as candidate numbers. The run stores a candidate's
-        parents as the proposal keys the algorithm gave them; they are mapped to numbers here."""
-        rows = self.store.lineage_table(study)
-        by_key = {k: n for n, k, _ in rows}
-        key = next((k for n, k, _ in rows if n == number), None)
-        parents = next((p for n, _, p in rows if n == number), [])
-        return ([by_key[str(p)] for p in parents if str(p) in by_key],
-                [n for n, _, p in rows if key is not None and key in {str(x) for x in p}])
+        """The candidate's parents and children, as candidate numbers (the run stores parents as the
+        algorithm's proposal keys; the store maps them)."""
+        return self.store.lineage(study, number)
 
     def stamp(self, study: str) -> dict[str, Any]:
         """A small dict that changes whenever the study changes (a dashboard polls it)."""

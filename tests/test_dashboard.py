@@ -114,7 +114,7 @@ def test_api_follows_a_running_search(url: str, tmp_path: Path) -> None:
         # lineage in candidate numbers (the run stores parents as the algorithm's proposal keys)
         cands = view.candidates("live")
         by_key = {c.proposal_key: c.number for c in cands}
-        child = next(x for x in cands if x.parents)  # NSGA-II's second generation has parents
+        child = next(x for x in cands if x.parents and x.state == "complete")  # NSGA-II generation 2
         got = client.get("/api/candidate", params={"study": "live", "number": child.number}).json()
         assert got["parents"] == [by_key[str(k)] for k in child.parents] and got["samples"]
         for p in got["parents"]:

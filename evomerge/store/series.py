@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, func, or_, select, type_coerce
+from sqlalchemy import String, Text, cast, func, or_, select, type_coerce
 
 from .engine import Database
 from .models import Candidate, HypervolumePoint, Score, Study
@@ -152,16 +152,29 @@ class SeriesMethods:
             ).all()
         return {obj: (lo, hi) for obj, lo, hi in rows}
 
-    def lineage_table(self, study: str) -> list[tuple[int, str, list[int]]]:
-        """(number, proposal_key, parents as stored) of every candidate, in number order."""
+    def lineage(self, study: str, number: int) -> tuple[list[int], list[int]]:
+        """A candidate's parents and children as candidate numbers. The run stores parents as the
+        proposal keys the algorithm gave them; they are mapped to numbers here. Children are found
+        by their parents' JSON text first (a LIKE the database answers from the study's rows), then
+        checked exactly, so a study's 10,000 parent lists are never all decoded."""
         with self.db.session() as s:
             sid = study_id(s, study)
-            rows = s.execute(
-                select(Candidate.number, Candidate.proposal_key, Candidate.parents)
-                .where(Candidate.study_id == sid)
+            key, parents = s.execute(
+                select(Candidate.proposal_key, Candidate.parents)
+                .where(Candidate.study_id == sid, Candidate.number == int(number))
+            ).one()
+            keys = [str(p) for p in parents or []]
+            by_key = dict(s.execute(
+                select(Candidate.proposal_key, Candidate.number)
+                .where(Candidate.study_id == sid, Candidate.proposal_key.in_(keys))
+            ).all()) if keys else {}
+            maybe = s.execute(
+                select(Candidate.number, Candidate.parents)
+                .where(Candidate.study_id == sid, cast(Candidate.parents, Text).like(f"%{int(key)}%"))
                 .order_by(Candidate.number)
-            ).all()
-        return [(n, k, list(p or [])) for n, k, p in rows]
+            ).all() if key.isdigit() else []
+        children = [n for n, p in maybe if key in {str(x) for x in p or []}]
+        return [by_key[k] for k in keys if k in by_key], children
 
     def study_stamp(self, study: str) -> dict[str, Any]:
         """What changes whenever anything of the study that a page shows changes: the status, the
