@@ -294,7 +294,6 @@ def storage_upgrade(storage: StorageOpt = None) -> None:
         out.print(f"{store.url_display}: schema upgraded from {before or 'empty'} to {after}")
 
 
-
 @app.command()
 def dashboard(
     storage: StorageOpt = None,
@@ -313,6 +312,7 @@ def dashboard(
         raise UserError(str(e)) from None
     serve(url, host, port, storage_arg=storage or "",
           say=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True))
+
 
 # Errors printed as one line with exit code 2, by (module, class). Looked up only once something was
 # raised, in the modules already imported: an exception of a class whose module was never imported
