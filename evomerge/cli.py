@@ -342,6 +342,26 @@ def storage_copy(
               if copied else "no studies to copy", markup=False, highlight=False)
 
 
+@app.command()
+def dashboard(
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option("--host", help="address to listen on (default: this host only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="port to listen on")] = 8000,
+) -> None:
+    """Serve the read-only web dashboard of the study database (http://127.0.0.1:8000/ by default)."""
+    from evomerge.dashboard import serve  # FastAPI, uvicorn, plotly: only when the dashboard runs
+    from evomerge.store import default_storage_url  # SQLAlchemy: not on --help or merge
+    from evomerge.store.engine import parse_url
+
+    url = storage or default_storage_url()
+    try:
+        parse_url(url)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    serve(url, host, port, storage_arg=storage or "",
+          say=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True))
+
+
 # Errors printed as one line with exit code 2, by (module, class). Looked up only once something was
 # raised, in the modules already imported: an exception of a class whose module was never imported
 # cannot have been raised, and importing run/export/store up front (torch, SQLAlchemy, Ray) would

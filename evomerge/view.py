@@ -150,6 +150,37 @@ class StudyView:
             out.append(WorkerTimings(worker, len(timings), means))
         return out
 
+    def hypervolume_series(self, study: str) -> list[dict[str, Any]]:
+        """The hypervolume after each finished evaluation, as the run stored it (evaluations, complete,
+        value, recorded); empty before the study has a reference point or with one objective."""
+        return self.store.hypervolume_series(study)
+
+    def hypervolume_changes(self, study: str) -> list[dict[str, Any]]:
+        """The points of the series where the hypervolume changed, and the last: its step curve."""
+        return self.store.hypervolume_changes(study)
+
+    def last_hypervolume(self, study: str) -> dict[str, Any] | None:
+        """The newest point of the series (None before the first)."""
+        return self.store.last_hypervolume(study)
+
+    def table(self, study: str) -> tuple[list[tuple], dict[int, dict[str, float]]]:
+        """Every candidate without its genome and recipe (``evomerge.store.series.TABLE_COLUMNS``) and
+        the scores by number: what a page of the whole study needs, in two queries."""
+        return self.store.study_table(study)
+
+    def best_scores(self, study: str) -> dict[str, tuple[float, float]]:
+        """Per score name, (lowest, highest) over the complete candidates: one aggregate query."""
+        return self.store.best_scores(study)
+
+    def lineage(self, study: str, number: int) -> tuple[list[int], list[int]]:
+        """The candidate's parents and children, as candidate numbers (the run stores parents as the
+        algorithm's proposal keys; the store maps them)."""
+        return self.store.lineage(study, number)
+
+    def stamp(self, study: str) -> dict[str, Any]:
+        """A small dict that changes whenever the study changes (a dashboard polls it)."""
+        return self.store.study_stamp(study)
+
 
 def _names(st: StudyRow) -> list[str]:
     return [o["name"] for o in st.objectives]

@@ -72,7 +72,7 @@ def test_migrations_create_schema_and_upgrade_is_idempotent(url):
     st = Store(url)
     try:
         head = st.db.head_revision()
-        assert st.current_revision() == head == "0001" and st.revision_at_open is None
+        assert st.current_revision() == head == "0002" and st.revision_at_open is None
         insp = sa.inspect(st.db.engine)
         assert TABLES <= set(insp.get_table_names())
         # idempotent: a second upgrade and a second open change nothing
@@ -111,7 +111,7 @@ def test_schema_revision_checks(url):
     assert st.current_revision() is None
     st.close()
     st = Store(url)
-    assert st.current_revision() == "0001" and st.list_studies() == []
+    assert st.current_revision() == "0002" and st.list_studies() == []
     # a schema newer than this code is refused, even with auto_upgrade
     with st.db.engine.begin() as conn:
         conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))

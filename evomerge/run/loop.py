@@ -21,6 +21,7 @@ from rich.console import Console
 from evomerge import front as frontlib
 from evomerge.genomes import make_genome
 from evomerge.objectives import is_bounded
+from evomerge.run.hvseries import HypervolumeSeries
 from evomerge.run.lease import Lease
 from evomerge.run.pool import Outcome, RayPool, Task, WorkerPool, WorkerStartError, worker_config
 from evomerge.run.problem import build_algorithm
@@ -90,6 +91,7 @@ class StudyRun:
         self.stats = RunStats()
         self.step = 0
         self._ref_fixed = False
+        self.hv_series = HypervolumeSeries(store, study, self.names, self.directions)
 
     # -- store <-> algorithm ----------------------------------------------------------------
     def _values(self, scores: dict[str, float]) -> list[float]:
@@ -187,7 +189,12 @@ class StudyRun:
     # -- the reference point ------------------------------------------------------------------
     def _ensure_reference_point(self) -> None:
         """Fix the study's hypervolume reference point once: from known bounds (every objective in
-        [0, 1]) at the start, otherwise from the results there are when the first ones are in."""
+        [0, 1]) at the start, otherwise from the results there are when the first ones are in; then
+        record the hypervolume series up to the results there are."""
+        self._fix_reference_point()
+        self.hv_series.update()
+
+    def _fix_reference_point(self) -> None:
         if self._ref_fixed or self.store.get_study(self.study).reference_point is not None:
             self._ref_fixed = True
             return
@@ -265,6 +272,7 @@ class StudyRun:
             self._restore()
             self._ensure_reference_point()
             self._loop()
+            self.hv_series.update()  # what the last round and the report scoring finished
             self.store.set_study_status(self.study, "done" if self._finished() else "paused")
         except KeyboardInterrupt:
             # Ctrl-C is a pause the user asked for. Any other end leaves "running", which the view reads

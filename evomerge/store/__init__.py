@@ -8,7 +8,8 @@ the driver, the CLI and the study view. The store's modules, lowest first:
 - ``values``: checks and conversions of what callers hand in (JSON data, scores, timestamps);
 - ``rows``: the frozen rows handed back (``StudyRow``, ``CandidateRow``, ``CheckpointRow``);
 - ``engine``: storage URLs and ``Database``, the one engine, session factory and schema check;
-- ``studies``, ``leases``, ``candidates``, ``checkpoints``: the methods of each concept;
+- ``studies``, ``leases``, ``candidates``, ``checkpoints``, ``series``: the methods of each concept
+  (``series``: the hypervolume series and the light table of a study that the dashboard reads);
 - ``store``: ``Store``, the one public class, made of those methods over a ``Database``.
 """
 

@@ -126,3 +126,20 @@ class Checkpoint(Base):
     # column: PostgreSQL's json type rejects NaN, and algorithm states may hold it.
     state: Mapped[str] = mapped_column(Text)
     created: Mapped[datetime] = mapped_column(DateTime())
+
+
+class HypervolumePoint(Base):
+    """The study's hypervolume after its ``evaluations``-th finished candidate (complete or failed),
+    against the study's reference point; ``complete`` of them had scores."""
+
+    __tablename__ = "hypervolume_points"
+    __table_args__ = (
+        UniqueConstraint("study_id", "evaluations", name="uq_hypervolume_points_study_evaluations"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    evaluations: Mapped[int] = mapped_column(Integer)
+    complete: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float] = mapped_column(Double)
+    recorded: Mapped[datetime] = mapped_column(DateTime())

@@ -13,10 +13,11 @@ from .candidates import CandidateMethods
 from .checkpoints import CheckpointMethods
 from .engine import Database, default_storage_url
 from .leases import LeaseMethods
+from .series import SeriesMethods
 from .studies import StudyMethods
 
 
-class Store(StudyMethods, LeaseMethods, CandidateMethods, CheckpointMethods):
+class Store(StudyMethods, LeaseMethods, CandidateMethods, CheckpointMethods, SeriesMethods):
     """Repository over one storage URL (``sqlite:///...`` or ``postgresql+psycopg://...``).
 
     Opening a store brings the schema to the newest revision through the Alembic migrations shipped
