@@ -77,6 +77,11 @@ def _summary(r: DataFlowRecipe) -> str:
     return f"path ({r.path_length}): {steps}"
 
 
+def _legend(r: DataFlowRecipe) -> str:
+    return ("recipe: the data-flow path (its length, then each step as m<source>.<layer>: block <layer> of "
+            "source <source>); scales and embeddings in --json")
+
+
 KIND = GenomeKind(
     name="data_flow",
     spec=DataFlowGenomeSpec,
@@ -88,6 +93,7 @@ KIND = GenomeKind(
     cost_measures={"path_length": path_length, "path_params": path_params, "params": nonzero_params},
     describe=_describe,
     summary=_summary,
+    legend=_legend,
 )
 
 __all__ = ["KIND", "DataFlowGenome", "DataFlowGenomeSpec", "DataFlowRecipe", "read_block_count"]
