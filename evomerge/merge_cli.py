@@ -14,22 +14,27 @@ import typer
 
 
 def merge_command(
-    config: Annotated[Path, typer.Argument(help="an evomerge recipe (.json) or a mergekit YAML")],
-    out: Annotated[Path, typer.Option("--out", help="output folder (must not exist or be empty)")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="an evomerge recipe (.json) or a mergekit YAML",
+                                          show_default=False)],
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="output folder (must not exist or be empty)")],
     force: Annotated[bool, typer.Option("--force", help="replace a non-empty output folder")] = False,
     dtype: Annotated[
         str | None,
         typer.Option(
-            "--dtype", help="output dtype: float32, float16, bfloat16 [default: the config's, else the base's]"
+            "--dtype", metavar="DTYPE", show_default=False,
+            help="output dtype: float32, float16, bfloat16  [default: the config's, else the base's]"
         ),
     ] = None,
     compute_dtype: Annotated[
         str,
         typer.Option(
-            "--compute-dtype", help="dtype the sources are held in while merging (operators compute in float32)"
+            "--compute-dtype", metavar="DTYPE",
+            help="dtype the sources are held in while merging (operators compute in float32)"
         ),
     ] = "float32",
-    device: Annotated[str, typer.Option("--device", help="where to merge: cpu, cuda or cuda:N")] = "cpu",
+    device: Annotated[
+        str, typer.Option("--device", metavar="DEVICE", help="where to merge: cpu, cuda or cuda:N")
+    ] = "cpu",
     print_yaml: Annotated[
         bool, typer.Option("--print-mergekit", help="also print the recipe as a mergekit YAML when expressible")
     ] = False,
