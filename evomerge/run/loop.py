@@ -264,6 +264,12 @@ class StudyRun:
     def run(self) -> None:
         self.lease.acquire()
         try:
+            if self._finished() and not self._report_todo():
+                # nothing to do: the study keeps its record (a resume of a finished study changes nothing)
+                self.already_done = True
+                if self.store.get_study(self.study).status != "done":
+                    self.store.set_study_status(self.study, "done")
+                return
             self.store.set_study_status(self.study, "running")
             self._restore()
             self._ensure_reference_point()
@@ -294,7 +300,6 @@ class StudyRun:
 
     def _loop(self) -> None:
         if self._finished() and not self._report_todo():
-            self.already_done = True
             return
         pool = self.pool_factory(worker_config(self.space))
         try:

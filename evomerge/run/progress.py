@@ -124,13 +124,14 @@ class SearchProgress:
         if self.live:
             self.progress.update(self.task, completed=s.done, summary=summary_text(s))
             return
-        if self._done0 is None:
-            self._done0 = s.done
         if s.done == self._last_done or self.log is None:
             return
+        if self._last_done is not None and self._done0 is None:
+            # the rate counts from the first result of this run: worker start-up is not per candidate
+            self._done0, self._t0 = s.done, time.monotonic()
         self._last_done = s.done
         msg = f"{s.done}/{self.budget} done | {summary_text(s)}"
-        new = s.done - self._done0
+        new = s.done - self._done0 if self._done0 is not None else 0
         if 0 < new and s.done < self.budget:
             left = (time.monotonic() - self._t0) / new * (self.budget - s.done)
             msg += f" | about {_duration(left)} left"
