@@ -207,3 +207,22 @@ def test_log_formats(store: Store) -> None:
     assert len(lines) == 1 and "progress: 4/10 done | best arith 0.7, params 1.5e+06" in lines[0], lines
     EventLog("plain", stream=plain).event("worker", "x" * 300)
     assert plain.getvalue().splitlines()[1].endswith("x" * 300)  # one line, never cut to a width
+
+
+def test_mergekit_config_names_sources_relative_to_a_stated_folder(tmp_path: Path) -> None:
+    from evomerge.genomes import ExportCard
+    from evomerge.genomes.parameter_space.export import portable_names
+
+    for d in ("models/base", "models/a", "elsewhere/b"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "spaces").mkdir()
+    r = Recipe(base=str(tmp_path / "models/base"), sources=[str(tmp_path / "models/a"), str(tmp_path / "elsewhere/b")],
+               method="linear", groups=[LayerGroup(name="embed", kind="embed", weights=[0.5, 0.5])])
+    card = ExportCard("s", 1, {}, [], found={"file": str(tmp_path / "spaces" / "space.yaml")})
+    names, root = portable_names(r, card)
+    assert root == str(tmp_path / "spaces")
+    assert names[str(tmp_path / "models/a")] == "../models/a"
+    assert names[str(tmp_path / "elsewhere/b")] == "../elsewhere/b"
+    assert all((Path(root) / n).is_dir() for n in names.values())
+    hub = r.model_copy(update={"sources": ["org/model-a", "org/model-b"], "base": "org/base"})
+    assert portable_names(hub, card) == ({}, None)  # hub ids stay as they are: no folder to state
