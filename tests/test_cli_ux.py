@@ -75,10 +75,16 @@ def test_usage_names_arguments_in_capitals() -> None:
     assert "--storage URL" in r.stdout and "sqlite:///evomerge.db" in r.stdout
 
 
-def test_shell_completion_script(tmp_path: Path) -> None:
-    r = cli("--show-completion", "bash", cwd=tmp_path)
+def test_shell_completion_installs_and_completes(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SHELL": "/bin/bash", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([*EVOMERGE, "--install-completion"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
-    assert "_EVOMERGE_COMPLETE" in r.stdout or "complete" in r.stdout
+    assert "evomerge" in (tmp_path / ".bashrc").read_text()  # the rc file sources the script it wrote
+    for words, cword, want in (("evomerge fr", 1, "front"), ("evomerge search --wo", 2, "--workers")):
+        r = subprocess.run(EVOMERGE, capture_output=True, text=True, timeout=120,
+                           env={**env, "_EVOMERGE_COMPLETE": "complete_bash", "COMP_WORDS": words,
+                                "COMP_CWORD": str(cword)})
+        assert r.returncode == 0 and want in r.stdout.split(), (words, r.stdout, r.stderr)
 
 
 # ------------------------------------------------------------------------------------- overrides
