@@ -293,9 +293,13 @@ def status(storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
 
     # A "running" study whose run lease has lapsed reads "interrupted" (kill -9 or a lost node leaves
     # running behind); resume picks it up.
-    rows = status_rows(StudyView(_store(storage)))
+    store = _store(storage)
+    rows = status_rows(StudyView(store))
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        print(f"no studies in {store.url_display}; start one with `evomerge search --space FILE`")
         return
     out_console().print(status_table(rows))
 

@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from evomerge.files import output_dir_problem
+
 
 def merge_command(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="an evomerge recipe (.json) or a mergekit YAML",
@@ -40,6 +42,13 @@ def merge_command(
     ] = False,
 ) -> None:
     """Merge models once from an evomerge recipe or a mergekit YAML and write a Hugging Face folder."""
+    # what needs no engine is refused before torch is imported (seconds): the target, the device
+    problem = output_dir_problem(out, force=force)
+    if problem is None and not (device == "cpu" or device.startswith("cuda")):
+        problem = f"--device must be cpu, cuda or cuda:N, not {device!r}"
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        raise typer.Exit(2)
     # the merge engine loads torch: only this command pays for it, not the CLI's other commands
     from evomerge.merge.build import merge_to_folder, os_error_text
     from evomerge.merge.lora import LoraError

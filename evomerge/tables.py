@@ -20,8 +20,6 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from evomerge.genomes import recipe_from_json, recipe_legend, recipe_summary
-from evomerge.space import space_origin
 from evomerge.store import CandidateRow, StudyRow
 from evomerge.view import StudyView
 
@@ -122,6 +120,8 @@ class Front:
 
 def load_front(view: StudyView, study: str) -> Front:
     """The study's front, best first on the first objective, candidates with identical scores merged."""
+    from evomerge.space import space_origin  # pydantic and the kind registries: the front only, not status
+
     st = view.study(study)
     search = list(st.objectives)
     names = [o["name"] for o in search]
@@ -157,6 +157,9 @@ def front_json(front: Front) -> list[dict[str, Any]]:
 
 def print_front(front: Front, console: Console, *, wide: bool = False, storage: str | None = None) -> None:
     """The table, its legend and the next step, on ``console``."""
+    # the genome kinds (pydantic, the operator registry): the front only, not status
+    from evomerge.genomes import recipe_from_json, recipe_legend, recipe_summary
+
     n = len(front.rows) + front.collapsed
     title = (f"Pareto front of {front.study}: {n} candidate{'s' if n != 1 else ''} "
              f"({front.complete} complete of budget {front.budget})")

@@ -111,6 +111,8 @@ LIGHT = {
     "resume unknown study": (["resume", "nope", "--storage", "{url}"], 2),
     "export no such candidate": (["export", "s", "--candidate", "9", "--out", "{dir}/o", "--storage", "{url}"], 2),
     "export folder not empty": (["export", "s", "--candidate", "1", "--out", "{dir}/full", "--storage", "{url}"], 2),
+    "merge into a full folder": (["merge", "{dir}/m.yaml", "--out", "{dir}/full"], 2),
+    "merge on a bad device": (["merge", "{dir}/m.yaml", "--out", "{dir}/o", "--device", "tpu"], 2),
     "bad log format": (["search", "--space", str(ROOT / "search_spaces" / "demo.yaml"), "--log-format", "xml"], 2),
 }
 
