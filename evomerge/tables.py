@@ -81,7 +81,7 @@ def status_rows(view: StudyView) -> list[dict[str, Any]]:
 
 
 def status_table(rows: list[dict[str, Any]]) -> Table:
-    t = Table("study", "state", "done", "failed", "running", "best", "elapsed", box=box.SIMPLE_HEAD)
+    t = Table("study", "state", "done", "failed", "running", "best", "elapsed", box=box.SIMPLE_HEAD, show_edge=False)
     for r in rows:
         done = r["complete"] + r["failed"]
         best = ", ".join(f"{k} {_num(v)}" for k, v in r["best"].items()) or "-"
@@ -163,7 +163,7 @@ def print_front(front: Front, console: Console, *, wide: bool = False, storage: 
     n = len(front.rows) + front.collapsed
     title = (f"Pareto front of {front.study}: {n} candidate{'s' if n != 1 else ''} "
              f"({front.complete} complete of budget {front.budget})")
-    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title_justify="left")
     t.add_column("#", justify="right", no_wrap=True)
     for o in front.search:
         t.add_column(o["name"], justify="right", no_wrap=True)

@@ -78,8 +78,7 @@ def _summary(r: DataFlowRecipe) -> str:
 
 
 def _legend(r: DataFlowRecipe) -> str:
-    return ("recipe: the data-flow path (its length, then each step as m<source>.<layer>: block <layer> of "
-            "source <source>); scales and embeddings in --json")
+    return "recipe: the layer path (its length, then each step: m<source>.<block>); scales in --json"
 
 
 KIND = GenomeKind(

@@ -66,8 +66,7 @@ def _legend(r: Recipe) -> str:
     n = len(r.sources)
     per = "/".join(f"w{i}" for i in range(n))
     dens = ", densities in --json" if any(g.densities for g in r.groups) else ""
-    return (f"recipe: {r.method}, per layer group (embed, Ln: block n, Ln-m: blocks n-m, head) "
-            f"the weight of each source, {per}{dens}")
+    return f"recipe: {r.method} weights per layer group (embed, Ln: block n, head), one per source: {per}{dens}"
 
 
 KIND = GenomeKind(
