@@ -136,3 +136,14 @@ def test_light_commands_import_no_model_library(case: str, study_db) -> None:
     if code == 2:
         assert p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 2, p.stderr
     assert not (d / "o").exists()
+
+
+def test_reading_a_store_at_head_imports_no_alembic(study_db) -> None:
+    # Alembic (a fifth of a second) is for upgrades: status, front and export's checks read without it
+    _, url = study_db
+    code = (f"import sys; sys.argv = ['evomerge', 'status', '--storage', {url!r}]\n"
+            "from evomerge.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('alembic' in sys.modules, file=sys.stderr)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.stderr.strip().splitlines()[-1] == "False", p.stderr[-2000:]
