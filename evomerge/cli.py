@@ -154,6 +154,12 @@ def _run_study(space, store, study: str, workers: int, ray_address: str | None, 
                   f"driver {s.driver_s / len(s.timings):.3f}s")
 
 
+def _space_file(path: Path) -> None:
+    """A missing space file is refused before pydantic and the kind registries are imported."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+
+
 def _check_algorithm(sp, path: Path, genome=None, build: bool = True) -> None:
     """Check the space's algorithm before any study exists: its name and setting names always; with
     ``build``, by building it (which imports its library: cma, pymoo, optuna cost 0.3-1.5 s)."""
@@ -210,6 +216,7 @@ def search(
     log_format: LogFormatOpt = "auto",
 ) -> None:
     """Start a new study on a search space and run it to its budget."""
+    _space_file(space)
     # pydantic, the genome and objective kinds: not on --help or merge
     from evomerge.genomes import describe_genome, make_genome
     from evomerge.space import dump_space, load_space
@@ -346,6 +353,7 @@ def export(
 @app.command()
 def validate(space: SpaceOpt) -> None:
     """Check a search space file: every field, its models' configs and its task files, without loading weights."""
+    _space_file(space)
     from evomerge.space import load_space  # pydantic and the kind registries: not on --help or merge
 
     sp = load_space(space)

@@ -232,3 +232,25 @@ def test_mergekit_config_names_sources_relative_to_a_stated_folder(tmp_path: Pat
     assert all((Path(root) / n).is_dir() for n in names.values())
     hub = r.model_copy(update={"sources": ["org/model-a", "org/model-b"], "base": "org/base"})
     assert portable_names(hub, card) == ({}, None)  # hub ids stay as they are: no folder to state
+
+
+def test_a_wait_on_another_builders_lock_is_announced(tmp_path: Path) -> None:
+    import threading
+
+    from evomerge.cache import file_lock
+
+    lock = tmp_path / ".zoo.lock"
+    said: list[str] = []
+    got = threading.Event()
+
+    def second() -> None:
+        with file_lock(lock, on_wait=lambda: said.append("waiting")):
+            got.set()
+
+    with file_lock(lock, on_wait=lambda: said.append("first waited")):
+        t = threading.Thread(target=second)
+        t.start()
+        assert not got.wait(0.5)  # blocked behind the holder, after saying so
+        assert said == ["waiting"]
+    t.join(10)
+    assert got.is_set() and said == ["waiting"]

@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import re
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -357,9 +358,11 @@ class RayPool(WorkerPool):
                  max_deaths: int | None = None, say: Say | None = None) -> None:
         self.say: Say = say or (lambda kind, message, **fields: None)
         t0 = time.monotonic()
-        if address:
+        loaded = sys.modules.get("ray")
+        joined = loaded is not None and loaded.is_initialized()  # a test's cluster, or a notebook's
+        if not joined and address:
             self.say("ray", f"joining the Ray cluster at {address}", address=address)
-        else:
+        elif not joined:
             self.say("ray", f"starting a local Ray cluster ({max(1, workers)} CPUs, {LOOPBACK} only)")
         import ray  # kept off the path of the commands that do not search (status, front, --help)
 
@@ -375,7 +378,10 @@ class RayPool(WorkerPool):
         res = ray.cluster_resources()
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         cpus, gpus = int(res.get("CPU", 0)), int(res.get("GPU", 0))
-        if address:
+        if joined:
+            self.say("ray", f"using the Ray cluster this process had joined: {nodes} node(s), {cpus} CPUs, "
+                     f"{gpus} GPUs", nodes=nodes, cpus=cpus, gpus=gpus)
+        elif address:
             where = (ctx.address_info.get("gcs_address") if ctx is not None else None) or address
             self.say("ray", f"joined the Ray cluster at {where}: {nodes} node(s), {cpus} CPUs, {gpus} GPUs "
                      f"({time.monotonic() - t0:.1f}s)", address=where, nodes=nodes, cpus=cpus, gpus=gpus)
