@@ -179,7 +179,7 @@ def print_front(front: Front, console: Console, *, wide: bool = False, storage: 
     else:
         # the score columns keep their full width; the recipe gets what is left, cut with an ellipsis
         used = max([1, *map(len, numbers)]) + sum(max([len(c) + 1, *map(len, cells[c])]) for c in cols)
-        left = console.width - used - 3 * (len(cols) + 2) - 2  # 3: a column's padding and rule
+        left = console.width - used - 3 * (len(cols) + 1) - 1  # 3: the padding and rule between columns
         t.add_column("recipe", no_wrap=True, overflow="ellipsis", max_width=max(12, left))
     for i, (number, recipe) in enumerate(zip(numbers, recipes, strict=True)):
         row = [number, *(cells[k][i] for k in cols), recipe_summary(recipe)]
