@@ -12,29 +12,43 @@ from typing import Annotated
 
 import typer
 
+from evomerge.files import output_dir_problem
+
 
 def merge_command(
-    config: Annotated[Path, typer.Argument(help="an evomerge recipe (.json) or a mergekit YAML")],
-    out: Annotated[Path, typer.Option("--out", help="output folder (must not exist or be empty)")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="an evomerge recipe (.json) or a mergekit YAML",
+                                          show_default=False)],
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="output folder (must not exist or be empty)")],
     force: Annotated[bool, typer.Option("--force", help="replace a non-empty output folder")] = False,
     dtype: Annotated[
         str | None,
         typer.Option(
-            "--dtype", help="output dtype: float32, float16, bfloat16 [default: the config's, else the base's]"
+            "--dtype", metavar="DTYPE", show_default=False,
+            help="output dtype: float32, float16, bfloat16  [default: the config's, else the base's]"
         ),
     ] = None,
     compute_dtype: Annotated[
         str,
         typer.Option(
-            "--compute-dtype", help="dtype the sources are held in while merging (operators compute in float32)"
+            "--compute-dtype", metavar="DTYPE",
+            help="dtype the sources are held in while merging (operators compute in float32)"
         ),
     ] = "float32",
-    device: Annotated[str, typer.Option("--device", help="where to merge: cpu, cuda or cuda:N")] = "cpu",
+    device: Annotated[
+        str, typer.Option("--device", metavar="DEVICE", help="where to merge: cpu, cuda or cuda:N")
+    ] = "cpu",
     print_yaml: Annotated[
         bool, typer.Option("--print-mergekit", help="also print the recipe as a mergekit YAML when expressible")
     ] = False,
 ) -> None:
     """Merge models once from an evomerge recipe or a mergekit YAML and write a Hugging Face folder."""
+    # what needs no engine is refused before torch is imported (seconds): the target, the device
+    problem = output_dir_problem(out, force=force)
+    if problem is None and not (device == "cpu" or device.startswith("cuda")):
+        problem = f"--device must be cpu, cuda or cuda:N, not {device!r}"
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        raise typer.Exit(2)
     # the merge engine loads torch: only this command pays for it, not the CLI's other commands
     from evomerge.merge.build import merge_to_folder, os_error_text
     from evomerge.merge.lora import LoraError

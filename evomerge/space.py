@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -224,8 +227,43 @@ def _parse_yaml(text: str, origin: str) -> Any:
         raise SpaceError(f"{origin}: not valid YAML: nested too deeply") from None
 
 
-def load_space(path: str | Path) -> SearchSpace:
-    """Read and validate a space file; any problem becomes one SpaceError line naming the field."""
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``data`` with each ``KEY=VALUE`` set: KEY a dotted path into the space (``budget``,
+    ``algorithm.settings.pop_size``, ``objectives.0.limit``; missing mappings are created), VALUE read
+    as YAML (``8`` an integer, ``[0, 1]`` a list, ``on`` a boolean). The result is validated like the file."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise SpaceError(f"--set {item!r}: expected KEY=VALUE with KEY a dotted path, e.g. budget=20")
+        value = _parse_yaml(raw, f"--set {key.strip()}")
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise SpaceError(f"--set {key}: {where!r} is not an index of a list of {len(node)}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise SpaceError(f"--set {key}: {'.'.join(parts[:i])!r} is a value, not a mapping or list")
+    return data
+
+
+def load_space(path: str | Path, overrides: Sequence[str] = ()) -> SearchSpace:
+    """Read and validate a space file, with ``overrides`` (``KEY=VALUE``, see :func:`apply_overrides`)
+    applied first; any problem becomes one SpaceError line naming the field."""
     p = Path(path)
     try:
         text = read_user_text(p)
@@ -234,12 +272,14 @@ def load_space(path: str | Path) -> SearchSpace:
     data = _parse_yaml(text, str(p))
     if not isinstance(data, dict):
         raise SpaceError(f"{p}: the top level must be a mapping")
+    data = apply_overrides(data, overrides)
+    where = f"{p} with --set {' '.join(overrides)}" if overrides else str(p)
     try:
         space = SearchSpace.model_validate(data, context={"source_dir": p.resolve().parent})
     except ValidationError as e:
         err = e.errors()[0]
         msg = _one_line(err["msg"].removeprefix("Value error, "))
-        raise SpaceError(f"{p}: field '{_one_line(_field_path(err['loc']))}': {msg}") from None
+        raise SpaceError(f"{where}: field '{_one_line(_field_path(err['loc']))}': {msg}") from None
     space = space.model_copy(update={"source_dir": p.resolve().parent})
     if space.name is None:
         space = space.model_copy(update={"name": p.stem})
@@ -266,8 +306,32 @@ def portable_space(space: SearchSpace) -> SearchSpace:
     )
 
 
-def dump_space(space: SearchSpace) -> str:
-    return yaml.safe_dump(portable_space(space).model_dump(mode="json"), sort_keys=False)
+ORIGIN_MARK = "# evomerge origin: "
+
+
+def dump_space(space: SearchSpace, file: str | Path | None = None, overrides: Sequence[str] = ()) -> str:
+    """The space as a study stores it: every reference absolute (:func:`portable_space`), headed by a
+    comment line recording where it came from (the file, the ``--set`` overrides, and each model
+    reference as the user wrote it), which :func:`space_origin` reads back."""
+    origin = {
+        "file": str(Path(file).resolve()) if file is not None else None,
+        "overrides": list(overrides),
+        "names": {space.model_ref(r): r for r in space.model_refs},
+    }
+    body = yaml.safe_dump(portable_space(space).model_dump(mode="json"), sort_keys=False)
+    return ORIGIN_MARK + json.dumps(origin) + "\n" + body
+
+
+def space_origin(text: str) -> dict[str, Any]:
+    """What :func:`dump_space` recorded of a stored space's origin (empty for spaces stored before it)."""
+    first = text.split("\n", 1)[0]
+    if not first.startswith(ORIGIN_MARK):
+        return {}
+    try:
+        origin = json.loads(first[len(ORIGIN_MARK):])
+    except ValueError:
+        return {}
+    return origin if isinstance(origin, dict) else {}
 
 
 def parse_space_text(text: str, origin: str = "<stored space>") -> SearchSpace:

@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"space"},
     {"workers", "view"},
     {"run"},
-    {"export", "merge_cli", "cli", "dashboard"},
+    {"export", "merge_cli", "tables", "cli", "dashboard"},
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

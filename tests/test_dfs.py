@@ -202,11 +202,12 @@ def test_export_round_trip(mat, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from evomerge.genomes import ExportCard
     from evomerge.genomes.data_flow.export import dataflow_model_card, save_dataflow
 
     r = recipe(mat, MIXED, MIXED_SCALES, e=0, h=1)
     model = mat.new_model(r)
-    card = dataflow_model_card("s", 3, r, {"arith": 0.5}, [{"name": "arith", "direction": "maximize"}])
+    card = dataflow_model_card(r, ExportCard("s", 3, {"arith": 0.5}, [{"name": "arith", "direction": "maximize"}]))
     out = save_dataflow(r, mat, tmp_path / "dfs", readme=card)
     assert (out / "modeling_evomerge_dataflow.py").is_file() and (out / "tokenizer.json").is_file()
     assert "trust_remote_code=True" in (out / "README.md").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -102,6 +103,10 @@ def test_search_status_front_export(tiny_zoo: Path, tmp_path: Path) -> None:
              "--no-progress"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Pareto front of s1" in r.stdout
+    # piped: one timestamped line per event, saying what the search waited for
+    assert re.search(r"^\S+ \S+ ray: local Ray cluster up in", r.stderr, flags=re.M), r.stderr[-3000:]
+    assert re.search(r"^\S+ \S+ worker: worker \d ready in", r.stderr, flags=re.M), r.stderr[-3000:]
+    assert "next: evomerge export s1 --candidate" in r.stdout
     st = status(tmp_path, db)["s1"]
     assert st["state"] == "done"
     assert st["complete"] + st["failed"] == st["budget"] == 8
@@ -123,6 +128,7 @@ def test_search_status_front_export(tiny_zoo: Path, tmp_path: Path) -> None:
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     card = (out / "README.md").read_text()
     assert json.loads((out / "recipe.json").read_text())["method"] == "dare_ties" and "recipe" in card.lower()
+    assert "## How it was found" in card and "budget 8 candidates" in card
 
     # The exported folder loads with transformers and scores exactly what the search recorded.
     from transformers import AutoModelForCausalLM, AutoTokenizer

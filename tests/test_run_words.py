@@ -207,3 +207,18 @@ def test_refused_run_says_until_when_and_how_to_take_over(tmp_path: Path, family
     assert f"over from {holder}" in r.stderr
     st = store.get_study("s")
     assert st.lease_owner is None and st.status == "done"
+
+
+def test_resuming_a_finished_study_changes_nothing_and_says_so(tmp_path: Path, family, worker) -> None:
+    space = _space(tmp_path, family, budget=2)
+    store = _store(tmp_path, space)
+    first = StudyRun(space, store, "s", show_progress=False, pool=_pool)
+    first.run()
+    assert not first.already_done
+    before = store.get_study("s")
+    calls = sum(worker.calls.values())
+    again = StudyRun(space, store, "s", show_progress=False, pool=_pool)
+    again.run()
+    after = store.get_study("s")
+    assert again.already_done and sum(worker.calls.values()) == calls
+    assert (after.status, after.updated) == ("done", before.updated)  # `status` keeps its elapsed time

@@ -522,3 +522,13 @@ def test_read_only_never_creates_or_upgrades(url, tmp_path):
         assert sa.inspect(eng).get_table_names() == []  # left empty
     finally:
         eng.dispose()
+
+
+def test_migration_head_read_from_the_files_is_alembics(tmp_path):
+    # opening a store at head reads the head from the migration files, without importing Alembic
+    from alembic.script import ScriptDirectory
+
+    from evomerge.store.engine import migration_head
+
+    with Store(f"sqlite:///{tmp_path / 'h.db'}") as st:
+        assert migration_head() == ScriptDirectory.from_config(st.db.alembic_config()).get_current_head()

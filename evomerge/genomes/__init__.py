@@ -96,6 +96,11 @@ def recipe_summary(recipe: Any) -> str:
     return kind_of(recipe).summary(recipe)
 
 
+def recipe_legend(recipe: Any) -> str:
+    """How to read :func:`recipe_summary` of recipes of this kind (one line; empty when self-evident)."""
+    return kind_of(recipe).legend(recipe)
+
+
 def materializer(kind: str, cfg: WorkerSettings, device: str, dtype: Any) -> Materializing:
     return get_kind(kind).materializer(cfg, device, dtype)
 
@@ -145,5 +150,6 @@ __all__ = [
     "make_genome",
     "materializer",
     "recipe_from_json",
+    "recipe_legend",
     "recipe_summary",
 ]

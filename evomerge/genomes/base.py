@@ -7,13 +7,16 @@ registry loads on the driver and in ``evomerge validate`` at no cost.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from evomerge.zoo import ZOO_DESCRIPTIONS, ZOO_PREFIX
 
 if TYPE_CHECKING:
     from evomerge.space import SearchSpace
@@ -93,12 +96,79 @@ class Materializing:
 
 @dataclass(frozen=True)
 class ExportCard:
-    """What the model card of an exported candidate names besides its recipe."""
+    """What the model card of an exported candidate says besides its recipe.
+
+    ``objectives``/``report``: the search and held-out objectives (name, direction), in the space's
+    order; ``scores`` holds both kinds; ``names``: a stored model reference -> as the user wrote it in
+    the space; ``found``: how the candidate was found (algorithm, settings, budget, seed, overrides,
+    space file, complete, failed), whatever of it is known.
+    """
 
     study: str
     number: int
     scores: Mapping[str, float]
     objectives: list[dict]
+    report: list[dict] = field(default_factory=list)
+    names: Mapping[str, str] = field(default_factory=dict)
+    found: Mapping[str, Any] = field(default_factory=dict)
+
+    def name_of(self, ref: str) -> str:
+        return self.names.get(ref, ref)
+
+
+def describe_ref(ref: str) -> str:
+    """What a model reference is, for a reader who has no evomerge (zoo:// names mean nothing to them)."""
+    if ref.startswith(ZOO_PREFIX):
+        what = ZOO_DESCRIPTIONS.get(ref[len(ZOO_PREFIX):].strip("/"), "a model of the demo zoo")
+        return f"{what}; `evomerge zoo build` builds it and prints its folder"
+    if Path(ref).is_absolute() or ref.startswith("."):
+        return "a local folder"
+    return "a Hugging Face hub model"
+
+
+def _value(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{int(v)}" if float(v).is_integer() and abs(v) < 1e15 else f"{v:.6g}"
+
+
+def card_sections(card: ExportCard, models: list[tuple[str, str]]) -> list[str]:
+    """The model card's sections every kind shares: sources (``models``: (role, stored reference)),
+    scores (search, then held out) and how the candidate was found."""
+    lines = ["## Sources", "", "| role | model | what it is |", "|---|---|---|"]
+    lines += [f"| {role} | `{card.name_of(ref)}` | {describe_ref(card.name_of(ref))} |" for role, ref in models]
+    lines += ["", "## Scores", "", "Search objectives steered the search; held-out ones were scored on the final "
+              "front only.", "", "| objective | kind | direction | value |", "|---|---|---|---|"]
+    for kind, objs in (("search", card.objectives), ("held out", card.report)):
+        lines += [f"| {o['name']} | {kind} | {o.get('direction', 'maximize')} | {_value(card.scores.get(o['name']))} |"
+                  for o in objs]
+    f = card.found
+    lines += ["", "## How it was found", "", f"- study `{card.study}`, candidate {card.number}"]
+    if "algorithm" in f:
+        settings = f" with settings `{json.dumps(f.get('settings') or {})}`" if f.get("settings") else ""
+        lines.append(f"- algorithm `{f['algorithm']}`{settings}")
+    if "budget" in f:
+        done = f" ({f['complete']} complete, {f['failed']} failed so far)" if "complete" in f else ""
+        lines.append(f"- budget {f['budget']} candidates{done}, seed {f.get('seed', 0)}")
+    if f.get("file"):
+        lines.append(f"- space file `{f['file']}`")
+    if f.get("overrides"):
+        lines.append(f"- overrides `--set {' '.join(f['overrides'])}`")
+    lines.append("")
+    return lines
+
+
+def scores_table(scores: Mapping[str, float], objectives: list[dict]) -> list[str]:
+    """The model card's section of the scores the search recorded, one row per objective."""
+    return [
+        "## Scores recorded by the search",
+        "",
+        "| objective | direction | value |",
+        "|---|---|---|",
+        *(f"| {o['name']} | {o.get('direction', 'maximize')} | {scores.get(o['name'], float('nan')):.6g} |"
+          for o in objectives),
+        "",
+    ]
 
 
 @dataclass(frozen=True)
@@ -117,7 +187,8 @@ class GenomeKind:
     - ``export(recipe, out_dir, card)``: write the candidate as a Hugging Face folder (``out_dir`` absent
       or empty; written beside and renamed into place);
     - ``cost_measures``: measure name -> function of the in-memory candidate (for ``cost`` objectives);
-    - ``describe(genome)``: one line for ``search --dry-run``; ``summary(recipe)``: one cell of ``front``.
+    - ``describe(genome)``: one line for ``search --dry-run``; ``summary(recipe)``: one cell of ``front``;
+      ``legend(recipe)``: one line under the front table saying how to read that cell.
     """
 
     name: str
@@ -130,6 +201,7 @@ class GenomeKind:
     cost_measures: Mapping[str, Callable[[Any], float]]
     describe: Callable[[Any], str]
     summary: Callable[[Any], str]
+    legend: Callable[[Any], str] = lambda recipe: ""
 
 
 def nonzero_params(model: Any) -> int:
@@ -145,16 +217,3 @@ def nonzero_params(model: Any) -> int:
             seen.add(id(p))
             total += int(torch.count_nonzero(p).item())
     return total
-
-
-def scores_table(scores: Mapping[str, float], objectives: list[dict]) -> list[str]:
-    """The model card's section of the scores the search recorded, one row per objective."""
-    return [
-        "## Scores recorded by the search",
-        "",
-        "| objective | direction | value |",
-        "|---|---|---|",
-        *(f"| {o['name']} | {o.get('direction', 'maximize')} | {scores.get(o['name'], float('nan')):.6g} |"
-          for o in objectives),
-        "",
-    ]

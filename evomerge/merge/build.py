@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from evomerge.files import os_error_text, output_dir_problem
 from evomerge.merge.checkpoint import (
     LAYER_NAME_RE,
     Reader,
@@ -151,42 +152,6 @@ def _slice_recipe(recipe: Recipe, sl: LayerSlice, offset: int) -> tuple[int, lis
         seed=recipe.seed,
     )
     return bi, merged, sub
-
-
-def os_error_text(e: OSError) -> str:
-    """An OSError as a short phrase: its reason and the file it concerns (no errno, no traceback)."""
-    reason = e.strerror or str(e) or type(e).__name__
-    return f"{reason}: {e.filename}" if e.filename else reason
-
-
-def output_dir_problem(out: Path, *, force: bool = False) -> str | None:
-    """Why a model folder must not be written at ``out`` (None: it may), checked before any model loads.
-
-    ``out`` may be absent (its missing parents are created) or an empty folder, or with ``force`` a
-    non-empty one. A symbolic link is refused, even to a folder: replacing it would write elsewhere than
-    the path says (or delete the link's target). The nearest existing ancestor must take a new folder,
-    which is tried, so a read-only or virtual file system (``/proc``) is refused up front too.
-    """
-    if out.is_symlink():
-        return f"{out} is a symbolic link; give the path of a real folder"
-    if out.exists():
-        if not out.is_dir():
-            return f"{out} exists and is not a folder"
-        try:
-            if any(out.iterdir()) and not force:
-                return f"{out} exists and is not empty (use --force to replace it)"
-        except OSError as e:
-            return f"{out}: cannot read the folder: {os_error_text(e)}"
-    parent = out.parent
-    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{out}: {parent} is not a folder"
-    try:
-        Path(tempfile.mkdtemp(prefix=".evomerge-probe.", dir=parent)).rmdir()
-    except OSError as e:
-        return f"{out}: cannot create a folder in {parent}: {e.strerror or type(e).__name__}"
-    return None
 
 
 def merge_to_folder(

@@ -25,7 +25,7 @@ from evomerge.run.hvseries import HypervolumeSeries
 from evomerge.run.lease import Lease
 from evomerge.run.pool import Outcome, RayPool, Task, WorkerPool, WorkerStartError, worker_config
 from evomerge.run.problem import build_algorithm
-from evomerge.run.progress import SearchProgress
+from evomerge.run.progress import EventLog, SearchProgress
 from evomerge.run.report import report_todo, score_report
 from evomerge.run.signals import ctrl_c
 from evomerge.space import SearchSpace
@@ -71,13 +71,16 @@ class StudyRun:
         console: Console | None = None,
         show_progress: bool = True,
         pool: PoolFactory | None = None,
+        log: EventLog | None = None,
     ) -> None:
         self.space = space
         self.store = store
         self.study = study
         self.console = console or Console(stderr=True)
+        self.log = log or EventLog("rich", self.console)
         self.show_progress = show_progress
-        self.pool_factory: PoolFactory = pool or (lambda cfg: RayPool(cfg, workers, ray_address))
+        self.pool_factory: PoolFactory = pool or (lambda cfg: RayPool(cfg, workers, ray_address, say=self.log.event))
+        self.already_done = False  # run() found nothing left to do (a finished study resumed)
         self.genome = make_genome(space)
         self.directions = [o.direction for o in space.objectives]
         self.names = [o.name for o in space.objectives]
@@ -229,7 +232,7 @@ class StudyRun:
         return (F[nd].tolist(), fid.model_dump())
 
     def _say(self, line: str) -> None:
-        self.console.print(line, markup=False, highlight=False, soft_wrap=True)  # one event, one line
+        self.log.event("worker", line)
 
     def _handle(self, o: Outcome) -> None:
         job = self.inflight.pop(o.handle)
@@ -268,6 +271,12 @@ class StudyRun:
     def run(self) -> None:
         self.lease.acquire()
         try:
+            if self._finished() and not self._report_todo():
+                # nothing to do: the study keeps its record (a resume of a finished study changes nothing)
+                self.already_done = True
+                if self.store.get_study(self.study).status != "done":
+                    self.store.set_study_status(self.study, "done")
+                return
             self.store.set_study_status(self.study, "running")
             self._restore()
             self._ensure_reference_point()
@@ -304,13 +313,13 @@ class StudyRun:
         try:
             self._search(pool)
             if self._report_todo():
-                score_report(self.store, self.study, self.space, pool, self._say)
+                score_report(self.store, self.study, self.space, pool, lambda m: self.log.event("report", m))
         finally:
             pool.close()
 
     def _search(self, pool: WorkerPool) -> None:
         progress = SearchProgress(StudyView(self.store), self.study, self.space.budget, self.console,
-                                  enabled=self.show_progress)
+                                  enabled=self.show_progress, log=self.log)
         with progress, ctrl_c() as stop:
             while True:
                 if stop.is_set():

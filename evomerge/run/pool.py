@@ -25,6 +25,8 @@ import itertools
 import logging
 import os
 import re
+import sys
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
@@ -37,6 +39,9 @@ from evomerge.workers import MergeWorker, WorkerConfig
 
 if TYPE_CHECKING:
     from evomerge.space import SearchSpace
+
+# How a pool reports what it is waiting for: ``say(kind, message, **figures)`` (``EventLog.event``).
+Say = Callable[..., None]
 
 DEATHS_PER_WORKER = 10  # a pool gives up after this many deaths per worker in a row, with no result between
 
@@ -373,18 +378,39 @@ class RayPool(WorkerPool):
     """
 
     def __init__(self, cfg: WorkerConfig, workers: int = 1, address: str | None = None,
-                 max_deaths: int | None = None) -> None:
+                 max_deaths: int | None = None, say: Say | None = None) -> None:
+        self.say: Say = say or (lambda kind, message, **fields: None)
+        t0 = time.monotonic()
+        loaded = sys.modules.get("ray")
+        joined = loaded is not None and loaded.is_initialized()  # a test's cluster, or a notebook's
+        if not joined and address:
+            self.say("ray", f"joining the Ray cluster at {address}", address=address)
+        elif not joined:
+            self.say("ray", f"starting a local Ray cluster ({max(1, workers)} CPUs, {LOOPBACK} only)")
         import ray  # kept off the path of the commands that do not search (status, front, --help)
 
+        ctx = None
         if not ray.is_initialized():
             kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
                                           runtime_env={"env_vars": ray_env()})
             if address:
-                ray.init(address=address, **kwargs)
+                ctx = ray.init(address=address, **kwargs)
             else:
                 start_local_ray(ray, max(1, workers), **kwargs)
         quiet_worker_death_reports()
         self.ray = ray
+        res = ray.cluster_resources()
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        cpus, gpus = int(res.get("CPU", 0)), int(res.get("GPU", 0))
+        if joined:
+            self.say("ray", f"using the Ray cluster this process had joined: {nodes} node(s), {cpus} CPUs, "
+                     f"{gpus} GPUs", nodes=nodes, cpus=cpus, gpus=gpus)
+        elif address:
+            where = (ctx.address_info.get("gcs_address") if ctx is not None else None) or address
+            self.say("ray", f"joined the Ray cluster at {where}: {nodes} node(s), {cpus} CPUs, {gpus} GPUs "
+                     f"({time.monotonic() - t0:.1f}s)", address=where, nodes=nodes, cpus=cpus, gpus=gpus)
+        else:
+            self.say("ray", f"local Ray cluster up in {time.monotonic() - t0:.1f}s", nodes=nodes, cpus=cpus)
         self.died_errors = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                             ray.exceptions.NodeDiedError)
         self.cfg = cfg
@@ -397,6 +423,10 @@ class RayPool(WorkerPool):
         self.starting_refs: dict[Any, int] = {}  # ObjectRef of ready() -> slot
         self.refs: dict[Any, tuple[int, int, Task]] = {}  # ObjectRef -> (handle, slot, task)
         self._handles = itertools.count(1)
+        self.started_at: dict[int, float] = {}
+        models = len(cfg.sources) + (cfg.base is not None)
+        self.say("worker", f"starting {workers} worker(s) on {'GPUs' if gpus >= 1 else 'CPUs'}; each loads "
+                 f"{models} model(s) before its first candidate", workers=workers, models=models)
         for slot in range(workers):
             self._start(slot)
 
@@ -404,6 +434,7 @@ class RayPool(WorkerPool):
         actor = self.remote_cls.options(max_restarts=0, **self.actor_opts).remote(self.cfg)
         self.actors[slot] = actor
         self.starting_refs[actor.ready.remote()] = slot
+        self.started_at[slot] = time.monotonic()
 
     def _started(self, slot: int, ref: Any) -> None:
         try:
@@ -413,6 +444,9 @@ class RayPool(WorkerPool):
         if error is not None:
             raise WorkerStartError(f"worker {slot} could not start: {error}")
         self.slots.idle.append(slot)
+        took = time.monotonic() - self.started_at.pop(slot, time.monotonic())
+        self.say("worker", f"worker {slot} ready in {took:.1f}s (process start, imports, model load)",
+                 worker=slot, seconds=round(took, 2))
 
     def submit(self, task: Task) -> int:
         slot = self.slots.idle.pop()

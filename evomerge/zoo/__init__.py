@@ -31,6 +31,13 @@ from evomerge.zoo import tasks as T
 ZOO_VERSION = 1
 ZOO_PREFIX = "zoo://"
 ZOO_MODELS = ("base", "arith", "script")
+# What each zoo model is, for model cards and help texts (zoo:// names mean nothing outside evomerge).
+ZOO_DESCRIPTIONS = {
+    "base": "the demo zoo's base model: a tiny character-level Llama-style decoder (4 blocks, hidden 128) "
+            "pretrained here on a mixture of synthetic tasks",
+    "arith": "the demo zoo's arithmetic expert: the base fine-tuned briefly on two-digit addition",
+    "script": "the demo zoo's script expert: the base fine-tuned briefly on reversing Greek words",
+}
 EXPERTS = ("arith", "script")
 COMPLETE = "COMPLETE"
 MANIFEST = "zoo.json"
@@ -139,8 +146,15 @@ def build_zoo(
     final = zoo_path(zoo_dir, steps_scale=steps_scale)
     if is_complete(final) and not force:
         return final
-    with file_lock(final.parent / f".{final.name}.lock"):
+    lock = final.parent / f".{final.name}.lock"
+    waited = time.monotonic()
+
+    def waiting() -> None:
+        say(f"zoo: waiting for another process that is building {final.name} (lock {lock})")
+
+    with file_lock(lock, on_wait=waiting):
         if is_complete(final) and not force:  # another process finished it while we waited
+            say(f"zoo: {final.name} built by the other process; waited {time.monotonic() - waited:.0f}s")
             return final
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
         if tmp.exists():
@@ -250,6 +264,7 @@ def resolve_ref(ref: str) -> str:
 
 
 __all__ = [
+    "ZOO_DESCRIPTIONS",
     "ZOO_MODELS",
     "ZOO_PREFIX",
     "build_zoo",

@@ -77,6 +77,10 @@ def _summary(r: DataFlowRecipe) -> str:
     return f"path ({r.path_length}): {steps}"
 
 
+def _legend(r: DataFlowRecipe) -> str:
+    return "recipe: the layer path (its length, then each step: m<source>.<block>); scales in --json"
+
+
 KIND = GenomeKind(
     name="data_flow",
     spec=DataFlowGenomeSpec,
@@ -88,6 +92,7 @@ KIND = GenomeKind(
     cost_measures={"path_length": path_length, "path_params": path_params, "params": nonzero_params},
     describe=_describe,
     summary=_summary,
+    legend=_legend,
 )
 
 __all__ = ["KIND", "DataFlowGenome", "DataFlowGenomeSpec", "DataFlowRecipe", "read_block_count"]

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from evomerge.genomes.base import ExportCard, scores_table
+from evomerge.genomes.base import ExportCard, card_sections
 from evomerge.genomes.data_flow.model import DataFlowMaterializer
 from evomerge.genomes.data_flow.recipe import DataFlowRecipe
 from evomerge.merge.checkpoint import TOKENIZER_FILES
@@ -39,13 +39,15 @@ AUTO_MAP = {
 }
 
 
-def dataflow_model_card(
-    study: str, number: int, recipe: DataFlowRecipe, scores: dict[str, float], objectives: list[dict]
-) -> str:
+def dataflow_model_card(recipe: DataFlowRecipe, card: ExportCard) -> str:
     """README.md for an exported data-flow candidate (the counterpart of the parameter-space ``model_card``)."""
+    study, number = card.study, card.number
+
+    def name(i: int) -> str:
+        return card.name_of(recipe.models[i])
 
     steps = [
-        f"| {i} | {m} (`{recipe.models[m]}`) | {layer} | {s:.4g} |"
+        f"| {i} | {m} (`{card.name_of(recipe.models[m])}`) | {layer} | {s:.4g} |"
         for i, ((m, layer), s) in enumerate(zip(recipe.path, recipe.scales, strict=True))
     ]
     lines = [
@@ -61,11 +63,11 @@ def dataflow_model_card(
         "Load it with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`: the architecture",
         "(`modeling_evomerge_dataflow.py`, in this folder) is not part of transformers; read it before trusting it.",
         "",
-        f"- embeddings and tokenizer: model {recipe.embed_source} (`{recipe.models[recipe.embed_source]}`)",
-        f"- final norm and head: model {recipe.head_source} (`{recipe.models[recipe.head_source]}`)",
+        f"- embeddings and tokenizer: model {recipe.embed_source} (`{name(recipe.embed_source)}`)",
+        f"- final norm and head: model {recipe.head_source} (`{name(recipe.head_source)}`)",
         f"- recipe hash: `{recipe.hash()}`",
         "",
-        *scores_table(scores, objectives),
+        *card_sections(card, [(f"model {i}", m) for i, m in enumerate(recipe.models)]),
         "## Path",
         "",
         "| step | model | layer | input scale |",
@@ -127,5 +129,5 @@ def save_dataflow(
 
 def export(recipe: DataFlowRecipe, out_dir: Path, card: ExportCard) -> Path:
     """The kind's exporter: the candidate's folder with a model card, from the recipe's own models."""
-    readme = dataflow_model_card(card.study, card.number, recipe, dict(card.scores), card.objectives)
+    readme = dataflow_model_card(recipe, card)
     return save_dataflow(recipe, DataFlowMaterializer.from_refs(recipe.models), out_dir, readme=readme)

@@ -53,8 +53,20 @@ def _describe(genome: ParameterSpaceGenome) -> str:
     return f"{genome.method}, {len(genome.groups)} layer groups x {per_group} = {genome.dim} genes"
 
 
+def _group_label(name: str) -> str:
+    # "layers.0-1" -> "L0-1": the front table's recipe cell has a few dozen columns for every group
+    return "L" + name.removeprefix("layers.") if name.startswith("layers.") else name
+
+
 def _summary(r: Recipe) -> str:
-    return "weights " + "  ".join(f"{g.name}:" + "/".join(f"{w:.2f}" for w in g.weights) for g in r.groups)
+    return " ".join(f"{_group_label(g.name)} " + "/".join(f"{w:.2f}" for w in g.weights) for g in r.groups)
+
+
+def _legend(r: Recipe) -> str:
+    n = len(r.sources)
+    per = "/".join(f"w{i}" for i in range(n))
+    dens = ", densities in --json" if any(g.densities for g in r.groups) else ""
+    return f"recipe: {r.method} weights per layer group (embed, Ln: block n, head), one per source: {per}{dens}"
 
 
 KIND = GenomeKind(
@@ -68,6 +80,7 @@ KIND = GenomeKind(
     cost_measures={"params": nonzero_params},
     describe=_describe,
     summary=_summary,
+    legend=_legend,
 )
 
 __all__ = ["KIND", "Genome", "ParameterSpaceGenome", "plan_groups", "read_num_layers"]
