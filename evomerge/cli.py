@@ -415,8 +415,8 @@ def storage_upgrade(storage: StorageOpt = None) -> None:
 def storage_copy(
     src: Annotated[str, typer.Argument(metavar="SRC_URL", help="storage URL to copy from (read only)")],
     dst: Annotated[str, typer.Argument(metavar="DST_URL", help="storage URL to copy into (schema made or upgraded)")],
-    study: Annotated[str | None, typer.Option("--study", help="copy this study only (default: every study)")] = None,
-    as_name: Annotated[str | None, typer.Option("--as", help="the copy's name (with --study)")] = None,
+    study: Annotated[str | None, typer.Option("--study", metavar="NAME", show_default=False, help="copy this study only [default: every study]")] = None,
+    as_name: Annotated[str | None, typer.Option("--as", metavar="NEW_NAME", show_default=False, help="the copy's name (with --study) [default: the same name]")] = None,
 ) -> None:
     """Copy studies between databases (SQLite <-> PostgreSQL): every row, all or nothing; resumable there."""
     import time  # kept inside this command, so its diff stays one block
@@ -440,8 +440,8 @@ def storage_copy(
 @app.command()
 def dashboard(
     storage: StorageOpt = None,
-    host: Annotated[str, typer.Option("--host", help="address to listen on (default: this host only)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="port to listen on")] = 8000,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, metavar="PORT", help="port to listen on")] = 8000,
 ) -> None:
     """Serve the read-only web dashboard of the study database (http://127.0.0.1:8000/ by default)."""
     from evomerge.dashboard import serve  # FastAPI, uvicorn, plotly: only when the dashboard runs

@@ -288,10 +288,12 @@ def quiet_worker_death_reports() -> None:
     one line (which worker, why, which candidate, the attempt); Ray's is a dozen lines of IDs after it."""
     # Ray's error-listener thread looks the printer up in its module at each message, so wrapping that
     # module attribute filters it (ray is pinned; tests/test_faults.py checks the hook is still there).
-    from ray._private import worker as ray_worker  # private API: see above; only where Ray runs
-
-    printer = ray_worker.print_to_stdstream
-    if getattr(printer, "evomerge_quiet", False):
+    try:
+        from ray._private import worker as ray_worker  # private API: see above; only where Ray runs
+    except ImportError:  # another Ray's layout (or a stand-in): its report stays, nothing breaks
+        return
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "evomerge_quiet", False):
         return
 
     def print_unless_a_death_report(data: dict, ignore_prefix: bool) -> None:

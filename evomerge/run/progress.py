@@ -46,7 +46,7 @@ class EventLog:
     def event(self, kind: str, message: str, **fields: Any) -> None:
         """``kind``: what it is about (zoo, ray, worker, progress, run, report); ``fields``: its figures."""
         if self.fmt == "rich":
-            self.console.print(message, markup=False, highlight=False)
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)  # one event, one line
             return
         now = datetime.now(UTC)
         if self.fmt == "json":
