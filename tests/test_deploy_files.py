@@ -402,7 +402,7 @@ def actor_options(monkeypatch, gpus: int) -> dict[str, Any]:
 
     err = type("E", (Exception,), {})
     fake = SimpleNamespace(
-        is_initialized=lambda: True, remote=lambda cls: Remote(),
+        is_initialized=lambda: True, remote=lambda cls: Remote(), nodes=lambda: [{"Alive": True}],
         cluster_resources=lambda: {"CPU": 16.0, **({"GPU": float(gpus)} if gpus else {})},
         exceptions=SimpleNamespace(RayActorError=err, WorkerCrashedError=err, NodeDiedError=err),
     )
