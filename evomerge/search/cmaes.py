@@ -98,3 +98,30 @@ class CMAES(GenerationalAlgorithm):
     def done(self) -> bool:
         mg = self.settings["max_generations"]
         return mg is not None and self._generation >= int(mg)
+
+
+@register
+class AsyncCMAES(CMAES):
+    """CMA-ES that asks ahead: once a generation is handed out, further asks get samples of the current
+    distribution (mean + sigma * chol(C) z, z drawn from a generator seeded by the proposal's key) instead
+    of nothing; they are injected, with their results, as the first members of the next generations
+    (cma's ``inject``, unrepaired), so no worker waits at a generation boundary. With many more workers
+    than ``popsize`` most members come from a distribution one or more generations old: give such a
+    cluster a larger ``popsize``."""
+
+    name = "cmaes_async"
+    generational = False
+    asks_ahead = True
+
+    def _lib_ahead(self, keys: list[int]) -> list[list[float]]:
+        mean = np.asarray(self._es.mean, dtype=float)
+        chol = np.linalg.cholesky(np.asarray(self._es.C, dtype=float) + 1e-300 * np.eye(self.dim))
+        sigma = float(self._es.sigma)
+        out = []
+        for key in keys:
+            z = np.random.default_rng([self.seed % (2**63), key]).standard_normal(self.dim)
+            out.append([float(v) for v in mean + sigma * chol @ z])
+        return out
+
+    def _lib_inject(self, raw: list[list[float]]) -> None:
+        self._es.inject([np.asarray(r, dtype=float) for r in raw], force=True)

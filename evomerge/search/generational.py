@@ -54,6 +54,19 @@ class GenerationalAlgorithm(Algorithm):
     def _lib_versions() -> dict[str, str]:
         return {}
 
+    #: hand out samples of the current distribution while a generation is out (``_lib_ahead``), and
+    #: inject them, with their results, into the next generations instead of waiting at the barrier
+    asks_ahead: bool = False
+
+    def _lib_ahead(self, keys: list[int]) -> list[list[float]]:
+        """Raw samples of the current distribution, one per key, drawn from generators seeded by the
+        key (not the library's RNG, so the library's own sampling is replayed as it was)."""
+        raise NotImplementedError
+
+    def _lib_inject(self, raw: list[list[float]]) -> None:
+        """Make the next ``_lib_ask`` return ``raw`` as its first members. Inside the RNG context."""
+        raise NotImplementedError
+
     def _decode(self, raw: list[float]) -> list[float]:
         """Genotype handed out for a library vector (CMA clips into the unit cube)."""
         return [float(v) for v in raw]
@@ -66,20 +79,35 @@ class GenerationalAlgorithm(Algorithm):
         self._log: list[list[list[float] | None]] = []  # completed generations, min-space results
         self._last_digest: str | None = None
         self._cur: dict[str, Any] | None = None
+        self._ahead: list[dict[str, Any]] = []  # asked ahead: {"key", "raw", "x", "parents"} (+ "result")
+        self._injected: dict[int, list[list[float]]] = {}  # generation -> raw vectors injected into it
+        self._gen_size = 0  # members of the last sampled generation
         with private_global_rng(self):
             self._lib_new()
 
     def _sample_generation(self) -> None:
+        gen = self._generation
+        take = self._ahead[: self._gen_size] if self._ahead else []
+        if take:
+            self._injected[gen] = [a["raw"] for a in take]
         with private_global_rng(self):
+            if take:
+                self._lib_inject(self._injected[gen])
             raw, parents = self._lib_ask()
         raw = [[float(v) for v in row] for row in raw]
-        pairs = enumerate(zip(raw, parents, strict=True))
-        gen = self._generation
-        props = [Proposal(key=self._next_key + i, x=self._decode(r), parents=list(p), generation=gen)
-                 for i, (r, p) in pairs]
-        self._next_key += len(props)
-        self._cur = {"raw": raw, "proposals": props, "handed": 0, "results": {}}
+        pairs = list(enumerate(zip(raw, parents, strict=True)))
+        # the injected members are the proposals already out, under their keys; the rest get new ones
+        first = take[0]["key"] if take else self._next_key
+        props = [Proposal(key=first + i, x=take[i]["x"] if i < len(take) else self._decode(r),
+                          parents=list(p), generation=gen) for i, (r, p) in pairs]
+        self._next_key = max(self._next_key, first + len(props))
+        results = {a["key"]: a["result"] for a in take if "result" in a}
+        self._ahead = self._ahead[len(take):]
+        self._cur = {"raw": raw, "proposals": props, "handed": len(take), "results": results}
+        self._gen_size = len(props)
         self._last_digest = _digest(raw)
+        if props and len(results) == len(props):  # every member was asked ahead and is back
+            self._complete_generation()
 
     def _complete_generation(self) -> None:
         cur = self._cur
@@ -100,10 +128,14 @@ class GenerationalAlgorithm(Algorithm):
                 if self.done():
                     break
                 self._sample_generation()
+                if self._cur is None:
+                    continue  # that generation was asked ahead in full and is told already
             cur = self._cur
             assert cur is not None
             props = cur["proposals"]
             if cur["handed"] >= len(props):
+                if self.asks_ahead and props:
+                    out.extend(self._ask_ahead(n - len(out)))
                 break  # whole generation handed out: wait for its results
             take = props[cur["handed"]: cur["handed"] + (n - len(out))]
             cur["handed"] += len(take)
@@ -112,8 +144,30 @@ class GenerationalAlgorithm(Algorithm):
                 self._complete_generation()
         return out
 
+    def _ask_ahead(self, n: int) -> list[Proposal]:
+        """``n`` samples of the current distribution for the generations after this one."""
+        keys = list(range(self._next_key, self._next_key + n))
+        self._next_key += n
+        pop = max(1, self._gen_size)
+        out = []
+        for key, raw in zip(keys, self._lib_ahead(keys), strict=True):
+            raw = [float(v) for v in raw]
+            # the generation it will be injected into: the ahead queue fills one generation after another
+            gen = self._generation + 1 + (len(self._ahead) // pop)
+            p = Proposal(key=key, x=self._decode(raw), parents=[], generation=gen)
+            self._ahead.append({"key": key, "raw": raw, "x": p.x, "parents": []})
+            out.append(p)
+        return out
+
     def tell(self, results: list[tuple[int, list[float] | None]]) -> None:
+        ahead = {a["key"]: a for a in self._ahead}
         for key, values in results:
+            a = ahead.get(int(key))
+            if a is not None:
+                if "result" not in a:  # kept until its generation is sampled, then told with it
+                    fmin = self.to_min(values)
+                    a["result"] = None if fmin is None else [float(v) for v in fmin]
+                continue
             cur = self._cur
             if cur is None:
                 continue
@@ -130,10 +184,11 @@ class GenerationalAlgorithm(Algorithm):
 
     @property
     def outstanding(self) -> list[int]:
+        ahead = [a["key"] for a in self._ahead if "result" not in a]
         if self._cur is None:
-            return []
+            return ahead
         props = self._cur["proposals"][: self._cur["handed"]]
-        return [p.key for p in props if p.key not in self._cur["results"]]
+        return [p.key for p in props if p.key not in self._cur["results"]] + ahead
 
     @property
     def generation(self) -> int:
@@ -157,6 +212,8 @@ class GenerationalAlgorithm(Algorithm):
             "log": self._log,
             "current": cur,
             "last_digest": self._last_digest,
+            **({"ahead": self._ahead, "injected": [[g, r] for g, r in sorted(self._injected.items())]}
+               if self.asks_ahead else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -164,10 +221,13 @@ class GenerationalAlgorithm(Algorithm):
         self._reset()
         log = state["log"]
         cur = state.get("current")
+        self._injected = {int(g): [[float(v) for v in row] for row in r] for g, r in state.get("injected", [])}
         # replay completed generations
         raw: list[list[float]] = []
-        for gen in log:
+        for i, gen in enumerate(log):
             with private_global_rng(self):
+                if i in self._injected:
+                    self._lib_inject(self._injected[i])
                 raw, _ = self._lib_ask()
                 self._lib_tell([None if r is None else [float(v) for v in r] for r in gen])
             if len(raw) != len(gen):
@@ -176,10 +236,13 @@ class GenerationalAlgorithm(Algorithm):
         self._generation = int(state["generation"])
         if cur is not None:
             with private_global_rng(self):
+                if len(log) in self._injected:
+                    self._lib_inject(self._injected[len(log)])
                 raw, _ = self._lib_ask()
             raw = [[float(v) for v in row] for row in raw]
             if raw != [[float(v) for v in row] for row in cur["raw"]]:
                 self._diverged(state)
+            self._gen_size = len(raw)
             self._cur = {
                 "raw": raw,
                 "proposals": [Proposal.from_dict(p) for p in cur["proposals"]],
@@ -190,10 +253,14 @@ class GenerationalAlgorithm(Algorithm):
             }
             self._last_digest = _digest(raw)
         elif log:
+            self._gen_size = len(raw)
             self._last_digest = _digest([[float(v) for v in row] for row in raw])
             if state.get("last_digest") not in (None, self._last_digest):
                 self._diverged(state)
         self._next_key = int(state["next_key"])
+        self._ahead = [{"key": int(a["key"]), "raw": [float(v) for v in a["raw"]], "x": [float(v) for v in a["x"]],
+                        "parents": [], **({"result": None if a["result"] is None else [float(v) for v in a["result"]]}
+                                          if "result" in a else {})} for a in state.get("ahead", [])]
 
     def _diverged(self, state: dict[str, Any]) -> None:
         raise RuntimeError(
