@@ -8,6 +8,7 @@ object started are ever stopped (a node's ``ray start`` and every process under 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -66,58 +67,64 @@ class LoopbackCluster:
         self.logs.append(log)
         return i
 
-    def start_head(self, cpus: int = 0, timeout: float = 120) -> None:
+    def start_head(self, cpus: int = 0, dashboard: bool = False, timeout: float = 120) -> int | None:
+        """The head node; with ``dashboard`` its dashboard runs too (what ``ray job submit`` talks to),
+        and its port is returned."""
+        dash = free_port() if dashboard else None
+        ui = (["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)]
+              if dashboard else ["--include-dashboard", "false"])
         self._launch(["--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
-                      "--temp-dir", str(self.root), "--num-cpus", str(cpus), "--num-gpus", "0",
-                      "--include-dashboard", "false", "--dashboard-agent-listen-port", str(free_port())], self.env)
-        self.wait_nodes(1, timeout)
-
-    def start_head_with_dashboard(self, cpus: int = 0, timeout: float = 120) -> int:
-        """A head whose dashboard runs (what ``ray job submit`` talks to); returns the dashboard port."""
-        dash = free_port()
-        self._launch(["--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
-                      "--temp-dir", str(self.root), "--num-cpus", str(cpus), "--num-gpus", "0",
-                      "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                      "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(free_port())])
-        self.wait_nodes(1, timeout)
+                      "--temp-dir", str(self.root), "--num-cpus", str(cpus), "--num-gpus", "0", *ui,
+                      "--dashboard-agent-listen-port", str(free_port())], self.env)
+        self.wait_nodes(None, timeout)
         return dash
 
     def add_node(self, cpus: int, timeout: float = 120) -> int:
-        alive = self.alive_nodes()
+        port = free_port()
         i = self._launch(["--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
-                          "--num-gpus", "0", "--node-manager-port", str(free_port()),
+                          "--num-gpus", "0", "--node-manager-port", str(port),
                           "--object-manager-port", str(free_port()),
                           "--dashboard-agent-listen-port", str(free_port()),
                           "--min-worker-port", "0", "--max-worker-port", "0"], self.worker_env,
                          [sys.executable, "-c", _LOOPBACK_NODE])
-        self.wait_nodes(alive + 1, timeout)
+        self.wait_nodes(port, timeout)
         return i
 
-    def _ray_status_nodes(self) -> int:
+    def alive_ports(self) -> list[int]:
+        """The node-manager ports of the nodes Ray counts alive (a killed node stays alive to Ray for
+        some seconds)."""
         try:
             socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
         except OSError:
-            return 0  # the head's GCS is not listening yet (a Ray client would wait for it)
-        r = subprocess.run([sys.executable, "-c", _COUNT_NODES, self.address], env=self.env,
+            return []  # the head's GCS is not listening yet (a Ray client would wait for it)
+        r = subprocess.run([sys.executable, "-c", _ALIVE_PORTS, self.address], env=self.env,
                            capture_output=True, text=True, timeout=60)
         try:
-            return int(r.stdout.strip().splitlines()[-1])
+            return [int(v) for v in r.stdout.strip().splitlines()[-1].split(",") if v]
         except (ValueError, IndexError):
-            return -1
+            return []
 
-    def alive_nodes(self) -> int:
-        return self._ray_status_nodes()
+    def actors_per_node(self, class_name: str) -> dict[int, int]:
+        """Alive actors of ``class_name`` per node (by node-manager port), from Ray's actor table."""
+        r = subprocess.run([sys.executable, "-c", _ACTORS, self.address, class_name], env=self.env,
+                           capture_output=True, text=True, timeout=60)
+        try:
+            return {int(k): v for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}
+        except (ValueError, IndexError):
+            return {}
 
-    def wait_nodes(self, n: int, timeout: float) -> None:
+    def wait_nodes(self, port: int | None, timeout: float) -> None:
+        """Until the node whose node manager listens on ``port`` is alive (None: any node, the head)."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             for i, p in enumerate(self.nodes):
                 if p is not None and p.poll() is not None:
                     raise RuntimeError(f"ray node {i} exited: {self.logs[i].read_text()[-2000:]}")
-            if self._ray_status_nodes() >= n:
+            ports = self.alive_ports()
+            if ports if port is None else port in ports:
                 return
             time.sleep(1)
-        raise TimeoutError(f"{n} Ray nodes not up in {timeout} s: {self.logs[-1].read_text()[-2000:]}")
+        raise TimeoutError(f"Ray node not up in {timeout} s: {self.logs[-1].read_text()[-2000:]}")
 
     def processes(self, i: int) -> list[psutil.Process]:
         """Node ``i``'s ``ray start`` and every process under it."""
@@ -170,12 +177,12 @@ sys.argv = ["ray", *sys.argv[1:]]
 main()
 """
 
-# How many nodes are alive: through Ray's state API in a process of its own (the caller's may be a
-# driver of another cluster).
-_COUNT_NODES = """
+# The nodes alive: through Ray's state API in a process of its own (the caller's may be a driver of
+# another cluster).
+_ALIVE_PORTS = """
 import sys, ray
 ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
-print(sum(1 for n in ray.nodes() if n["Alive"]))
+print(",".join(str(n["NodeManagerPort"]) for n in ray.nodes() if n["Alive"]))
 """
 
 
@@ -196,3 +203,13 @@ class SleepActor:
         return {"number": number, "scores": {o: scores[o] for o in objectives},
                 "samples": {o: [scores[o]] for o in objectives}, "error": None, "worker": "sleep",
                 "timings": {"evaluate_s": self.delay, "node": float(os.environ.get("LOOPBACK_NODE", "-1"))}}
+
+
+_ACTORS = """
+import collections, json, sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
+port = {n["NodeID"]: n["NodeManagerPort"] for n in ray.nodes()}
+count = collections.Counter(port.get(a["Address"]["NodeID"]) for a in ray._private.state.actors().values()
+                            if a["State"] == "ALIVE" and a["ActorClassName"].endswith(sys.argv[2]))
+print(json.dumps({str(k): v for k, v in count.items() if k is not None}))
+"""

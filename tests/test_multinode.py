@@ -1,10 +1,13 @@
 """A search on a Ray cluster of several nodes on 127.0.0.1 (each node its own `ray start`), the driver
 joining by address, PostgreSQL as the store: the workers spread over the nodes, a whole node killed with
 no spare capacity costs only the candidates it had in flight, and the pool grows back when a node joins.
+The end-to-end cases with the demo models (the driver killed and resumed, `ray job submit`) are
+`bench/multinode.py`'s, which `test_driver_killed_and_ray_job_scenarios` runs.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -93,3 +96,21 @@ def test_node_lost_with_no_spare_capacity_then_back(tmp_path: Path, fresh_pg_url
     assert any(ln.startswith("node 127.0.0.1:") and " lost; " in ln for ln in lines), text[-3000:]
     assert any("died (node lost or unreachable)" in ln for ln in lines), text[-3000:]
     assert "Traceback" not in text
+
+
+@pytest.mark.slow
+def test_driver_killed_and_ray_job_scenarios(tmp_path: Path) -> None:
+    """bench/multinode.py's driver and Ray Job cases, small: the driver killed with kill -9 and resumed
+    from another process ends as an uninterrupted run; `ray job submit -- evomerge search` runs, and the
+    job, killed, is continued by `evomerge resume`. Nothing evaluated is lost."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "multinode.py"), "--quick", "--cases",
+                        "driver_killed,ray_job", "--work", str(tmp_path)], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    by = {c["case"]: c for c in json.loads(line[len("RESULT "):])["cases"]}
+    for c in by.values():
+        assert c["complete"] == c["budget"] and c["lost"] == 0, c
+        assert c["attempts"] - c["complete"] <= c["in_flight_bound"], c
+    assert by["driver_killed"]["same_as_uninterrupted"]
+    assert by["ray_job"]["job_state"] == "FAILED" and by["ray_job"]["killed"] >= 1
