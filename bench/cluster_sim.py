@@ -64,12 +64,17 @@ def samples_of(values: list[float]) -> list[float]:
     return out
 
 
-def build(name: str, seed: int):
+def build(name: str, seed: int, workers: int):
+    """``name`` as a user of ``workers`` workers would set it up: populations of at least one per worker
+    (a smaller one leaves workers idle in the generational versions by construction, and feeds the
+    asynchronous ones samples of distributions many generations old)."""
     cls = REGISTRY[name]
     ctx = SearchContext(bounded=(True, True), layout=GenomeLayout(n_sources=2, genes_per_source=1))
     settings = cls.derive_settings({}, ctx)
     if name in ("nsga2", "nsga2_steady"):
-        settings["pop_size"] = 32
+        settings["pop_size"] = max(32, workers)
+    if name in ("cmaes", "cmaes_async"):
+        settings["popsize"] = max(10, workers)
     weights = None if cls.multi_objective else [1.0, 1.0]
     return make_algorithm(name, dim=DIM, directions=["maximize", "maximize"], seed=seed, weights=weights,
                           **settings)
@@ -80,7 +85,7 @@ def simulate(name: str, workers: int, budget: int, seed: int) -> dict:
     """Run ``name`` on a virtual cluster; returns idle share, makespan and the values in evaluation order."""
     rng = np.random.default_rng([seed, workers])
     speeds = np.exp(rng.uniform(np.log(0.5), np.log(2.0), workers))
-    algo = build(name, seed)
+    algo = build(name, seed, workers)
     needs_samples = algo.needs_samples
     now, idle_time, busy_until_budget = 0.0, 0.0, None
     free = list(range(workers))

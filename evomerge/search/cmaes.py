@@ -102,20 +102,23 @@ class CMAES(GenerationalAlgorithm):
 
 @register
 class AsyncCMAES(CMAES):
-    """CMA-ES that asks ahead: once a generation is handed out, further asks get samples of the current
-    distribution (mean + sigma * chol(C) z, z drawn from a generator seeded by the proposal's key) instead
-    of nothing; they are injected, with their results, as the first members of the next generations
-    (cma's ``inject``, unrepaired), so no worker waits at a generation boundary. With many more workers
-    than ``popsize`` most members come from a distribution one or more generations old: give such a
-    cluster a larger ``popsize``."""
+    """Asynchronous CMA-ES: every ask is a sample of the current distribution (mean + sigma * chol(C) z,
+    z from a generator seeded by the proposal's key), and the first ``popsize`` results back, whichever
+    samples they are, form the next generation (injected into cma unrepaired, then told), so no worker
+    waits for a generation's slowest member; a straggler joins a later generation. With many more workers
+    than ``popsize`` most members come from a distribution some generations old: give such a cluster a
+    ``popsize`` near its number of workers."""
 
     name = "cmaes_async"
     generational = False
     asks_ahead = True
 
+    def _lib_popsize(self) -> int:
+        return self.popsize
+
     def _lib_ahead(self, keys: list[int]) -> list[list[float]]:
         mean = np.asarray(self._es.mean, dtype=float)
-        chol = np.linalg.cholesky(np.asarray(self._es.C, dtype=float) + 1e-300 * np.eye(self.dim))
+        chol = np.linalg.cholesky(np.asarray(self._es.C, dtype=float))
         sigma = float(self._es.sigma)
         out = []
         for key in keys:
@@ -124,4 +127,4 @@ class AsyncCMAES(CMAES):
         return out
 
     def _lib_inject(self, raw: list[list[float]]) -> None:
-        self._es.inject([np.asarray(r, dtype=float) for r in raw], force=True)
+        self._es.inject([np.asarray(r, dtype=float) for r in raw], force=False)

@@ -54,9 +54,13 @@ class GenerationalAlgorithm(Algorithm):
     def _lib_versions() -> dict[str, str]:
         return {}
 
-    #: hand out samples of the current distribution while a generation is out (``_lib_ahead``), and
-    #: inject them, with their results, into the next generations instead of waiting at the barrier
+    #: asynchronous mode: every ask is a sample of the current distribution (``_lib_ahead``), and the
+    #: first ``_lib_popsize()`` results back, whichever samples they are, form the next generation
+    #: (``_lib_inject``): no barrier, and stragglers join a later generation
     asks_ahead: bool = False
+
+    def _lib_popsize(self) -> int:
+        raise NotImplementedError
 
     def _lib_ahead(self, keys: list[int]) -> list[list[float]]:
         """Raw samples of the current distribution, one per key, drawn from generators seeded by the
@@ -64,7 +68,7 @@ class GenerationalAlgorithm(Algorithm):
         raise NotImplementedError
 
     def _lib_inject(self, raw: list[list[float]]) -> None:
-        """Make the next ``_lib_ask`` return ``raw`` as its first members. Inside the RNG context."""
+        """Make the next ``_lib_ask`` return ``raw`` as its members. Inside the RNG context."""
         raise NotImplementedError
 
     def _decode(self, raw: list[float]) -> list[float]:
@@ -79,35 +83,23 @@ class GenerationalAlgorithm(Algorithm):
         self._log: list[list[list[float] | None]] = []  # completed generations, min-space results
         self._last_digest: str | None = None
         self._cur: dict[str, Any] | None = None
-        self._ahead: list[dict[str, Any]] = []  # asked ahead: {"key", "raw", "x", "parents"} (+ "result")
-        self._injected: dict[int, list[list[float]]] = {}  # generation -> raw vectors injected into it
-        self._gen_size = 0  # members of the last sampled generation
+        self._ahead: list[dict[str, Any]] = []  # asynchronous mode: {"key", "raw", "x"} (+ "result", "order")
+        self._injected: dict[int, list[list[float]]] = {}  # generation -> its members' raw vectors
+        self._arrivals = 0
         with private_global_rng(self):
             self._lib_new()
 
     def _sample_generation(self) -> None:
-        gen = self._generation
-        take = self._ahead[: self._gen_size] if self._ahead else []
-        if take:
-            self._injected[gen] = [a["raw"] for a in take]
         with private_global_rng(self):
-            if take:
-                self._lib_inject(self._injected[gen])
             raw, parents = self._lib_ask()
         raw = [[float(v) for v in row] for row in raw]
-        pairs = list(enumerate(zip(raw, parents, strict=True)))
-        # the injected members are the proposals already out, under their keys; the rest get new ones
-        first = take[0]["key"] if take else self._next_key
-        props = [Proposal(key=first + i, x=take[i]["x"] if i < len(take) else self._decode(r),
-                          parents=list(p), generation=gen) for i, (r, p) in pairs]
-        self._next_key = max(self._next_key, first + len(props))
-        results = {a["key"]: a["result"] for a in take if "result" in a}
-        self._ahead = self._ahead[len(take):]
-        self._cur = {"raw": raw, "proposals": props, "handed": len(take), "results": results}
-        self._gen_size = len(props)
+        pairs = enumerate(zip(raw, parents, strict=True))
+        gen = self._generation
+        props = [Proposal(key=self._next_key + i, x=self._decode(r), parents=list(p), generation=gen)
+                 for i, (r, p) in pairs]
+        self._next_key += len(props)
+        self._cur = {"raw": raw, "proposals": props, "handed": 0, "results": {}}
         self._last_digest = _digest(raw)
-        if props and len(results) == len(props):  # every member was asked ahead and is back
-            self._complete_generation()
 
     def _complete_generation(self) -> None:
         cur = self._cur
@@ -119,8 +111,52 @@ class GenerationalAlgorithm(Algorithm):
         self._cur = None
         self._generation += 1
 
+    # ---------------------------------------------------------------- asynchronous mode
+    def _ask_ahead(self, n: int) -> list[Proposal]:
+        if self.done() or n <= 0:
+            return []
+        keys = list(range(self._next_key, self._next_key + n))
+        self._next_key += n
+        out = []
+        for key, raw in zip(keys, self._lib_ahead(keys), strict=True):
+            raw = [float(v) for v in raw]
+            p = Proposal(key=key, x=self._decode(raw), parents=[], generation=self._generation)
+            self._ahead.append({"key": key, "raw": raw, "x": p.x})
+            out.append(p)
+        return out
+
+    def _tell_ahead(self, results: list[tuple[int, list[float] | None]]) -> None:
+        by_key = {a["key"]: a for a in self._ahead}
+        for key, values in results:
+            a = by_key.get(int(key))
+            if a is None or "result" in a:
+                continue
+            fmin = self.to_min(values)
+            a["result"] = None if fmin is None else [float(v) for v in fmin]
+            a["order"] = self._arrivals
+            self._arrivals += 1
+        size = self._lib_popsize()
+        while not self.done():
+            back = sorted((a for a in self._ahead if "result" in a), key=lambda a: a["order"])
+            if len(back) < size:
+                break
+            take = back[:size]
+            gen = self._generation
+            self._injected[gen] = [a["raw"] for a in take]
+            with private_global_rng(self):
+                self._lib_inject(self._injected[gen])
+                raw, _ = self._lib_ask()
+                self._lib_tell([a["result"] for a in take])
+            self._log.append([a["result"] for a in take])
+            self._last_digest = _digest([[float(v) for v in row] for row in raw])
+            self._generation += 1
+            used = {a["key"] for a in take}
+            self._ahead = [a for a in self._ahead if a["key"] not in used]
+
     # ---------------------------------------------------------------- interface
     def ask(self, n: int) -> list[Proposal]:
+        if self.asks_ahead:
+            return self._ask_ahead(int(n))
         out: list[Proposal] = []
         n = int(n)
         while len(out) < n:
@@ -128,14 +164,10 @@ class GenerationalAlgorithm(Algorithm):
                 if self.done():
                     break
                 self._sample_generation()
-                if self._cur is None:
-                    continue  # that generation was asked ahead in full and is told already
             cur = self._cur
             assert cur is not None
             props = cur["proposals"]
             if cur["handed"] >= len(props):
-                if self.asks_ahead and props:
-                    out.extend(self._ask_ahead(n - len(out)))
                 break  # whole generation handed out: wait for its results
             take = props[cur["handed"]: cur["handed"] + (n - len(out))]
             cur["handed"] += len(take)
@@ -144,30 +176,11 @@ class GenerationalAlgorithm(Algorithm):
                 self._complete_generation()
         return out
 
-    def _ask_ahead(self, n: int) -> list[Proposal]:
-        """``n`` samples of the current distribution for the generations after this one."""
-        keys = list(range(self._next_key, self._next_key + n))
-        self._next_key += n
-        pop = max(1, self._gen_size)
-        out = []
-        for key, raw in zip(keys, self._lib_ahead(keys), strict=True):
-            raw = [float(v) for v in raw]
-            # the generation it will be injected into: the ahead queue fills one generation after another
-            gen = self._generation + 1 + (len(self._ahead) // pop)
-            p = Proposal(key=key, x=self._decode(raw), parents=[], generation=gen)
-            self._ahead.append({"key": key, "raw": raw, "x": p.x, "parents": []})
-            out.append(p)
-        return out
-
     def tell(self, results: list[tuple[int, list[float] | None]]) -> None:
-        ahead = {a["key"]: a for a in self._ahead}
+        if self.asks_ahead:
+            self._tell_ahead(results)
+            return
         for key, values in results:
-            a = ahead.get(int(key))
-            if a is not None:
-                if "result" not in a:  # kept until its generation is sampled, then told with it
-                    fmin = self.to_min(values)
-                    a["result"] = None if fmin is None else [float(v) for v in fmin]
-                continue
             cur = self._cur
             if cur is None:
                 continue
@@ -184,11 +197,12 @@ class GenerationalAlgorithm(Algorithm):
 
     @property
     def outstanding(self) -> list[int]:
-        ahead = [a["key"] for a in self._ahead if "result" not in a]
+        if self.asks_ahead:
+            return [a["key"] for a in self._ahead if "result" not in a]
         if self._cur is None:
-            return ahead
+            return []
         props = self._cur["proposals"][: self._cur["handed"]]
-        return [p.key for p in props if p.key not in self._cur["results"]] + ahead
+        return [p.key for p in props if p.key not in self._cur["results"]]
 
     @property
     def generation(self) -> int:
@@ -212,8 +226,8 @@ class GenerationalAlgorithm(Algorithm):
             "log": self._log,
             "current": cur,
             "last_digest": self._last_digest,
-            **({"ahead": self._ahead, "injected": [[g, r] for g, r in sorted(self._injected.items())]}
-               if self.asks_ahead else {}),
+            **({"ahead": self._ahead, "arrivals": self._arrivals,
+                "injected": [[g, r] for g, r in sorted(self._injected.items())]} if self.asks_ahead else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -236,13 +250,10 @@ class GenerationalAlgorithm(Algorithm):
         self._generation = int(state["generation"])
         if cur is not None:
             with private_global_rng(self):
-                if len(log) in self._injected:
-                    self._lib_inject(self._injected[len(log)])
                 raw, _ = self._lib_ask()
             raw = [[float(v) for v in row] for row in raw]
             if raw != [[float(v) for v in row] for row in cur["raw"]]:
                 self._diverged(state)
-            self._gen_size = len(raw)
             self._cur = {
                 "raw": raw,
                 "proposals": [Proposal.from_dict(p) for p in cur["proposals"]],
@@ -253,14 +264,19 @@ class GenerationalAlgorithm(Algorithm):
             }
             self._last_digest = _digest(raw)
         elif log:
-            self._gen_size = len(raw)
             self._last_digest = _digest([[float(v) for v in row] for row in raw])
             if state.get("last_digest") not in (None, self._last_digest):
                 self._diverged(state)
         self._next_key = int(state["next_key"])
-        self._ahead = [{"key": int(a["key"]), "raw": [float(v) for v in a["raw"]], "x": [float(v) for v in a["x"]],
-                        "parents": [], **({"result": None if a["result"] is None else [float(v) for v in a["result"]]}
-                                          if "result" in a else {})} for a in state.get("ahead", [])]
+        self._arrivals = int(state.get("arrivals", 0))
+        self._ahead = []
+        for a in state.get("ahead", []):
+            item: dict[str, Any] = {"key": int(a["key"]), "raw": [float(v) for v in a["raw"]],
+                                    "x": [float(v) for v in a["x"]]}
+            if "result" in a:
+                item["result"] = None if a["result"] is None else [float(v) for v in a["result"]]
+                item["order"] = int(a["order"])
+            self._ahead.append(item)
 
     def _diverged(self, state: dict[str, Any]) -> None:
         raise RuntimeError(
