@@ -143,7 +143,9 @@ class Scenario:
         p = self.search("spread", write_space(self.work, "spread", budget), "spread.log")
         placed: dict[int, int] = {}
         while p.poll() is None and sum(placed.values()) < WORKERS:
-            placed = self.cluster.actors_per_node("MergeWorkerActor")  # Ray's actor table, per node
+            now = self.cluster.actors_per_node("MergeWorkerActor")  # Ray's actor table, per node
+            if sum(now.values()) > sum(placed.values()):  # the most seen at once (none once it ends)
+                placed = now
             time.sleep(1)
         self.done(p, "spread.log")
         workers = len({c.worker for c in self.db.store.candidates("spread")})
