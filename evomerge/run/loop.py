@@ -330,6 +330,8 @@ class StudyRun:
                 if not self.inflight and not (pool.starting and (self.queue or not self._finished())):
                     break  # nothing in flight, and no worker starting that there is work for
                 done = pool.wait(WAIT_S)
+                for note in pool.notes():
+                    self._say(note)
                 t0 = time.perf_counter()
                 for o in done:
                     self._handle(o)

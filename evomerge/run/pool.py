@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 # How a pool reports what it is waiting for: ``say(kind, message, **figures)`` (``EventLog.event``).
 Say = Callable[..., None]
 
+NODE_CHECK_S = 5.0  # while workers are missing, how often the pool looks for lost nodes to name
 DEATHS_PER_WORKER = 10  # a pool gives up after this many deaths per worker in a row, with no result between
 
 
@@ -64,6 +65,8 @@ def short_reason(e: BaseException) -> str:
     """Why a Ray actor died, in a few words; Ray's own text runs to a dozen lines, and its list of
     common causes (OOM killer, SIGSEGV) is printed whatever the cause was, so only its exit detail counts."""
     text = str(e)
+    if type(e).__name__ == "ActorUnavailableError":  # the actor's process cannot be reached: its node is gone
+        return "node lost or unreachable"
     m = re.search(r"Worker exit detail: ([^.]*)", text)
     detail = m.group(1).strip() if m else ""
     if "memory" in detail.lower():
@@ -140,6 +143,10 @@ class WorkerPool(ABC):
         """Workers still starting: they become idle in a later ``wait`` (which raises ``WorkerStartError``
         for one that cannot start)."""
         return 0
+
+    def notes(self) -> list[str]:
+        """One-line news about the pool since the last call (a node lost, workers back), for the user."""
+        return []
 
     @abstractmethod
     def close(self) -> None:
@@ -380,7 +387,7 @@ class RayPool(WorkerPool):
     """
 
     def __init__(self, cfg: WorkerConfig, workers: int = 1, address: str | None = None,
-                 max_deaths: int | None = None, say: Say | None = None) -> None:
+                 max_deaths: int | None = None, say: Say | None = None, actor: type = MergeWorkerActor) -> None:
         self.say: Say = say or (lambda kind, message, **fields: None)
         t0 = time.monotonic()
         loaded = sys.modules.get("ray")
@@ -418,7 +425,7 @@ class RayPool(WorkerPool):
         self.cfg = cfg
         gpus = ray.cluster_resources().get("GPU", 0)
         self.actor_opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus >= 1 else {"num_cpus": 1}
-        self.remote_cls = ray.remote(MergeWorkerActor)
+        self.remote_cls = ray.remote(actor)  # another class: tests on a cluster without models
         self.slots = _Slots(workers, max_deaths)
         self.slots.idle.clear()  # a worker is idle once it has started
         self.actors: list[Any] = [None] * workers
@@ -429,6 +436,10 @@ class RayPool(WorkerPool):
         models = len(cfg.sources) + (cfg.base is not None)
         self.say("worker", f"starting {workers} worker(s) on {'GPUs' if gpus >= 1 else 'CPUs'}; each loads "
                  f"{models} model(s) before its first candidate", workers=workers, models=models)
+        self._notes: list[str] = []
+        self._lost_nodes: set[str] = self._dead_nodes()  # nodes dead before this run are not news
+        self._short = False  # whether some workers wait for capacity after a death
+        self._checked = time.monotonic()
         for slot in range(workers):
             self._start(slot)
 
@@ -442,13 +453,48 @@ class RayPool(WorkerPool):
         try:
             error = self.ray.get(ref)
         except self.died_errors as e:
-            error = f"died while starting ({short_reason(e)})"
+            # Killed from outside while loading (a lost node, the OOM killer): not the worker's own error,
+            # so a death like any other (counted, bounded), and a new worker goes wherever Ray finds room.
+            why = short_reason(e)
+            self.ray.kill(self.actors[slot])
+            self.slots.died(f"while starting: {why}")
+            self._lost()
+            self._start(slot)
+            return
         if error is not None:
             raise WorkerStartError(f"worker {slot} could not start: {error}")
         self.slots.idle.append(slot)
         took = time.monotonic() - self.started_at.pop(slot, time.monotonic())
         self.say("worker", f"worker {slot} ready in {took:.1f}s (process start, imports, model load)",
                  worker=slot, seconds=round(took, 2))
+        if self._short and not self.starting_refs:
+            self._short = False
+            self._notes.append(f"all {len(self.actors)} workers are running again")
+
+    def _dead_nodes(self) -> set[str]:
+        try:
+            return {n["NodeID"] for n in self.ray.nodes() if not n["Alive"]}
+        except Exception:  # noqa: BLE001 - the node table is news for the user only; never stop a search for it
+            return set()
+
+    def _lost(self) -> None:
+        """After a death: name the nodes Ray has lost since, and say that the pool runs short meanwhile."""
+        self._short = True
+        try:
+            nodes = self.ray.nodes()
+        except Exception:  # noqa: BLE001 - as in _dead_nodes
+            return
+        alive = sum(1 for n in nodes if n["Alive"])
+        for n in nodes:
+            if not n["Alive"] and n["NodeID"] not in self._lost_nodes:
+                self._lost_nodes.add(n["NodeID"])
+                addr = f"{n.get('NodeManagerAddress', '?')}:{n.get('NodeManagerPort', '?')}"
+                self._notes.append(f"node {addr} ({n['NodeID'][:8]}) lost; {alive} node(s) left; its workers "
+                                   "are replaced where the cluster has room, the search goes on meanwhile")
+
+    def notes(self) -> list[str]:
+        out, self._notes = self._notes, []
+        return out
 
     def submit(self, task: Task) -> int:
         slot = self.slots.idle.pop()
@@ -461,6 +507,9 @@ class RayPool(WorkerPool):
         if not self.refs and not self.starting_refs:
             return []
         ready, _ = self.ray.wait([*self.refs, *self.starting_refs], num_returns=1, timeout=timeout)
+        if self._short and time.monotonic() - self._checked > NODE_CHECK_S:
+            self._checked = time.monotonic()  # Ray marks a node dead some seconds after its workers die
+            self._lost()
         out = []
         for ref in ready:
             if ref in self.starting_refs:
@@ -474,6 +523,7 @@ class RayPool(WorkerPool):
                 why = short_reason(e)
                 self.ray.kill(self.actors[slot])  # no-op for a dead actor; frees a half-dead one
                 self.slots.died(why)
+                self._lost()
                 self._start(slot)
                 out.append(Outcome(handle, task, name, died=why))
                 continue

@@ -98,3 +98,33 @@ class CMAES(GenerationalAlgorithm):
     def done(self) -> bool:
         mg = self.settings["max_generations"]
         return mg is not None and self._generation >= int(mg)
+
+
+@register
+class AsyncCMAES(CMAES):
+    """Asynchronous CMA-ES: every ask is a sample of the current distribution (mean + sigma * chol(C) z,
+    z from a generator seeded by the proposal's key), and the first ``popsize`` results back, whichever
+    samples they are, form the next generation (injected into cma unrepaired, then told), so no worker
+    waits for a generation's slowest member; a straggler joins a later generation. With many more workers
+    than ``popsize`` most members come from a distribution some generations old: give such a cluster a
+    ``popsize`` near its number of workers."""
+
+    name = "cmaes_async"
+    generational = False
+    asks_ahead = True
+
+    def _lib_popsize(self) -> int:
+        return self.popsize
+
+    def _lib_ahead(self, keys: list[int]) -> list[list[float]]:
+        mean = np.asarray(self._es.mean, dtype=float)
+        chol = np.linalg.cholesky(np.asarray(self._es.C, dtype=float))
+        sigma = float(self._es.sigma)
+        out = []
+        for key in keys:
+            z = np.random.default_rng([self.seed % (2**63), key]).standard_normal(self.dim)
+            out.append([float(v) for v in mean + sigma * chol @ z])
+        return out
+
+    def _lib_inject(self, raw: list[list[float]]) -> None:
+        self._es.inject([np.asarray(r, dtype=float) for r in raw], force=False)

@@ -54,6 +54,23 @@ class GenerationalAlgorithm(Algorithm):
     def _lib_versions() -> dict[str, str]:
         return {}
 
+    #: asynchronous mode: every ask is a sample of the current distribution (``_lib_ahead``), and the
+    #: first ``_lib_popsize()`` results back, whichever samples they are, form the next generation
+    #: (``_lib_inject``): no barrier, and stragglers join a later generation
+    asks_ahead: bool = False
+
+    def _lib_popsize(self) -> int:
+        raise NotImplementedError
+
+    def _lib_ahead(self, keys: list[int]) -> list[list[float]]:
+        """Raw samples of the current distribution, one per key, drawn from generators seeded by the
+        key (not the library's RNG, so the library's own sampling is replayed as it was)."""
+        raise NotImplementedError
+
+    def _lib_inject(self, raw: list[list[float]]) -> None:
+        """Make the next ``_lib_ask`` return ``raw`` as its members. Inside the RNG context."""
+        raise NotImplementedError
+
     def _decode(self, raw: list[float]) -> list[float]:
         """Genotype handed out for a library vector (CMA clips into the unit cube)."""
         return [float(v) for v in raw]
@@ -66,6 +83,9 @@ class GenerationalAlgorithm(Algorithm):
         self._log: list[list[list[float] | None]] = []  # completed generations, min-space results
         self._last_digest: str | None = None
         self._cur: dict[str, Any] | None = None
+        self._ahead: list[dict[str, Any]] = []  # asynchronous mode: {"key", "raw", "x"} (+ "result", "order")
+        self._injected: dict[int, list[list[float]]] = {}  # generation -> its members' raw vectors
+        self._arrivals = 0
         with private_global_rng(self):
             self._lib_new()
 
@@ -91,8 +111,52 @@ class GenerationalAlgorithm(Algorithm):
         self._cur = None
         self._generation += 1
 
+    # ---------------------------------------------------------------- asynchronous mode
+    def _ask_ahead(self, n: int) -> list[Proposal]:
+        if self.done() or n <= 0:
+            return []
+        keys = list(range(self._next_key, self._next_key + n))
+        self._next_key += n
+        out = []
+        for key, raw in zip(keys, self._lib_ahead(keys), strict=True):
+            raw = [float(v) for v in raw]
+            p = Proposal(key=key, x=self._decode(raw), parents=[], generation=self._generation)
+            self._ahead.append({"key": key, "raw": raw, "x": p.x})
+            out.append(p)
+        return out
+
+    def _tell_ahead(self, results: list[tuple[int, list[float] | None]]) -> None:
+        by_key = {a["key"]: a for a in self._ahead}
+        for key, values in results:
+            a = by_key.get(int(key))
+            if a is None or "result" in a:
+                continue
+            fmin = self.to_min(values)
+            a["result"] = None if fmin is None else [float(v) for v in fmin]
+            a["order"] = self._arrivals
+            self._arrivals += 1
+        size = self._lib_popsize()
+        while not self.done():
+            back = sorted((a for a in self._ahead if "result" in a), key=lambda a: a["order"])
+            if len(back) < size:
+                break
+            take = back[:size]
+            gen = self._generation
+            self._injected[gen] = [a["raw"] for a in take]
+            with private_global_rng(self):
+                self._lib_inject(self._injected[gen])
+                raw, _ = self._lib_ask()
+                self._lib_tell([a["result"] for a in take])
+            self._log.append([a["result"] for a in take])
+            self._last_digest = _digest([[float(v) for v in row] for row in raw])
+            self._generation += 1
+            used = {a["key"] for a in take}
+            self._ahead = [a for a in self._ahead if a["key"] not in used]
+
     # ---------------------------------------------------------------- interface
     def ask(self, n: int) -> list[Proposal]:
+        if self.asks_ahead:
+            return self._ask_ahead(int(n))
         out: list[Proposal] = []
         n = int(n)
         while len(out) < n:
@@ -113,6 +177,9 @@ class GenerationalAlgorithm(Algorithm):
         return out
 
     def tell(self, results: list[tuple[int, list[float] | None]]) -> None:
+        if self.asks_ahead:
+            self._tell_ahead(results)
+            return
         for key, values in results:
             cur = self._cur
             if cur is None:
@@ -130,6 +197,8 @@ class GenerationalAlgorithm(Algorithm):
 
     @property
     def outstanding(self) -> list[int]:
+        if self.asks_ahead:
+            return [a["key"] for a in self._ahead if "result" not in a]
         if self._cur is None:
             return []
         props = self._cur["proposals"][: self._cur["handed"]]
@@ -157,6 +226,8 @@ class GenerationalAlgorithm(Algorithm):
             "log": self._log,
             "current": cur,
             "last_digest": self._last_digest,
+            **({"ahead": self._ahead, "arrivals": self._arrivals,
+                "injected": [[g, r] for g, r in sorted(self._injected.items())]} if self.asks_ahead else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -164,10 +235,13 @@ class GenerationalAlgorithm(Algorithm):
         self._reset()
         log = state["log"]
         cur = state.get("current")
+        self._injected = {int(g): [[float(v) for v in row] for row in r] for g, r in state.get("injected", [])}
         # replay completed generations
         raw: list[list[float]] = []
-        for gen in log:
+        for i, gen in enumerate(log):
             with private_global_rng(self):
+                if i in self._injected:
+                    self._lib_inject(self._injected[i])
                 raw, _ = self._lib_ask()
                 self._lib_tell([None if r is None else [float(v) for v in r] for r in gen])
             if len(raw) != len(gen):
@@ -194,6 +268,15 @@ class GenerationalAlgorithm(Algorithm):
             if state.get("last_digest") not in (None, self._last_digest):
                 self._diverged(state)
         self._next_key = int(state["next_key"])
+        self._arrivals = int(state.get("arrivals", 0))
+        self._ahead = []
+        for a in state.get("ahead", []):
+            item: dict[str, Any] = {"key": int(a["key"]), "raw": [float(v) for v in a["raw"]],
+                                    "x": [float(v) for v in a["x"]]}
+            if "result" in a:
+                item["result"] = None if a["result"] is None else [float(v) for v in a["result"]]
+                item["order"] = int(a["order"])
+            self._ahead.append(item)
 
     def _diverged(self, state: dict[str, Any]) -> None:
         raise RuntimeError(
