@@ -145,7 +145,7 @@ def fake_worker():
     FakeWorker.calls, FakeWorker.deaths = [], 0
 
 
-@pytest.mark.parametrize("algorithm", ["random", "nsga2", "m2n2", "map"])
+@pytest.mark.parametrize("algorithm", ["random", "nsga2", "nsga3", "m2n2", "map", "map_nested"])
 def test_whole_run_on_the_in_process_pool(tmp_path: Path, fake_worker, algorithm: str) -> None:
     """A run to its budget with every algorithm kind (samples, layout, links derived without the loop
     naming any), a worker death retried, the reference point fixed, and a resume that evaluates nothing."""
@@ -167,6 +167,12 @@ def test_whole_run_on_the_in_process_pool(tmp_path: Path, fake_worker, algorithm
     assert store.get_study("s").status == "done" and store.get_study("s").lease_owner is None
     assert store.get_study("s").reference_point is not None  # bounded metrics: from [0, 1] at the start
     assert {c.worker for c in store.candidates("s")} <= {"inprocess-0", "inprocess-1", "cache"}
+    niches = [c.niche for c in store.candidates("s")]
+    if algorithm == "m2n2":  # every told result's niche: the examples it holds among the archive
+        assert all(isinstance(n["examples"], list) and n["shared_fitness"] >= 0 for n in niches), niches
+        assert niches[0]["admitted"] and niches[0]["replaced"] is None
+    else:
+        assert niches == [None] * 6
     calls = len(fake_worker.calls)
     StudyRun(space, store, "s", show_progress=False, pool=pool).run()  # done: no pool, no evaluation
     assert len(pools) == 1 and len(fake_worker.calls) == calls

@@ -108,8 +108,15 @@ class StudyRun:
     def _tell(self, key: int, values: list[float] | None, samples: dict[str, list[float]] | None = None,
               number: int | None = None) -> None:
         self.algo.tell([self._result(key, values, samples, number)])
+        self._record_niches()
         self.step += 1
         self.store.save_checkpoint(self.study, self.step, self.algo.name, self.algo.state_dict())
+
+    def _record_niches(self) -> None:
+        # Written before the checkpoint that no longer holds them: a crash in between re-tells the result
+        # on resume, which gives the same niche again.
+        for key, niche in self.algo.take_niches().items():
+            self.store.set_niche(self.study, key, niche)
 
     def _restore(self) -> None:
         ck = self.store.latest_checkpoint(self.study)
@@ -128,6 +135,7 @@ class StudyRun:
                 self.algo.tell([self._result(int(c.proposal_key), self._values(c.scores), number=c.number)])
             elif c.state == "failed":
                 self.algo.tell([(int(c.proposal_key), None)])
+        self._record_niches()
         # Whatever was queued or running belonged to a run that is gone.
         for c in self.store.pending_candidates(self.study):
             if c.state == "running":
