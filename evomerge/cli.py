@@ -77,8 +77,10 @@ def _run_study(space, store, study: str, workers: int, ray_address: str | None, 
     fid = [t["fidelity"] for t in s.timings if "fidelity" in t]
     if fid:
         stopped = sum(1 for t in s.timings if t.get("pruned"))
+        how = "were estimated from their anchors" if any(t.get("estimated") for t in s.timings) else \
+            "stopped after the first slice"
         err.print(f"multi-fidelity: scored {100 * sum(fid) / len(fid):.0f}% of the examples full evaluations "
-                  f"need; {stopped} of {len(fid)} candidates stopped after the first slice")
+                  f"need; {stopped} of {len(fid)} candidates {how}")
     if s.timings:
         mat = sum(t.get("materialize_s", 0.0) for t in s.timings) / len(s.timings)
         ev = sum(t.get("evaluate_s", 0.0) for t in s.timings) / len(s.timings)

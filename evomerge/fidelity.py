@@ -7,6 +7,19 @@ below m + sqrt(ln(1/δ) / 2k) with probability 1 − δ (Hoeffding, "hoeffding")
 when even its optimistic scores are dominated by a member of the current front; its slice scores are
 recorded (dominated too, so the front never changes because of a pruned candidate) with the fidelity
 in its timings, and the algorithm is told them like any result.
+
+``method: anchors`` replaces the first slice by a small informative subset, in the spirit of
+tinyBenchmarks (Polo et al. 2024) and MERGE³ (Mencattini et al. 2025): once ``min_reference`` candidates
+of the study are fully scored, their per-example scores say how the examples behave (each example's
+score across those candidates: its difficulty, and which examples succeed and fail together). The
+examples are clustered by that pattern (k-means, k = ``fraction`` of them); the example nearest each
+cluster's centre is its anchor, weighted by the cluster's share of the examples. A new candidate is scored
+on the anchors only; its full score is estimated as the weighted anchor mean, with an error bar: the
+root-mean-square error of that estimate on the fully scored candidates, cross-validated (anchors chosen
+without the candidate they estimate). A candidate whose estimate plus ``z`` error bars could still
+reach the front is scored on the remaining examples too, so every front member is fully scored; the
+others keep their estimate (dominated by the front, so the front is unchanged by them), with the error
+bar in their timings.
 """
 
 from __future__ import annotations
@@ -23,10 +36,16 @@ from evomerge import front as frontlib
 class MultiFidelity(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Share of each objective's examples scored before deciding whether to finish.
+    # "racing": a first slice with a confidence bound; "anchors": an informative subset, estimated.
+    method: Literal["racing", "anchors"] = "racing"
+    # Share of each objective's examples scored before deciding whether to finish (the slice, the anchors).
     fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
     bound: Literal["safe", "hoeffding"] = "hoeffding"
     delta: float = Field(default=0.05, gt=0.0, lt=1.0)
+    # anchors: fully scored candidates needed before estimating (every candidate is scored fully until then)
+    min_reference: int = Field(default=8, ge=4, le=100_000)
+    # anchors: a candidate is finished when its estimate plus z error bars could reach the front
+    z: float = Field(default=2.0, ge=0.0, le=100.0)
 
 
 def optimistic_value(samples: list[float], n_total: int, direction: str, fid: MultiFidelity) -> float:
@@ -52,3 +71,87 @@ def can_reach_front(optimistic: list[float], front: list[list[float]], direction
     o = frontlib.to_minimization([optimistic], directions)[0]
     dominated = np.all(F <= o, axis=1) & np.any(F < o, axis=1)
     return not bool(dominated.any())
+
+
+# ------------------------------------------------------------------------------------ anchor subsets
+def _kmeans(X: np.ndarray, k: int, seed: int, iters: int = 25) -> np.ndarray:
+    """Cluster labels of the rows of ``X`` (k-means, k-means++ start, seeded: the same data, the same labels)."""
+    rng = np.random.default_rng(seed)
+    n = len(X)
+    centres = [X[int(rng.integers(n))]]
+    for _ in range(1, k):
+        d2 = np.min(((X[:, None, :] - np.asarray(centres)[None, :, :]) ** 2).sum(axis=2), axis=1)
+        total = float(d2.sum())
+        centres.append(X[int(rng.choice(n, p=d2 / total))] if total > 0 else X[int(rng.integers(n))])
+    C = np.asarray(centres, dtype=float)
+    labels = np.zeros(n, dtype=int)
+    for it in range(iters):
+        new = np.argmin(((X[:, None, :] - C[None, :, :]) ** 2).sum(axis=2), axis=1)
+        if it > 0 and np.array_equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            if np.any(labels == j):
+                C[j] = X[labels == j].mean(axis=0)
+    return labels
+
+
+def fit_anchors(S: np.ndarray, k: int, seed: int = 0) -> tuple[list[int], list[float]]:
+    """Anchor examples and their weights from ``S`` (reference candidates x examples, scores in [0, 1]):
+    examples clustered by their scores across the candidates, the one nearest each centre its anchor,
+    weighted by its cluster's share of the examples. Anchors come back ascending."""
+    S = np.asarray(S, dtype=float)
+    n = S.shape[1]
+    if k >= n:
+        return list(range(n)), [1.0 / n] * n
+    X = S.T  # one row per example: how each reference candidate did on it
+    labels = _kmeans(X, k, seed)
+    picks: dict[int, float] = {}
+    for j in np.unique(labels):
+        members = np.flatnonzero(labels == j)
+        centre = X[members].mean(axis=0)
+        nearest = int(members[np.argmin(((X[members] - centre) ** 2).sum(axis=1))])
+        picks[nearest] = picks.get(nearest, 0.0) + len(members) / n
+    order = sorted(picks)
+    return order, [picks[i] for i in order]
+
+
+def estimate_from_anchors(anchor_scores: list[float], weights: list[float]) -> float:
+    return float(np.dot(np.asarray(anchor_scores, dtype=float), np.asarray(weights, dtype=float)))
+
+
+def anchor_error(S: np.ndarray, k: int, seed: int = 0, folds: int = 4) -> float:
+    """Root-mean-square error of the anchor estimate of a candidate's mean score, cross-validated over the
+    reference candidates (anchors fitted without the fold they estimate); at least half an example."""
+    S = np.asarray(S, dtype=float)
+    m, n = S.shape
+    folds = max(2, min(folds, m))
+    errs = []
+    for f in range(folds):
+        held = np.arange(m) % folds == f
+        if held.all() or not held.any():
+            continue
+        idx, w = fit_anchors(S[~held], k, seed)
+        est = S[held][:, idx] @ np.asarray(w)
+        errs.extend(est - S[held].mean(axis=1))
+    rmse = float(np.sqrt(np.mean(np.square(errs)))) if errs else 1.0
+    return max(rmse, 0.5 / n)
+
+
+def plan_anchors(samples: dict[str, np.ndarray], fraction: float, seed: int = 0) -> dict[str, dict]:
+    """Per objective: its anchors, their weights and the estimate's error bar, as plain data for a worker.
+    ``samples`` maps an objective to its reference matrix (fully scored candidates x examples)."""
+    plan = {}
+    for name, S in samples.items():
+        S = np.clip(np.nan_to_num(np.asarray(S, dtype=float), nan=0.0), 0.0, 1.0)
+        n = S.shape[1]
+        k = max(1, min(n, math.ceil(fraction * n)))
+        idx, w = fit_anchors(S, k, seed)
+        plan[name] = {"indices": idx, "weights": w, "error": anchor_error(S, k, seed), "n": n}
+    return plan
+
+
+def estimate_bounds(estimate: float, error: float, z: float, direction: str) -> float:
+    """The optimistic end of an anchor estimate's error bar (clipped to [0, 1])."""
+    v = estimate + z * error if direction == "maximize" else estimate - z * error
+    return float(min(1.0, max(0.0, v)))

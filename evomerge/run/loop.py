@@ -21,6 +21,7 @@ from rich.console import Console
 from evomerge import front as frontlib
 from evomerge.genomes import make_genome
 from evomerge.objectives import is_bounded
+from evomerge.run.anchors import AnchorPlanner
 from evomerge.run.lease import Lease
 from evomerge.run.pool import Outcome, RayPool, Task, WorkerPool, WorkerStartError, worker_config
 from evomerge.run.problem import build_algorithm
@@ -90,6 +91,7 @@ class StudyRun:
         self.stats = RunStats()
         self.step = 0
         self._ref_fixed = False
+        self._anchors: AnchorPlanner | None = None
 
     # -- store <-> algorithm ----------------------------------------------------------------
     def _values(self, scores: dict[str, float]) -> list[float]:
@@ -227,7 +229,12 @@ class StudyRun:
         if len(F) == 0:
             return (None, None)
         nd = frontlib.non_dominated(frontlib.to_minimization(F, self.directions))
-        return (F[nd].tolist(), fid.model_dump())
+        args = fid.model_dump()
+        if fid.method == "anchors":
+            if self._anchors is None:
+                self._anchors = AnchorPlanner(self.store, self.study, self.space, fid)
+            args["anchors"] = self._anchors.plan()
+        return (F[nd].tolist(), args)
 
     def _say(self, line: str) -> None:
         self.console.print(line, markup=False, highlight=False)
