@@ -96,6 +96,21 @@ def test_multi_fidelity_stop_is_not_reused(driver: StudyRun, monkeypatch) -> Non
     assert [j.number for j in d.queue] == [2]  # evaluated in full, not copied from a slice
 
 
+def test_anchor_plan_goes_to_the_workers_once_enough_are_fully_scored(tmp_path: Path) -> None:
+    space = _space(tmp_path, budget=8,
+                   extra="evaluation: {multi_fidelity: {method: anchors, fraction: 0.5, min_reference: 4}}\n")
+    d = StudyRun(space, _study(tmp_path, space), "s", show_progress=False)
+    plans = []
+    for i in range(5):
+        d._propose(1)
+        _finish(d, {"a": 0.1 * i, "b": 0.5})
+        front, fid = d._fidelity_args()
+        assert fid["method"] == "anchors" and front
+        plans.append(fid["anchors"])
+    assert plans[:3] == [{}, {}, {}]  # every candidate is scored in full until 4 are
+    assert set(plans[3]) == {"a", "b"} and plans[3]["a"]["n"] == 2 and len(plans[3]["a"]["indices"]) == 1
+
+
 def test_ctrl_c_is_a_flag_then_an_interrupt():
     """The search loop's Ctrl-C: the first SIGINT only sets the flag the loop checks between candidates
     (Ray can swallow a KeyboardInterrupt raised inside ray.wait); a second interrupts at once; the
