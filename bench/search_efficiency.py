@@ -71,14 +71,17 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=60)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="50 examples per objective, budget 40")
+    ap.add_argument("--limit", type=int, default=None, help="score each objective on this many examples")
     ap.add_argument("--algorithms", nargs="*", default=None)
     ap.add_argument("--plot", type=Path, default=None, help="write hypervolume curves to this PNG")
     ap.add_argument("--fidelity", choices=["racing", "anchors"], default=None,
                     help="also run nsga2 with cheaper fitness and compare it with nsga2 fully scored")
     ap.add_argument("--fidelity-fraction", type=float, default=0.25,
                     help="racing: the first slice; anchors: the share of examples in the anchor subset")
+    ap.add_argument("--fidelity-z", type=float, default=None, help="anchors: error bars of optimism (default 2)")
+    ap.add_argument("--min-reference", type=int, default=None, help="anchors: fully scored candidates first")
     args = ap.parse_args()
-    budget, limit = (40, 50) if args.quick else (args.budget, None)
+    budget, limit = (40, 50) if args.quick else (args.budget, args.limit)
     seeds = args.seeds
     names = args.algorithms or sorted(REGISTRY)
     if args.fidelity and "nsga2" not in names:
@@ -108,11 +111,17 @@ def main() -> None:
                 fid = {"fraction": fr, "bound": "hoeffding", "delta": 0.05}
                 vals = run_algorithm(ev, "nsga2", budget, seed, fidelity=fid, **SETTINGS["nsga2"])
             else:
-                vals = run_algorithm(ev, "nsga2", budget, seed, anchors={"fraction": fr}, **SETTINGS["nsga2"])
+                anchors = {"fraction": fr}
+                if args.fidelity_z is not None:
+                    anchors["z"] = args.fidelity_z
+                if args.min_reference is not None:
+                    anchors["min_reference"] = args.min_reference
+                vals = run_algorithm(ev, "nsga2", budget, seed, anchors=anchors, **SETTINGS["nsga2"])
             fid_finals.append(hv_curve(vals, directions, ref)[-1])
             shares.append(sum(ev.fidelity) / len(ev.fidelity))
             errors += ev.estimate_errors
-        mf = {"algorithm": "nsga2", "mode": args.fidelity, "fraction": fr, "hv": summary(fid_finals),
+        mf = {"algorithm": "nsga2", "mode": args.fidelity, "fraction": fr, "z": args.fidelity_z,
+              "min_reference": args.min_reference, "hv": summary(fid_finals),
               "examples_scored": round(statistics.mean(shares), 4)}
         if errors:
             mf["estimate_abs_error"] = {"mean": round(statistics.mean(errors), 4), "max": round(max(errors), 4),
