@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from evomerge.fidelity import (
     MultiFidelity,
     can_reach_front,
+    estimate,
     estimate_bounds,
-    estimate_from_anchors,
     optimistic_value,
 )
 from evomerge.genomes import cost_measure, materializer, recipe_from_json
@@ -161,7 +161,7 @@ class MergeWorker:
         first = {}
         for o in staged:
             first.update(self.evaluator.evaluate(self.model, [o], window=Subset(plan[o.name]["indices"])))
-        est = {o.name: estimate_from_anchors(first[o.name].samples, plan[o.name]["weights"]) for o in staged}
+        est = {o.name: estimate(plan[o.name], first[o.name].samples) for o in staged}
         optimistic = [estimate_bounds(est[o.name], float(plan[o.name]["error"]), fid.z, o.direction)
                       if o.name in est else out[o.name].value for o in objs]
         seen = sum(len(plan[o.name]["indices"]) for o in staged)

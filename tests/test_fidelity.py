@@ -118,19 +118,21 @@ def _irt(n_cand: int, n_items: int, seed: int):
 def test_anchors_estimate_better_than_a_random_subset_and_say_how_well() -> None:
     import numpy as np
 
-    from evomerge.fidelity import estimate_from_anchors, plan_anchors
+    from evomerge.fidelity import estimate, estimate_from_anchors, plan_anchors
 
     S = _irt(60, 200, 0)
     ref, new = S[:20], S[20:]
     plan = plan_anchors({"t": ref}, fraction=0.1)["t"]
     assert len(plan["indices"]) <= 20 and plan["indices"] == sorted(plan["indices"]) and plan["n"] == 200
     assert sum(plan["weights"]) == pytest.approx(1.0)
-    est = np.array([estimate_from_anchors(list(row[plan["indices"]]), plan["weights"]) for row in new])
+    est = np.array([estimate(plan, list(row[plan["indices"]])) for row in new])
     err = np.abs(est - new.mean(axis=1))
+    plain = [estimate_from_anchors(list(row[plan["indices"]]), plan["weights"]) for row in new]
+    assert err.mean() < np.abs(plain - new.mean(axis=1)).mean()  # difficulties help the plain anchor mean
     rng = np.random.default_rng(1)
     rand = [np.abs(new[:, rng.choice(200, 20, replace=False)].mean(axis=1) - new.mean(axis=1)).mean()
             for _ in range(50)]
-    assert err.mean() < np.mean(rand)  # informative anchors beat a random subset of the same size
+    assert err.mean() < np.mean(rand)  # better than a random subset's mean of the same size
     rmse = float(np.sqrt(np.mean(err**2)))
     assert 0.4 * rmse < plan["error"] < 2.5 * rmse  # the cross-validated error bar is of the right size
     assert plan_anchors({"t": ref}, fraction=0.1) == plan_anchors({"t": ref}, fraction=0.1)  # deterministic
