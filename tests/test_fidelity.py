@@ -128,7 +128,8 @@ def test_anchors_estimate_better_than_a_random_subset_and_say_how_well() -> None
     est = np.array([estimate(plan, list(row[plan["indices"]])) for row in new])
     err = np.abs(est - new.mean(axis=1))
     plain = [estimate_from_anchors(list(row[plan["indices"]]), plan["weights"]) for row in new]
-    assert err.mean() < np.abs(plain - new.mean(axis=1)).mean()  # difficulties help the plain anchor mean
+    # on data from an item-response model, cross-validation picks the Rasch estimate, and rightly
+    assert plan["estimator"] == "irt" and err.mean() < np.abs(plain - new.mean(axis=1)).mean()
     rng = np.random.default_rng(1)
     rand = [np.abs(new[:, rng.choice(200, 20, replace=False)].mean(axis=1) - new.mean(axis=1)).mean()
             for _ in range(50)]
