@@ -24,7 +24,7 @@ from evomerge.files import UnreadableFile, read_user_text
 from evomerge.genomes import DEFAULT_KIND, KINDS, FieldError, SpaceError, check_space
 from evomerge.objectives import KIND_TAGS, Objective, ObjectiveSpec
 from evomerge.objectives.tasks import bad_task_path
-from evomerge.store.refs import canonical_study_ref, is_study_ref
+from evomerge.study_refs import canonical_study_ref, is_study_ref
 from evomerge.zoo import ZOO_MODELS, ZOO_PREFIX, resolve_ref
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

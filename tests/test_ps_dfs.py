@@ -18,7 +18,7 @@ from evomerge.genomes.data_flow.sources import materialize_recipe, resolve_sourc
 from evomerge.recipe import LayerGroup, Recipe
 from evomerge.space import SpaceError, load_space
 from evomerge.store import Store
-from evomerge.store.refs import StudyRefError, canonical_study_ref, parse_study_ref
+from evomerge.study_refs import StudyRefError, canonical_study_ref, parse_study_ref
 from tests.fixtures_models import make_tiny_llama_family
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.genomes.base import FieldError
-from evomerge.store.refs import StudyRefError, is_study_ref, stored_recipe_json
+from evomerge.study_refs import StudyRefError, is_study_ref, stored_recipe_json
 from evomerge.zoo import ZOO_PREFIX, is_complete, resolve_zoo_uri, zoo_path
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from evomerge.genomes.data_flow.genome import DataFlowGenome, read_block_count
 from evomerge.genomes.data_flow.recipe import DataFlowRecipe
 from evomerge.genomes.data_flow.sources import is_ps_recipe_file, study_recipe
 from evomerge.genomes.data_flow.spec import ARCH_KEYS, SUPPORTED_MODEL_TYPES, DataFlowGenomeSpec
-from evomerge.store.refs import StudyRefError, is_study_ref
+from evomerge.study_refs import StudyRefError, is_study_ref
 
 if TYPE_CHECKING:
     from evomerge.space import SearchSpace

@@ -33,7 +33,7 @@ from pathlib import Path
 from evomerge.genomes.data_flow.recipe import DataFlowRecipe
 from evomerge.genomes.data_flow.sources import is_ps_recipe_file, resolve_source, study_recipe
 from evomerge.genomes.data_flow.spec import DataFlowGenomeSpec, ScaleMode
-from evomerge.store.refs import is_study_ref
+from evomerge.study_refs import is_study_ref
 from evomerge.zoo import RECIPE, is_complete, zoo_path
 
 KEEP_THRESHOLD = 0.5

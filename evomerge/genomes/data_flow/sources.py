@@ -10,7 +10,7 @@ Hugging Face folder, a hub id), and two forms of a parameter-space (PS) result:
   ``~/.cache/evomerge/ps_sources``), atomically and under a file lock, and that folder is used.
 
 - a stored PS candidate, ``study://STUDY/NUMBER`` (the storage from ``?storage=URL`` in the ref, else the
-  space's ``storage``, else the default one; see :mod:`evomerge.store.refs`): its recipe is read from the
+  space's ``storage``, else the default one; see :mod:`evomerge.study_refs`): its recipe is read from the
   store and materialized like a recipe JSON file, into the same cache, keyed by the recipe's hash.
 
 So PS + DFS is: run PS, and put ``study://PS_STUDY/N`` (or the path of its export or recipe JSON) in
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from evomerge.cache import cache_root, file_lock
 from evomerge.recipe import Recipe
-from evomerge.store.refs import StudyRefError, is_study_ref, stored_recipe_json
+from evomerge.study_refs import StudyRefError, is_study_ref, stored_recipe_json
 from evomerge.zoo import resolve_ref
 
 

@@ -14,9 +14,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import default_storage_url
-from .errors import StoreError
-
 STUDY_PREFIX = "study://"
 _FORM = "study://STUDY/NUMBER or study://STUDY/NUMBER?storage=URL"
 _REF = re.compile(r"^study://(?P<study>[^/?]+)/(?P<number>[^/?]+)(?:\?storage=(?P<storage>.+))?$")
@@ -59,20 +56,28 @@ def _absolute_sqlite(url: str) -> str:
     return url
 
 
+def _default_storage() -> str:
+    # the store package (SQLAlchemy): only for a space that names a stored candidate; validating any
+    # other space stays as light as before
+    from evomerge.store import default_storage_url
+
+    return default_storage_url()
+
+
 def canonical_study_ref(ref: str, storage: str | None = None) -> str:
     """The ref with its storage written out: its own, else ``storage`` (the space's), else the default."""
     r = parse_study_ref(ref)
-    url = r.storage or storage or default_storage_url()
+    url = r.storage or storage or _default_storage()
     return StudyRef(r.study, r.number, _absolute_sqlite(url)).text()
 
 
 def stored_recipe_json(ref: str) -> str:
     """The recipe JSON of the complete candidate ``ref`` names (a canonical ref: its storage written out)."""
-    # the store's facade: a module of this package that imports this one would make a cycle at import time
-    from .store import Store
+    # the store (SQLAlchemy): only when a stored candidate is looked up
+    from evomerge.store import Store, StoreError
 
     r = parse_study_ref(ref)
-    url = r.storage or default_storage_url()
+    url = r.storage or _default_storage()
     try:
         store = Store(url, read_only=True)
     except (StoreError, ValueError) as e:
