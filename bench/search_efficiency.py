@@ -78,9 +78,13 @@ def main() -> None:
                     help="also run nsga2 with cheaper fitness and compare it with nsga2 fully scored")
     ap.add_argument("--fidelity-fraction", type=float, default=0.25,
                     help="racing: the first slice; anchors: the share of examples in the anchor subset")
+    ap.add_argument("--multi-fidelity", type=float, default=None, metavar="FRACTION",
+                    help="the same as --fidelity racing --fidelity-fraction FRACTION (kept for older commands)")
     ap.add_argument("--fidelity-z", type=float, default=None, help="anchors: error bars of optimism (default 2)")
     ap.add_argument("--min-reference", type=int, default=None, help="anchors: fully scored candidates first")
     args = ap.parse_args()
+    if args.multi_fidelity is not None:
+        args.fidelity, args.fidelity_fraction = "racing", args.multi_fidelity
     budget, limit = (40, 50) if args.quick else (args.budget, args.limit)
     seeds = args.seeds
     names = args.algorithms or sorted(REGISTRY)
