@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evomerge import front as frontlib  # noqa: E402
+from evomerge.fidelity import MultiFidelity, plan_anchors  # noqa: E402
 from evomerge.genomes import make_genome  # noqa: E402
+from evomerge.objectives import supports_fidelity  # noqa: E402
 from evomerge.run import algorithm_settings, worker_config  # noqa: E402
 from evomerge.search import make_algorithm  # noqa: E402
 from evomerge.space import SearchSpace, load_space  # noqa: E402
@@ -56,21 +58,34 @@ class Evaluations:
         self.calls = 0
         self.seconds = 0.0
         self.fidelity: list[float] = []  # per multi-fidelity evaluation: share of the examples scored
+        self.estimate_errors: list[float] = []  # anchors: |estimate - full score| of the fully scored ones
+        self.samples: dict[str, dict[str, list[float]]] = {}  # per recipe hash: full per-example scores
+        self.last_full: dict[str, list[float]] | None = None  # the last score()'s samples, if fully scored
 
     def score(self, x: list[float], front: list[list[float]] | None = None,
               fidelity: dict | None = None) -> tuple[list[float] | None, list[float]]:
         recipe = self.genome.decode(x)
         h = recipe.hash()
+        self.last_full = None
         if fidelity is not None and front:
-            # Staged evaluation depends on the front at the time: never cached, share of examples kept.
+            # Staged evaluation depends on the front at the time: share of examples kept; only a full
+            # result is cached.
             t0 = time.perf_counter()
             res = self.worker.evaluate(0, recipe.canonical_json(), self.names, front, fidelity)
             self.seconds += time.perf_counter() - t0
             self.calls += 1
-            self.fidelity.append(res["timings"].get("fidelity", 1.0))
+            t = res["timings"]
+            self.fidelity.append(t.get("fidelity", 1.0))
+            if "anchor_error" in t:
+                self.estimate_errors.append(t["anchor_error"])
             if res["error"]:
                 return None, []
-            return [res["scores"][n] for n in self.names], []
+            values = [res["scores"][n] for n in self.names]
+            if not t.get("pruned"):
+                self.samples[h] = res["samples"]
+                self.last_full = res["samples"]
+                self.cache.setdefault(h, (values, [v for n in self.names for v in res["samples"][n]]))
+            return values, []
         if fidelity is not None:
             self.fidelity.append(1.0)
         if h not in self.cache:
@@ -83,16 +98,24 @@ class Evaluations:
             values = [res["scores"][n] for n in self.names]
             flat = [v for n in self.names for v in res["samples"][n]]
             self.cache[h] = (values, flat)
+            self.samples[h] = res["samples"]
+        self.last_full = self.samples.get(h)
         return self.cache[h]
 
 
 def run_algorithm(ev: Evaluations, name: str, budget: int, seed: int, fidelity: dict | None = None,
-                  **settings) -> list[list[float] | None]:
+                  anchors: dict | None = None, **settings) -> list[list[float] | None]:
     """Values of every evaluation, in the order they were told (generation barriers respected).
 
     With ``fidelity`` (a MultiFidelity dict), each candidate is scored in stages against the front of
-    everything evaluated before its batch, as the driver does at dispatch.
+    everything evaluated before its batch, as the driver does at dispatch. With ``anchors`` (MultiFidelity
+    settings of ``method: anchors``), the anchor plan is learned, as the driver learns it, from the
+    candidates of this run scored in full so far.
     """
+    refs: list[dict[str, list[float]]] = []
+    if anchors is not None:
+        fid_settings = MultiFidelity(**{**anchors, "method": "anchors"})
+        fidelity = fid_settings.model_dump()
     space = ev.space.model_copy(update={"algorithm": ev.space.algorithm.model_copy(
         update={"name": name, "settings": settings})})
     algo = make_algorithm(name, dim=ev.genome.dim, directions=[o.direction for o in ev.space.objectives],
@@ -105,6 +128,13 @@ def run_algorithm(ev: Evaluations, name: str, budget: int, seed: int, fidelity: 
             break
         results = []
         front = None
+        if anchors is not None:
+            staged = [o.name for o in ev.space.objectives if supports_fidelity(o)]
+            plan = {}
+            if len(refs) >= fid_settings.min_reference:
+                plan = plan_anchors({n: np.array([r[n] for r in refs]) for n in staged}, fid_settings.fraction,
+                                    seed % (2**32))
+            fidelity = {**fid_settings.model_dump(), "anchors": plan}
         if fidelity is not None:
             done = [v for v in out if v is not None]
             if done:
@@ -113,6 +143,8 @@ def run_algorithm(ev: Evaluations, name: str, budget: int, seed: int, fidelity: 
                 front = F[frontlib.non_dominated(frontlib.to_minimization(F, dirs))].tolist()
         for p in props:
             values, flat = ev.score(p.x, front, fidelity)
+            if ev.last_full is not None:
+                refs.append(ev.last_full)
             out.append(values)
             if values is not None and algo.needs_samples:
                 results.append((p.key, values, flat))

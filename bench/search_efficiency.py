@@ -1,11 +1,19 @@
 """Search efficiency on the demo zoo: hypervolume against number of evaluations for every algorithm.
 
-    python bench/search_efficiency.py [--quick] [--budget 60] [--seeds 3] [--plot docs/search_efficiency.png]
+    python bench/search_efficiency.py [--quick] [--budget 60] [--seeds 5] [--plot docs/search_efficiency.png]
+        [--fidelity racing|anchors [--fidelity-fraction 0.25]]
 
 Every registered evomerge algorithm runs on search_spaces/demo.yaml's genome and objectives with equal
-budgets and several seeds; `pymoo_nsga2` is evomerge's `nsga2` (it is pymoo's NSGA-II), reported under
-both names. Hypervolume uses the fixed accuracy reference point (both objectives in [0, 1]).
-`--quick` scores each objective on 50 examples instead of 200. Prints a table and last `RESULT <json>`.
+budgets and several seeds (at least 5: a rank test on fewer cannot reach p < 0.05); `pymoo_nsga2` is
+evomerge's `nsga2` (it is pymoo's NSGA-II), reported under both names, as `pymoo_nsga3` is `nsga3`.
+Hypervolume uses the fixed accuracy reference point (both objectives in [0, 1]). For every pair of
+algorithms a two-sided Mann-Whitney U test on the final hypervolumes of the seeds (scipy; the seeds of
+two algorithms are independent runs, not paired) says whether they differ; the best of evomerge's own
+algorithms (everything but Optuna's samplers, pymoo's NSGA-II/III and random) is set against Optuna's
+best and pymoo's best. `--quick` scores each objective on 50 examples instead of 200, budget 40.
+`--fidelity` also runs nsga2 with cheaper fitness (`racing`: multi-fidelity racing on a first slice;
+`anchors`: anchor-subset estimation) and reports the share of examples scored and its final
+hypervolume (the front fully scored) over nsga2's without it. Prints a table and last `RESULT <json>`.
 """
 
 from __future__ import annotations
@@ -19,30 +27,69 @@ import time
 from pathlib import Path
 
 from _harness import Evaluations, accuracy_reference, demo_space, hv_curve, run_algorithm
+from scipy.stats import mannwhitneyu
 
 from evomerge.search import REGISTRY
+
+# pymoo's algorithms as pymoo ships them (evomerge only wraps them in ask/tell) and Optuna's samplers.
+PYMOO = {"nsga2", "nsga3"}
+BASELINES = {"random"}
 
 # Settings that size each algorithm to a budget of a few dozen evaluations.
 SETTINGS = {
     "nsga2": {"pop_size": 12},
     "optuna_nsga2": {"population_size": 12},
+    "nsga3": {"pop_size": 12, "n_partitions": 11},
     "m2n2": {"pop": 12},
     "map": {"front_rounds": None},
 }
 
 
+def summary(finals: list[float]) -> dict[str, float]:
+    return {"mean": round(statistics.mean(finals), 4),
+            "std": round(statistics.stdev(finals), 4) if len(finals) > 1 else 0.0}
+
+
+def rank_test(a: list[float], b: list[float]) -> dict[str, float | None]:
+    """Two-sided Mann-Whitney U on two algorithms' final hypervolumes (independent seeds)."""
+    if len(a) < 2 or len(b) < 2 or len(set(a) | set(b)) == 1:
+        return {"u": None, "p": 1.0}  # no spread at all: nothing to rank
+    res = mannwhitneyu(a, b, alternative="two-sided")
+    return {"u": float(res.statistic), "p": round(float(res.pvalue), 4)}
+
+
+def family(name: str) -> str:
+    if name.startswith("optuna_"):
+        return "optuna"
+    if name in PYMOO:
+        return "pymoo"
+    return "baseline" if name in BASELINES else "evomerge"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, default=60)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="50 examples per objective, 2 seeds, budget 40")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="50 examples per objective, budget 40")
+    ap.add_argument("--limit", type=int, default=None, help="score each objective on this many examples")
     ap.add_argument("--algorithms", nargs="*", default=None)
     ap.add_argument("--plot", type=Path, default=None, help="write hypervolume curves to this PNG")
+    ap.add_argument("--fidelity", choices=["racing", "anchors"], default=None,
+                    help="also run nsga2 with cheaper fitness and compare it with nsga2 fully scored")
+    ap.add_argument("--fidelity-fraction", type=float, default=0.25,
+                    help="racing: the first slice; anchors: the share of examples in the anchor subset")
     ap.add_argument("--multi-fidelity", type=float, default=None, metavar="FRACTION",
-                    help="also run nsga2 with multi-fidelity evaluation (first slice = FRACTION)")
+                    help="the same as --fidelity racing --fidelity-fraction FRACTION (kept for older commands)")
+    ap.add_argument("--fidelity-z", type=float, default=None, help="anchors: error bars of optimism (default 2)")
+    ap.add_argument("--min-reference", type=int, default=None, help="anchors: fully scored candidates first")
     args = ap.parse_args()
-    budget, seeds, limit = (40, 2, 50) if args.quick else (args.budget, args.seeds, None)
+    if args.multi_fidelity is not None:
+        args.fidelity, args.fidelity_fraction = "racing", args.multi_fidelity
+    budget, limit = (40, 50) if args.quick else (args.budget, args.limit)
+    seeds = args.seeds
     names = args.algorithms or sorted(REGISTRY)
+    if args.fidelity and "nsga2" not in names:
+        names = [*names, "nsga2"]  # the full-evaluation search the cheaper one is compared with
     with tempfile.TemporaryDirectory() as d:
         space = demo_space(Path(d), limit=limit)
         ev = Evaluations(space)
@@ -55,31 +102,68 @@ def main() -> None:
             vals = run_algorithm(ev, name, budget, seed, **SETTINGS.get(name, {}))
             curves.setdefault(name, []).append(hv_curve(vals, directions, ref))
             print(f"{name:>13} seed {seed}: {len(vals)} evals, HV {curves[name][-1][-1]:.4f}", file=sys.stderr)
-    mf = None
-    if args.multi_fidelity:
-        fid = {"fraction": args.multi_fidelity, "bound": "hoeffding", "delta": 0.05}
-        finals, shares = [], []
+    finals = {name: [c[-1] for c in cs] for name, cs in curves.items()}
+    hv = {name: summary(f) for name, f in finals.items()}
+    result: dict = {"budget": budget, "seeds": seeds, "limit": limit, "hv": hv}
+    if args.fidelity:
+        fr = args.fidelity_fraction
+        fid_finals, shares, errors = [], [], []
         for seed in range(seeds):
             ev.fidelity = []
-            vals = run_algorithm(ev, "nsga2", budget, seed, fidelity=fid, **SETTINGS["nsga2"])
-            finals.append(hv_curve(vals, directions, ref)[-1])
+            ev.estimate_errors = []
+            if args.fidelity == "racing":
+                fid = {"fraction": fr, "bound": "hoeffding", "delta": 0.05}
+                vals = run_algorithm(ev, "nsga2", budget, seed, fidelity=fid, **SETTINGS["nsga2"])
+            else:
+                anchors = {"fraction": fr}
+                if args.fidelity_z is not None:
+                    anchors["z"] = args.fidelity_z
+                if args.min_reference is not None:
+                    anchors["min_reference"] = args.min_reference
+                vals = run_algorithm(ev, "nsga2", budget, seed, anchors=anchors, **SETTINGS["nsga2"])
+            fid_finals.append(hv_curve(vals, directions, ref)[-1])
             shares.append(sum(ev.fidelity) / len(ev.fidelity))
-        mf = {"algorithm": "nsga2", **fid,
-              "hv": {"mean": round(statistics.mean(finals), 4),
-                     "std": round(statistics.stdev(finals), 4) if len(finals) > 1 else 0.0},
+            errors += ev.estimate_errors
+        mf = {"algorithm": "nsga2", "mode": args.fidelity, "fraction": fr, "z": args.fidelity_z,
+              "min_reference": args.min_reference, "hv": summary(fid_finals),
               "examples_scored": round(statistics.mean(shares), 4)}
-        print(f"nsga2 multi-fidelity: HV {mf['hv']['mean']:.4f} with {100 * mf['examples_scored']:.0f}% of the "
-              "examples scored", file=sys.stderr)
-    hv = {}
-    for name, cs in curves.items():
-        finals = [c[-1] for c in cs]
-        hv[name] = {"mean": round(statistics.mean(finals), 4),
-                    "std": round(statistics.stdev(finals), 4) if len(finals) > 1 else 0.0}
+        if errors:
+            mf["estimate_abs_error"] = {"mean": round(statistics.mean(errors), 4), "max": round(max(errors), 4),
+                                        "n": len(errors)}
+        result["multi_fidelity"] = mf
+        result["examples_scored_fraction"] = mf["examples_scored"]
+        result["hv_ratio_to_full"] = round(statistics.mean(fid_finals) / statistics.mean(finals["nsga2"]), 4)
+        print(f"nsga2 with {args.fidelity}: HV {mf['hv']['mean']:.4f} ({result['hv_ratio_to_full']:.3f} of full) "
+              f"with {100 * mf['examples_scored']:.0f}% of the examples scored", file=sys.stderr)
     if "nsga2" in hv:
         hv["pymoo_nsga2"] = hv["nsga2"]
+    if "nsga3" in hv:
+        hv["pymoo_nsga3"] = hv["nsga3"]
+    ran = sorted(finals, key=lambda n: -statistics.mean(finals[n]))
+    tests = {f"{a} vs {b}": rank_test(finals[a], finals[b]) for i, a in enumerate(ran) for b in ran[i + 1:]}
+    best = {}
+    for fam in ("evomerge", "optuna", "pymoo"):
+        members = [n for n in ran if family(n) == fam]
+        if members:
+            best[fam] = members[0]
+    versus = {}
+    if "evomerge" in best:
+        for fam in ("optuna", "pymoo"):
+            if fam in best:
+                a, b = best["evomerge"], best[fam]
+                versus[fam] = {"evomerge": a, fam: b, "hv_diff": round(statistics.mean(finals[a])
+                                                                         - statistics.mean(finals[b]), 4),
+                               **rank_test(finals[a], finals[b])}
+    result.update({"tests": tests, "best": best, "evomerge_vs": versus})
     print(f"\n{'algorithm':>13}  HV mean   HV std   (budget {budget}, {seeds} seeds)")
-    for name, h in sorted(hv.items(), key=lambda kv: -kv[1]["mean"]):
-        print(f"{name:>13}  {h['mean']:.4f}   {h['std']:.4f}")
+    for name in ran:
+        print(f"{name:>13}  {hv[name]['mean']:.4f}   {hv[name]['std']:.4f}   {family(name)}")
+    for fam, v in versus.items():
+        print(f"evomerge's best {v['evomerge']} vs {fam}'s best {v[fam]}: HV difference {v['hv_diff']:+.4f}, "
+              f"Mann-Whitney U p = {v['p']:.3f}")
+    for pair, t in tests.items():
+        if t["p"] < 0.05:
+            print(f"  differ (p < 0.05): {pair} (p = {t['p']:.3f})")
     print(f"evaluations run: {ev.calls} ({ev.seconds:.0f}s), cached repeats free; wall {time.perf_counter() - t0:.0f}s")
     if args.plot:
         import matplotlib
@@ -100,10 +184,7 @@ def main() -> None:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
-    result = {"budget": budget, "seeds": seeds, "limit": limit, "hv": hv}
-    if mf is not None:
-        result["multi_fidelity"] = mf
-    print("RESULT " + json.dumps(result))
+    print("RESULT " + json.dumps(result, allow_nan=False))
 
 
 if __name__ == "__main__":

@@ -160,8 +160,10 @@ def _run_study(space, store, study: str, workers: int, ray_address: str | None, 
     fid = [t["fidelity"] for t in s.timings if "fidelity" in t]
     if fid:
         stopped = sum(1 for t in s.timings if t.get("pruned"))
+        how = "were estimated from their anchors" if any(t.get("estimated") for t in s.timings) else \
+            "stopped after the first slice"
         log.event("run", f"multi-fidelity: scored {100 * sum(fid) / len(fid):.0f}% of the examples full "
-                  f"evaluations need; {stopped} of {len(fid)} candidates stopped after the first slice")
+                  f"evaluations need; {stopped} of {len(fid)} candidates {how}")
     if s.timings:
         mat = sum(t.get("materialize_s", 0.0) for t in s.timings) / len(s.timings)
         ev = sum(t.get("evaluate_s", 0.0) for t in s.timings) / len(s.timings)
@@ -415,8 +417,10 @@ def storage_upgrade(storage: StorageOpt = None) -> None:
 def storage_copy(
     src: Annotated[str, typer.Argument(metavar="SRC_URL", help="storage URL to copy from (read only)")],
     dst: Annotated[str, typer.Argument(metavar="DST_URL", help="storage URL to copy into (schema made or upgraded)")],
-    study: Annotated[str | None, typer.Option("--study", metavar="NAME", show_default=False, help="copy this study only [default: every study]")] = None,
-    as_name: Annotated[str | None, typer.Option("--as", metavar="NEW_NAME", show_default=False, help="the copy's name (with --study) [default: the same name]")] = None,
+    study: Annotated[str | None, typer.Option("--study", metavar="NAME", show_default=False,
+                                              help="copy this study only [default: every study]")] = None,
+    as_name: Annotated[str | None, typer.Option("--as", metavar="NEW_NAME", show_default=False,
+                                                help="the copy's name (with --study) [default: the same]")] = None,
 ) -> None:
     """Copy studies between databases (SQLite <-> PostgreSQL): every row, all or nothing; resumable there."""
     import time  # kept inside this command, so its diff stays one block
@@ -440,7 +444,8 @@ def storage_copy(
 @app.command()
 def dashboard(
     storage: StorageOpt = None,
-    host: Annotated[str, typer.Option("--host", metavar="HOST", help="address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", metavar="HOST",
+                                      help="address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, metavar="PORT", help="port to listen on")] = 8000,
 ) -> None:
     """Serve the read-only web dashboard of the study database (http://127.0.0.1:8000/ by default)."""

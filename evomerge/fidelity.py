@@ -7,6 +7,23 @@ below m + sqrt(ln(1/δ) / 2k) with probability 1 − δ (Hoeffding, "hoeffding")
 when even its optimistic scores are dominated by a member of the current front; its slice scores are
 recorded (dominated too, so the front never changes because of a pruned candidate) with the fidelity
 in its timings, and the algorithm is told them like any result.
+
+``method: anchors`` replaces the first slice by a small informative subset, in the spirit of
+tinyBenchmarks (Polo et al. 2024) and MERGE³ (Mencattini et al. 2025): once ``min_reference`` candidates
+of the study are fully scored, their per-example scores say how the examples behave (each example's
+score across those candidates: its difficulty, and which examples succeed and fail together). The
+examples are clustered by that pattern (k-means, k = ``fraction`` of them); the example nearest each
+cluster's centre is its anchor. Each example's difficulty is the log-odds of failing it among those
+candidates (a Rasch model). A new candidate is scored on the anchors only; its ability is fitted to its
+anchor scores and its full score estimated as the anchors' scores plus every other example's predicted
+probability of success (tinyBenchmarks' p-IRT; on synthetic item-response data it beat the
+cluster-weighted anchor mean by about 20%, on the demo's merges with few reference candidates it did
+not). Both estimators are cross-validated on the fully scored candidates (anchors and difficulties
+learned without the candidates they estimate); the plan uses the one with the lower root-mean-square
+error, and that error is the estimate's error bar. A candidate whose estimate plus ``z`` error bars could still
+reach the front is scored on the remaining examples too, so every front member is fully scored; the
+others keep their estimate (dominated by the front, so the front is unchanged by them), with the error
+bar in their timings.
 """
 
 from __future__ import annotations
@@ -23,10 +40,16 @@ from evomerge import front as frontlib
 class MultiFidelity(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Share of each objective's examples scored before deciding whether to finish.
+    # "racing": a first slice with a confidence bound; "anchors": an informative subset, estimated.
+    method: Literal["racing", "anchors"] = "racing"
+    # Share of each objective's examples scored before deciding whether to finish (the slice, the anchors).
     fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
     bound: Literal["safe", "hoeffding"] = "hoeffding"
     delta: float = Field(default=0.05, gt=0.0, lt=1.0)
+    # anchors: fully scored candidates needed before estimating (every candidate is scored fully until then)
+    min_reference: int = Field(default=8, ge=4, le=100_000)
+    # anchors: a candidate is finished when its estimate plus z error bars could reach the front
+    z: float = Field(default=2.0, ge=0.0, le=100.0)
 
 
 def optimistic_value(samples: list[float], n_total: int, direction: str, fid: MultiFidelity) -> float:
@@ -52,3 +75,128 @@ def can_reach_front(optimistic: list[float], front: list[list[float]], direction
     o = frontlib.to_minimization([optimistic], directions)[0]
     dominated = np.all(F <= o, axis=1) & np.any(F < o, axis=1)
     return not bool(dominated.any())
+
+
+# ------------------------------------------------------------------------------------ anchor subsets
+def _kmeans(X: np.ndarray, k: int, seed: int, iters: int = 25) -> np.ndarray:
+    """Cluster labels of the rows of ``X`` (k-means, k-means++ start, seeded: the same data, the same labels)."""
+    rng = np.random.default_rng(seed)
+    n = len(X)
+    centres = [X[int(rng.integers(n))]]
+    for _ in range(1, k):
+        d2 = np.min(((X[:, None, :] - np.asarray(centres)[None, :, :]) ** 2).sum(axis=2), axis=1)
+        total = float(d2.sum())
+        centres.append(X[int(rng.choice(n, p=d2 / total))] if total > 0 else X[int(rng.integers(n))])
+    C = np.asarray(centres, dtype=float)
+    labels = np.zeros(n, dtype=int)
+    for it in range(iters):
+        new = np.argmin(((X[:, None, :] - C[None, :, :]) ** 2).sum(axis=2), axis=1)
+        if it > 0 and np.array_equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            if np.any(labels == j):
+                C[j] = X[labels == j].mean(axis=0)
+    return labels
+
+
+def fit_anchors(S: np.ndarray, k: int, seed: int = 0) -> tuple[list[int], list[float]]:
+    """Anchor examples and their weights from ``S`` (reference candidates x examples, scores in [0, 1]):
+    examples clustered by their scores across the candidates, the one nearest each centre its anchor,
+    weighted by its cluster's share of the examples. Anchors come back ascending."""
+    S = np.asarray(S, dtype=float)
+    n = S.shape[1]
+    if k >= n:
+        return list(range(n)), [1.0 / n] * n
+    X = S.T  # one row per example: how each reference candidate did on it
+    labels = _kmeans(X, k, seed)
+    picks: dict[int, float] = {}
+    for j in np.unique(labels):
+        members = np.flatnonzero(labels == j)
+        centre = X[members].mean(axis=0)
+        nearest = int(members[np.argmin(((X[members] - centre) ** 2).sum(axis=1))])
+        picks[nearest] = picks.get(nearest, 0.0) + len(members) / n
+    order = sorted(picks)
+    return order, [picks[i] for i in order]
+
+
+def estimate_from_anchors(anchor_scores: list[float], weights: list[float]) -> float:
+    """The cluster-weighted anchor mean (tinyBenchmarks' plain anchor-point estimate)."""
+    return float(np.dot(np.asarray(anchor_scores, dtype=float), np.asarray(weights, dtype=float)))
+
+
+def item_difficulty(S: np.ndarray) -> np.ndarray:
+    """Rasch difficulty of each example from the reference candidates' scores: the log-odds of failing it
+    (counts smoothed by half an example, so an example nobody or everybody solved stays finite)."""
+    S = np.asarray(S, dtype=float)
+    p = (S.sum(axis=0) + 0.5) / (S.shape[0] + 1.0)
+    return np.log1p(-p) - np.log(p)
+
+
+def estimate_irt(anchor_scores: list[float], indices: list[int], difficulty: list[float]) -> float:
+    """Full-score estimate under a Rasch model (tinyBenchmarks' p-IRT): the candidate's ability is fitted to
+    its anchor scores (maximum a posteriori, prior N(0, 2^2)), each other example counts its predicted
+    probability of success, each anchor its observed score."""
+    b = np.asarray(difficulty, dtype=float)
+    idx = np.asarray(indices, dtype=int)
+    s = np.asarray(anchor_scores, dtype=float)
+    theta = 0.0
+    for _ in range(50):
+        q = 1.0 / (1.0 + np.exp(-(theta - b[idx])))
+        step = (np.sum(s - q) - theta / 4.0) / (np.sum(q * (1.0 - q)) + 0.25)
+        theta += step
+        if abs(step) < 1e-9:
+            break
+    pred = 1.0 / (1.0 + np.exp(-(theta - b)))
+    pred[idx] = s
+    return float(pred.mean())
+
+
+def estimate(entry: dict, anchor_scores: list[float]) -> float:
+    """An objective's full-score estimate from its anchor scores and its plan entry (``plan_anchors``)."""
+    if entry.get("difficulty") is not None:
+        return estimate_irt(anchor_scores, entry["indices"], entry["difficulty"])
+    return estimate_from_anchors(anchor_scores, entry["weights"])
+
+
+def anchor_errors(S: np.ndarray, k: int, seed: int = 0, folds: int = 4) -> dict[str, float]:
+    """Root-mean-square error of each estimator (``irt``, ``mean``) of a candidate's mean score,
+    cross-validated over the reference candidates (anchors and difficulties learned without the fold they
+    estimate); at least half an example."""
+    S = np.asarray(S, dtype=float)
+    m, n = S.shape
+    folds = max(2, min(folds, m))
+    errs: dict[str, list[float]] = {"irt": [], "mean": []}
+    for f in range(folds):
+        held = np.arange(m) % folds == f
+        if held.all() or not held.any():
+            continue
+        idx, w = fit_anchors(S[~held], k, seed)
+        b = list(item_difficulty(S[~held]))
+        truth = S[held].mean(axis=1)
+        errs["irt"].extend(np.array([estimate_irt(list(r[idx]), idx, b) for r in S[held]]) - truth)
+        errs["mean"].extend(S[held][:, idx] @ np.asarray(w) - truth)
+    return {name: max(float(np.sqrt(np.mean(np.square(e)))) if e else 1.0, 0.5 / n) for name, e in errs.items()}
+
+
+def plan_anchors(samples: dict[str, np.ndarray], fraction: float, seed: int = 0) -> dict[str, dict]:
+    """Per objective: its anchors, their weights and the estimate's error bar, as plain data for a worker.
+    ``samples`` maps an objective to its reference matrix (fully scored candidates x examples)."""
+    plan = {}
+    for name, S in samples.items():
+        S = np.clip(np.nan_to_num(np.asarray(S, dtype=float), nan=0.0), 0.0, 1.0)
+        n = S.shape[1]
+        k = max(1, min(n, math.ceil(fraction * n)))
+        idx, w = fit_anchors(S, k, seed)
+        errors = anchor_errors(S, k, seed)
+        irt = errors["irt"] < errors["mean"]  # the estimator that did better on the study's own candidates
+        plan[name] = {"indices": idx, "weights": w, "n": n, "estimator": "irt" if irt else "mean",
+                      "difficulty": [float(v) for v in item_difficulty(S)] if irt else None,
+                      "error": errors["irt" if irt else "mean"]}
+    return plan
+
+
+def estimate_bounds(estimate: float, error: float, z: float, direction: str) -> float:
+    """The optimistic end of an anchor estimate's error bar (clipped to [0, 1])."""
+    v = estimate + z * error if direction == "maximize" else estimate - z * error
+    return float(min(1.0, max(0.0, v)))

@@ -27,6 +27,7 @@ from evomerge.files import UnreadableFile, read_user_text
 from evomerge.genomes import DEFAULT_KIND, KINDS, FieldError, SpaceError, check_space
 from evomerge.objectives import KIND_TAGS, Objective, ObjectiveSpec
 from evomerge.objectives.tasks import bad_task_path
+from evomerge.study_refs import canonical_study_ref, is_study_ref
 from evomerge.zoo import ZOO_MODELS, ZOO_PREFIX, resolve_ref
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -160,10 +161,13 @@ class SearchSpace(BaseModel):
         """The portable form of a model reference, as recipes store it.
 
         zoo:// URIs and hub ids stay as they are, so a recipe rebuilds on any machine with the same
-        sources; local folders become absolute paths.
+        sources; local folders become absolute paths; a stored candidate (study://STUDY/NUMBER) gets its
+        storage written out (its own ``?storage=``, else the space's ``storage``, else the default).
         """
         if ref.startswith(ZOO_PREFIX):
             return ref
+        if is_study_ref(ref):
+            return canonical_study_ref(ref, self.storage)
         local = self._rel(ref)
         if _HUB_ID.match(ref) and not local.exists():
             return ref
@@ -194,7 +198,7 @@ class SearchSpace(BaseModel):
     @property
     def hub_models(self) -> list[str]:
         """The references that are hub ids: nothing on this machine to check, the workers fetch them."""
-        refs = [r for r in self.model_refs if not r.startswith(ZOO_PREFIX)]
+        refs = [r for r in self.model_refs if not r.startswith(ZOO_PREFIX) and not is_study_ref(r)]
         return [r for r in refs if not Path(self.model_ref(r)).is_absolute()]
 
     def all_objectives(self) -> list[Objective]:

@@ -13,9 +13,16 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 
-from evomerge.fidelity import MultiFidelity, can_reach_front, optimistic_value
+from evomerge.fidelity import (
+    MultiFidelity,
+    can_reach_front,
+    estimate,
+    estimate_bounds,
+    optimistic_value,
+)
 from evomerge.genomes import cost_measure, materializer, recipe_from_json
 from evomerge.objectives import Evaluator, ObjectiveResult, parse_objective, supports_fidelity
+from evomerge.objectives.base import Subset
 from evomerge.space import Objective
 
 
@@ -114,7 +121,12 @@ class MergeWorker:
             if objective_names is not None:
                 objs = [o for o in self.objectives if o.name in objective_names]
             if fidelity is not None and front:
-                out, extra = self._staged(objs, front, MultiFidelity.model_validate(fidelity))
+                settings = {k: v for k, v in fidelity.items() if k != "anchors"}
+                fid = MultiFidelity.model_validate(settings)
+                if fid.method == "anchors":
+                    out, extra = self._anchored(objs, front, fid, fidelity.get("anchors") or {})
+                else:
+                    out, extra = self._staged(objs, front, fid)
             else:
                 out, extra = self.evaluator.evaluate(self.model, objs), {}
             t2 = time.perf_counter()
@@ -129,6 +141,51 @@ class MergeWorker:
             tb = traceback.format_exc(limit=3)
             res.error = f"{type(e).__name__}: {e}\n{tb}"
         return res.to_dict()
+
+    def _anchored(self, objs: list[Objective], front: list[list[float]], fid: MultiFidelity, plan: dict):
+        """Anchors first (``plan``: per objective its anchors, weights and error bar, from the driver); the
+        rest only when the estimate plus ``z`` error bars could reach the front. Without a plan for an
+        objective (too few fully scored candidates yet) it is scored in full."""
+        staged = [o for o in objs if supports_fidelity(o) and o.name in plan]
+        if not staged:
+            return self.evaluator.evaluate(self.model, objs), {"fidelity": 1.0}
+        n = {o.name: self.evaluator.num_docs(o) for o in staged}
+        for o in staged:
+            if int(plan[o.name]["n"]) != n[o.name]:
+                raise ValueError(f"objective '{o.name}': the anchor plan is for {plan[o.name]['n']} examples, "
+                                 f"the task has {n[o.name]}")
+        out: dict[str, ObjectiveResult] = {}
+        rest = [o for o in objs if o not in staged]
+        if rest:
+            out.update(self.evaluator.evaluate(self.model, rest))
+        first = {}
+        for o in staged:
+            first.update(self.evaluator.evaluate(self.model, [o], window=Subset(plan[o.name]["indices"])))
+        est = {o.name: estimate(plan[o.name], first[o.name].samples) for o in staged}
+        optimistic = [estimate_bounds(est[o.name], float(plan[o.name]["error"]), fid.z, o.direction)
+                      if o.name in est else out[o.name].value for o in objs]
+        seen = sum(len(plan[o.name]["indices"]) for o in staged)
+        full = sum(n.values())
+        bar = sum(float(plan[o.name]["error"]) for o in staged) / len(staged)
+        if not can_reach_front(optimistic, front, [o.direction for o in objs]):
+            for o in staged:  # the estimate stands for the score; its anchor scores are no per-example list
+                out[o.name] = ObjectiveResult(est[o.name], [])
+            return {o.name: out[o.name] for o in objs}, {"fidelity": seen / full, "pruned": 1.0,
+                                                          "estimated": 1.0, "error_bar": bar}
+        errors = []
+        for o in staged:
+            anchors = [int(i) for i in plan[o.name]["indices"]]
+            taken = set(anchors)
+            others = Subset(i for i in range(n[o.name]) if i not in taken)
+            scores = dict(zip(anchors, first[o.name].samples, strict=True))
+            if others:
+                scores.update(zip(others, self.evaluator.evaluate(self.model, [o], window=others)[o.name].samples,
+                                  strict=True))
+            samples = [scores[i] for i in range(n[o.name])]
+            out[o.name] = ObjectiveResult(float(sum(samples) / len(samples)), samples)
+            errors.append(abs(est[o.name] - out[o.name].value))
+        return {o.name: out[o.name] for o in objs}, {"fidelity": 1.0, "anchor_error": sum(errors) / len(errors),
+                                                      "error_bar": bar}
 
     def _staged(self, objs: list[Objective], front: list[list[float]], fid: MultiFidelity):
         """Slice first, then the rest if the optimistic scores are not dominated by the front."""

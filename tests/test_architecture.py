@@ -18,7 +18,7 @@ MAX_LINES = 700
 
 # Lowest first: a module may import from its own layer or a lower one, never from a higher one.
 LAYERS: list[set[str]] = [
-    {"cache", "files", "recipe", "front", "fidelity", "store", "search", "zoo"},
+    {"cache", "files", "recipe", "front", "fidelity", "store", "search", "zoo", "study_refs"},
     {"merge"},
     {"genomes", "objectives"},
     {"space"},

@@ -67,11 +67,11 @@ def test_reading_the_operator_specs_loads_no_torch():
         "from evomerge.space import load_space\n"
         f"make_genome(load_space({str(root / 'search_spaces' / 'demo.yaml')!r}))\n"
         "assert len(OPERATORS) > 10 and all(s.param_bounds is not None for s in OPERATORS.values())\n"
-        "print('torch' in sys.modules)\n"
+        "print('torch' in sys.modules, 'sqlalchemy' in sys.modules)\n"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "False"
+    assert p.stdout.strip() == "False False"  # nor the store: only a space naming a stored candidate opens it
 
 
 @pytest.fixture(scope="module")

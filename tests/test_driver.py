@@ -96,6 +96,21 @@ def test_multi_fidelity_stop_is_not_reused(driver: StudyRun, monkeypatch) -> Non
     assert [j.number for j in d.queue] == [2]  # evaluated in full, not copied from a slice
 
 
+def test_anchor_plan_goes_to_the_workers_once_enough_are_fully_scored(tmp_path: Path) -> None:
+    space = _space(tmp_path, budget=8,
+                   extra="evaluation: {multi_fidelity: {method: anchors, fraction: 0.5, min_reference: 4}}\n")
+    d = StudyRun(space, _study(tmp_path, space), "s", show_progress=False)
+    plans = []
+    for i in range(5):
+        d._propose(1)
+        _finish(d, {"a": 0.1 * i, "b": 0.5})
+        front, fid = d._fidelity_args()
+        assert fid["method"] == "anchors" and front
+        plans.append(fid["anchors"])
+    assert plans[:3] == [{}, {}, {}]  # every candidate is scored in full until 4 are
+    assert set(plans[3]) == {"a", "b"} and plans[3]["a"]["n"] == 2 and len(plans[3]["a"]["indices"]) == 1
+
+
 def test_ctrl_c_is_a_flag_then_an_interrupt():
     """The search loop's Ctrl-C: the first SIGINT only sets the flag the loop checks between candidates
     (Ray can swallow a KeyboardInterrupt raised inside ray.wait); a second interrupts at once; the
@@ -145,7 +160,7 @@ def fake_worker():
     FakeWorker.calls, FakeWorker.deaths = [], 0
 
 
-@pytest.mark.parametrize("algorithm", ["random", "nsga2", "m2n2", "map"])
+@pytest.mark.parametrize("algorithm", ["random", "nsga2", "nsga3", "m2n2", "map", "map_nested"])
 def test_whole_run_on_the_in_process_pool(tmp_path: Path, fake_worker, algorithm: str) -> None:
     """A run to its budget with every algorithm kind (samples, layout, links derived without the loop
     naming any), a worker death retried, the reference point fixed, and a resume that evaluates nothing."""
@@ -167,6 +182,12 @@ def test_whole_run_on_the_in_process_pool(tmp_path: Path, fake_worker, algorithm
     assert store.get_study("s").status == "done" and store.get_study("s").lease_owner is None
     assert store.get_study("s").reference_point is not None  # bounded metrics: from [0, 1] at the start
     assert {c.worker for c in store.candidates("s")} <= {"inprocess-0", "inprocess-1", "cache"}
+    niches = [c.niche for c in store.candidates("s")]
+    if algorithm == "m2n2":  # every told result's niche: the examples it holds among the archive
+        assert all(isinstance(n["examples"], list) and n["shared_fitness"] >= 0 for n in niches), niches
+        assert niches[0]["admitted"] and niches[0]["replaced"] is None
+    else:
+        assert niches == [None] * 6
     calls = len(fake_worker.calls)
     StudyRun(space, store, "s", show_progress=False, pool=pool).run()  # done: no pool, no evaluation
     assert len(pools) == 1 and len(fake_worker.calls) == calls

@@ -100,3 +100,107 @@ def test_multi_fidelity_needs_mean_metrics(tmp_path: Path) -> None:
                  "evaluation: {multi_fidelity: {fraction: 0.2}}\n")
     with pytest.raises(SpaceError, match="multi_fidelity"):
         load_space(p)
+
+
+# ------------------------------------------------------------------------------------ anchor subsets
+def _irt(n_cand: int, n_items: int, seed: int):
+    """Scores from a two-parameter item-response model: candidate ability, item difficulty and slope."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ability = rng.normal(0.0, 1.0, n_cand)
+    difficulty = rng.normal(0.0, 1.5, n_items)
+    slope = rng.uniform(0.5, 2.5, n_items)
+    p = 1.0 / (1.0 + np.exp(-slope[None, :] * (ability[:, None] - difficulty[None, :])))
+    return (rng.random((n_cand, n_items)) < p).astype(float)
+
+
+def test_anchors_estimate_better_than_a_random_subset_and_say_how_well() -> None:
+    import numpy as np
+
+    from evomerge.fidelity import estimate, estimate_from_anchors, plan_anchors
+
+    S = _irt(60, 200, 0)
+    ref, new = S[:20], S[20:]
+    plan = plan_anchors({"t": ref}, fraction=0.1)["t"]
+    assert len(plan["indices"]) <= 20 and plan["indices"] == sorted(plan["indices"]) and plan["n"] == 200
+    assert sum(plan["weights"]) == pytest.approx(1.0)
+    est = np.array([estimate(plan, list(row[plan["indices"]])) for row in new])
+    err = np.abs(est - new.mean(axis=1))
+    plain = [estimate_from_anchors(list(row[plan["indices"]]), plan["weights"]) for row in new]
+    # on data from an item-response model, cross-validation picks the Rasch estimate, and rightly
+    assert plan["estimator"] == "irt" and err.mean() < np.abs(plain - new.mean(axis=1)).mean()
+    rng = np.random.default_rng(1)
+    rand = [np.abs(new[:, rng.choice(200, 20, replace=False)].mean(axis=1) - new.mean(axis=1)).mean()
+            for _ in range(50)]
+    assert err.mean() < np.mean(rand)  # better than a random subset's mean of the same size
+    rmse = float(np.sqrt(np.mean(err**2)))
+    assert 0.4 * rmse < plan["error"] < 2.5 * rmse  # the cross-validated error bar is of the right size
+    assert plan_anchors({"t": ref}, fraction=0.1) == plan_anchors({"t": ref}, fraction=0.1)  # deterministic
+
+
+def test_subset_window_scores_exactly_those_examples(worker) -> None:
+    from evomerge.objectives.base import Subset
+
+    w, recipe = worker
+    full = w.evaluate(1, recipe)
+    w.materializer.apply(Recipe.from_json(recipe), w.model)
+    part = w.evaluator.evaluate(w.model, w.objectives, window=Subset([3, 7, 20, 30]))
+    assert part["arith"].samples == [full["samples"]["arith"][i] for i in (3, 7, 20, 30)]
+    assert part["script"].samples == [full["samples"]["script"][i] for i in (3, 7, 20)]  # 24 examples
+
+
+def test_anchored_evaluation_finishes_front_candidates_and_estimates_the_rest(worker) -> None:
+    w, recipe = worker
+    full = w.evaluate(1, recipe)
+    plan = {"arith": {"indices": [0, 9, 21, 33], "weights": [0.25, 0.25, 0.25, 0.25], "error": 0.05, "n": 40},
+            "script": {"indices": [2, 11], "weights": [0.5, 0.5], "error": 0.1, "n": 24}}
+    fid = {**MultiFidelity(method="anchors", fraction=0.1).model_dump(), "anchors": plan}
+    finished = w.evaluate(2, recipe, front=[[0.0, 0.0]], fidelity=fid)
+    assert not finished["error"] and finished["timings"]["fidelity"] == 1.0
+    assert finished["scores"] == pytest.approx(full["scores"]) and finished["samples"] == full["samples"]
+    est = {n: sum(full["samples"][n][i] * wt for i, wt in zip(p["indices"], p["weights"], strict=True))
+           for n, p in plan.items()}
+    err = sum(abs(est[n] - full["scores"][n]) for n in plan) / 2
+    assert finished["timings"]["anchor_error"] == pytest.approx(err)
+    stopped = w.evaluate(3, recipe, front=[[1.0, 1.0]], fidelity=fid)
+    assert stopped["timings"]["pruned"] == 1.0 and stopped["timings"]["estimated"] == 1.0
+    assert stopped["timings"]["fidelity"] == pytest.approx(6 / 64)
+    assert stopped["scores"] == pytest.approx(est) and stopped["samples"] == {"arith": [], "script": []}
+    # no plan yet (too few fully scored candidates): scored in full
+    early = w.evaluate(4, recipe, front=[[1.0, 1.0]], fidelity={**fid, "anchors": {}})
+    assert early["samples"] == full["samples"] and "pruned" not in early["timings"]
+
+
+def test_anchor_plan_waits_for_reference_candidates(tmp_path: Path) -> None:
+    import numpy as np
+
+    from evomerge.run.anchors import AnchorPlanner
+    from evomerge.store import Store
+
+    p = tmp_path / "s.yaml"
+    p.write_text(f"""
+base_model: org/base
+models: [org/a]
+genome: {{num_layers: 2}}
+objectives:
+  - {{name: arith, task: demo_arith_search, metric: "exact_match,none"}}
+  - {{name: n, kind: cost, measure: params, direction: minimize}}
+evaluation: {{task_paths: [{TASKS}], multi_fidelity: {{method: anchors, fraction: 0.1, min_reference: 4}}}}
+""")
+    space = load_space(p)
+    store = Store(f"sqlite:///{tmp_path / 'd.db'}")
+    store.create_study("s", "", [{"name": "arith", "direction": "maximize"}, {"name": "n", "direction": "minimize"}],
+                       budget=10)
+    planner = AnchorPlanner(store, "s", space, space.evaluation.multi_fidelity)
+    S = _irt(6, 50, 2)
+    for i, row in enumerate(S):
+        num = store.add_candidate("s", proposal_key=i, genome=[0.0], recipe_json="{}", recipe_hash=f"h{i}")
+        store.mark_running("s", num)
+        pruned = {"pruned": 1.0} if i == 5 else None  # an estimate is no reference
+        store.complete_candidate("s", num, {"arith": float(row.mean()), "n": 1.0},
+                                 {"arith": list(row) if not pruned else []}, pruned)
+        plan = planner.plan()
+        assert (plan == {}) == (i < 3), i
+    assert set(plan) == {"arith"} and plan["arith"]["n"] == 50 and len(plan["arith"]["indices"]) <= 5
+    assert np.isfinite(plan["arith"]["error"])

@@ -247,6 +247,11 @@ def test_algorithm_replaces_weakest_only_when_child_is_better():
     algo.tell([(p.key, [0.5], [0, 0, 1, 1, 0, 1])])  # a new niche (example 5) and shares of two more
     keys = [m["key"] for m in algo.archive]
     assert p.key in keys and 2 not in keys  # the member with one example went
+    niches = algo.take_niches()
+    assert niches[p.key] == {"examples": [2, 3, 5], "shared_fitness": pytest.approx(2.0), "admitted": True,
+                             "replaced": 2}
+    assert niches[p.key - 1]["admitted"] is False and niches[p.key - 1]["examples"] == []
+    assert algo.take_niches() == {}  # handed over once
     # failures and unscored results never enter the archive
     before = json.dumps(algo.archive)
     q = algo.ask(2)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.genomes.base import FieldError
+from evomerge.study_refs import StudyRefError, is_study_ref, stored_recipe_json
 from evomerge.zoo import ZOO_PREFIX, is_complete, resolve_zoo_uri, zoo_path
 
 if TYPE_CHECKING:
@@ -129,7 +130,19 @@ def open_model(space: SearchSpace, field: str, ref: str,
     """The files of ``ref`` (a space's ``base_model`` or ``models`` entry), or FieldError naming
     ``field`` when a local folder is missing or holds no config. Hub ids, zoo models of a zoo not
     built yet and what ``other_file`` accepts (a kind's own source forms) give no folder."""
-    portable = space.model_ref(ref)
+    try:
+        portable = space.model_ref(ref)
+    except StudyRefError as e:
+        raise FieldError(field, str(e)) from None
+    if is_study_ref(portable):
+        if not other_file(portable):
+            raise FieldError(field, f"{ref!r}: a stored candidate is a source of data-flow searches only "
+                                    "(export it to merge it in parameter space)")
+        try:
+            stored_recipe_json(portable)
+        except StudyRefError as e:
+            raise FieldError(field, str(e)) from None
+        return ModelFiles(field, ref, None, None)
     if portable.startswith(ZOO_PREFIX):
         if not is_complete(zoo_path()):
             return ModelFiles(field, ref, None, None)

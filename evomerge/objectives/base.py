@@ -17,7 +17,24 @@ from typing import Any, ClassVar, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_KIND = "lm_eval"  # spaces written before objectives had kinds name no kind: lm-eval tasks
-Window = tuple[int, int]  # examples lo <= i < hi of an objective (multi-fidelity slices)
+
+
+class Subset(tuple):
+    """Explicit example indices of an objective, ascending (anchor-subset estimation scores these only)."""
+
+
+# Examples lo <= i < hi of an objective (multi-fidelity slices), or an explicit Subset of them.
+Window = tuple[int, int] | Subset
+
+
+def window_indices(window: Window | None, n: int) -> list[int]:
+    """The example indices below ``n`` that ``window`` selects (all of them for None)."""
+    if window is None:
+        return list(range(n))
+    if isinstance(window, Subset):
+        return [int(i) for i in window if 0 <= int(i) < n]
+    lo, hi = window
+    return list(range(lo, min(hi, n)))
 
 
 class EvaluationError(ValueError):

@@ -68,7 +68,14 @@ from lm_eval.tasks._index import Kind, TaskIndex  # noqa: E402
 from lm_eval.tasks._yaml_loader import _make_loader, load_yaml  # noqa: E402
 
 from evomerge.objectives import lm_eval_patches  # noqa: E402
-from evomerge.objectives.base import EvalContext, EvaluationError, Objective, ObjectiveResult, Window  # noqa: E402
+from evomerge.objectives.base import (  # noqa: E402
+    EvalContext,
+    EvaluationError,
+    Objective,
+    ObjectiveResult,
+    Window,
+    window_indices,
+)
 from evomerge.objectives.tasks import resolve_path, task_file  # noqa: E402
 
 if TYPE_CHECKING:  # the kind module imports this one when it builds an evaluator
@@ -352,9 +359,8 @@ class LmEvalEvaluator:
                 if n is not None and n < slot_of[name].n_docs
             }
         else:
-            lo, hi = window
             samples = {
-                name: _Indices(range(lo, min(hi, slot_of[name].n_docs if n is None else n)))
+                name: _Indices(window_indices(window, slot_of[name].n_docs if n is None else n))
                 for name, n in n_for.items()
             }
             if any(len(v) == 0 for v in samples.values()):
@@ -415,8 +421,8 @@ class LmEvalEvaluator:
             value = _as_float(task_res[key])
             n_o = slot.n_docs if o.limit is None else min(o.limit, slot.n_docs)
             if window is not None or n_o < n_run:
-                lo, hi = window or (0, n_o)
-                keep = [i for i, s in enumerate(rows) if lo <= s["doc_id"] < min(hi, n_o)]
+                allowed = frozenset(window_indices(window, n_o))
+                keep = [i for i, s in enumerate(rows) if s["doc_id"] in allowed]
                 rows = [rows[i] for i in keep]
                 per = [per[i] for i in keep] if per else per
                 agg = slot.task.aggregation().get(metric)

@@ -21,6 +21,7 @@ from rich.console import Console
 from evomerge import front as frontlib
 from evomerge.genomes import make_genome
 from evomerge.objectives import is_bounded
+from evomerge.run.anchors import AnchorPlanner
 from evomerge.run.hvseries import HypervolumeSeries
 from evomerge.run.lease import Lease
 from evomerge.run.pool import Outcome, RayPool, Task, WorkerPool, WorkerStartError, worker_config
@@ -95,6 +96,7 @@ class StudyRun:
         self.step = 0
         self._ref_fixed = False
         self.hv_series = HypervolumeSeries(store, study, self.names, self.directions)
+        self._anchors: AnchorPlanner | None = None
 
     # -- store <-> algorithm ----------------------------------------------------------------
     def _values(self, scores: dict[str, float]) -> list[float]:
@@ -113,8 +115,15 @@ class StudyRun:
     def _tell(self, key: int, values: list[float] | None, samples: dict[str, list[float]] | None = None,
               number: int | None = None) -> None:
         self.algo.tell([self._result(key, values, samples, number)])
+        self._record_niches()
         self.step += 1
         self.store.save_checkpoint(self.study, self.step, self.algo.name, self.algo.state_dict())
+
+    def _record_niches(self) -> None:
+        # Written before the checkpoint that no longer holds them: a crash in between re-tells the result
+        # on resume, which gives the same niche again.
+        for key, niche in self.algo.take_niches().items():
+            self.store.set_niche(self.study, key, niche)
 
     def _restore(self) -> None:
         ck = self.store.latest_checkpoint(self.study)
@@ -133,6 +142,7 @@ class StudyRun:
                 self.algo.tell([self._result(int(c.proposal_key), self._values(c.scores), number=c.number)])
             elif c.state == "failed":
                 self.algo.tell([(int(c.proposal_key), None)])
+        self._record_niches()
         # Whatever was queued or running belonged to a run that is gone.
         for c in self.store.pending_candidates(self.study):
             if c.state == "running":
@@ -229,7 +239,12 @@ class StudyRun:
         if len(F) == 0:
             return (None, None)
         nd = frontlib.non_dominated(frontlib.to_minimization(F, self.directions))
-        return (F[nd].tolist(), fid.model_dump())
+        args = fid.model_dump()
+        if fid.method == "anchors":
+            if self._anchors is None:
+                self._anchors = AnchorPlanner(self.store, self.study, self.space, fid)
+            args["anchors"] = self._anchors.plan()
+        return (F[nd].tolist(), args)
 
     def _say(self, line: str) -> None:
         self.log.event("worker", line)

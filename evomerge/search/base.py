@@ -148,6 +148,11 @@ class Algorithm(ABC):
     def done(self) -> bool:
         return False
 
+    def take_niches(self) -> dict[int, Any]:
+        """Niches (plain JSON) of the candidates told since the last call, by key, for the store's
+        ``niche`` column; the study loop takes them after every tell. Algorithms without niches: {}."""
+        return {}
+
     @property
     @abstractmethod
     def outstanding(self) -> list[int]:

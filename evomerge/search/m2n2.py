@@ -58,6 +58,11 @@ samples are ignored. ``weights`` are not used (M2N2 does not scalarise; its arch
 
 Failed candidates (``None``/NaN/inf values) never enter the archive.
 
+**Niches per candidate.** Every placed result gets a niche (:func:`candidate_niche`, judged against
+the archive it met): the examples (in values mode: the objectives) where it holds the largest share of
+all members, its shared fitness, whether it entered the archive and whose place it took.
+``take_niches()`` hands them over once; the study loop writes them into the store's ``niche`` column.
+
 **Steady state.** No generation barrier: ``ask(n)`` always returns ``n`` proposals, each drawn from the
 archive as it stands. The first ``n_init`` proposals are the initial points: with ``init="corners"`` and
 ``n_sources`` given, one corner per source model first (its weight genes at 1, the other sources' at 0,
@@ -67,7 +72,8 @@ pre-trained models); ``init="random"`` or no ``n_sources``: ``n_init`` (default 
 While fewer than two members are in the archive (initial points still out, or all failed) ``ask``
 proposes further random points.
 
-**State** (plain JSON): the archive (key, genotype, per-example scores or objective values), the
+**State** (plain JSON): the archive (key, genotype, per-example scores or objective values), the niches
+not yet taken, the
 outstanding proposals, counters, and numpy's PCG64 state (its 128-bit integers as strings); a fresh
 instance loading it continues exactly.
 
@@ -202,6 +208,17 @@ def replacement_index(archive_scores: np.ndarray, child_scores: np.ndarray, alph
                      np.asarray(child_scores, dtype=float)[None, :]])
     worst = int(np.argmin(shared_fitness(ext, alpha)))
     return worst if worst < ext.shape[0] - 1 else None
+
+
+def candidate_niche(scores: np.ndarray, alpha: float) -> dict[str, Any]:
+    """The niche of the last row of ``scores`` (a candidate judged against the archive above it): the
+    examples where it holds the largest share ``s_cj / z_j`` of all rows (ties included, zero scores
+    never), and its shared fitness among them."""
+    s = np.asarray(scores, dtype=float)
+    shares = s / niche_normalizer(s, alpha)[None, :]
+    mine = shares[-1]
+    held = (mine > 0) & (mine >= shares.max(axis=0) - 1e-12)
+    return {"examples": [int(j) for j in np.flatnonzero(held)], "shared_fitness": float(mine.sum())}
 
 
 def m2n2_step_update(archive: np.ndarray, scores: np.ndarray, child: np.ndarray, child_scores: np.ndarray,
@@ -360,6 +377,7 @@ class M2N2(Algorithm):
         self._outstanding: dict[int, dict[str, Any]] = {}  # key -> {"x", "parents"}
         # archive members: {"key", "x", "s"} (samples mode) or {"key", "x", "v"} (values, minimisation)
         self._archive: list[dict[str, Any]] = []
+        self._niches: dict[int, dict[str, Any]] = {}  # told since the last take_niches(), by key
 
     # ------------------------------------------------------------------------ scores
     def archive_scores(self, extra: Sequence[Sequence[float]] = ()) -> np.ndarray:
@@ -439,18 +457,28 @@ class M2N2(Algorithm):
             self._place({"key": key, "x": prop["x"], "s": [float(v) for v in arr]})
 
     def _place(self, member: dict[str, Any]) -> None:
+        row = member["v"] if self._mode == "values" else member["s"]
+        ext = self.archive_scores([row])
+        niche = candidate_niche(ext, self.alpha)
+        replaced = None
         if len(self._archive) < self.pop:
             self._archive.append(member)
-            return
-        row = member["v"] if self._mode == "values" else member["s"]
-        if self._mode == "values":
-            ext = self.archive_scores([row])
-            worst = int(np.argmin(shared_fitness(ext, self.alpha)))
-            idx = worst if worst < len(self._archive) else None
+            admitted = True
         else:
-            idx = replacement_index(self.archive_scores(), np.asarray(row), self.alpha)
-        if idx is not None:
-            self._archive[idx] = member
+            if self._mode == "values":
+                worst = int(np.argmin(shared_fitness(ext, self.alpha)))
+                idx = worst if worst < len(self._archive) else None
+            else:
+                idx = replacement_index(self.archive_scores(), np.asarray(row), self.alpha)
+            admitted = idx is not None
+            if idx is not None:
+                replaced = int(self._archive[idx]["key"])
+                self._archive[idx] = member
+        self._niches[int(member["key"])] = {**niche, "admitted": admitted, "replaced": replaced}
+
+    def take_niches(self) -> dict[int, Any]:
+        out, self._niches = self._niches, {}
+        return out
 
     # ------------------------------------------------------------------------ bookkeeping
     @property
@@ -479,6 +507,7 @@ class M2N2(Algorithm):
             "archive": [{k: (list(v) if isinstance(v, list) else v) for k, v in m.items()}
                         for m in self._archive],
             "rng": _rng_state(self._rng),
+            "niches": [[k, v] for k, v in sorted(self._niches.items())],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -492,6 +521,7 @@ class M2N2(Algorithm):
         self._outstanding = {int(o["key"]): {"x": [float(v) for v in o["x"]],
                                              "parents": [int(p) for p in o["parents"]]}
                              for o in state["outstanding"]}
+        self._niches = {int(k): dict(v) for k, v in state.get("niches", [])}
         self._archive = []
         for m in state["archive"]:
             mem: dict[str, Any] = {"key": int(m["key"]), "x": [float(v) for v in m["x"]]}

@@ -282,6 +282,20 @@ class CandidateMethods:
             values["timings"] = tim
         return self._update_candidate(study, number, _ACTIVE, **values)
 
+    def set_niche(self, study: str, proposal_key: int | str, niche: Any) -> bool:
+        """Record the niche (plain JSON) an algorithm placed the candidate of ``proposal_key`` in, once its
+        result was told (M2N2: the examples it holds); returns False when no candidate has that key."""
+        data = json_strict(niche, "niche")
+        with self.db.session(write=True) as s:
+            sid = study_id(s, study)
+            res = s.execute(
+                update(Candidate)
+                .where(Candidate.study_id == sid, Candidate.proposal_key == str(proposal_key))
+                .values(niche=data)
+                .execution_options(synchronize_session=False)
+            )
+            return bool(res.rowcount)  # type: ignore[attr-defined]
+
     def requeue(self, study: str, number: int) -> bool:
         """Put a running or failed candidate back in the queue (for a retry); the last error is kept.
 

@@ -23,8 +23,9 @@ from evomerge.genomes.checks import arch_config, check_same_architecture, open_m
 from evomerge.genomes.data_flow.costs import path_length, path_params
 from evomerge.genomes.data_flow.genome import DataFlowGenome, read_block_count
 from evomerge.genomes.data_flow.recipe import DataFlowRecipe
-from evomerge.genomes.data_flow.sources import is_ps_recipe_file
+from evomerge.genomes.data_flow.sources import is_ps_recipe_file, study_recipe
 from evomerge.genomes.data_flow.spec import ARCH_KEYS, SUPPORTED_MODEL_TYPES, DataFlowGenomeSpec
+from evomerge.study_refs import StudyRefError, is_study_ref
 
 if TYPE_CHECKING:
     from evomerge.space import SearchSpace
@@ -34,12 +35,23 @@ def _make_genome(space: SearchSpace) -> DataFlowGenome:
     return DataFlowGenome.from_spec(space.genome, [space.model_ref(m) for m in space.models])
 
 
+def _built_at_run_time(ref: str) -> bool:
+    return is_ps_recipe_file(ref) or is_study_ref(ref)
+
+
 def _check_space(space: SearchSpace) -> None:
     space.genome.check_models(len(space.models))
     if space.source_dir is None:  # not loaded from a file: relative references mean nothing yet
         return
     # a PS recipe JSON is built into a folder at run time, from sources the recipe names
-    models = [open_model(space, f"models.{i}", m, is_ps_recipe_file) for i, m in enumerate(space.models)]
+    # ...and so is a stored PS candidate (study://), whose recipe must be a parameter-space one
+    models = [open_model(space, f"models.{i}", m, _built_at_run_time) for i, m in enumerate(space.models)]
+    for i, m in enumerate(space.models):
+        if is_study_ref(m):
+            try:
+                study_recipe(space.model_ref(m))
+            except StudyRefError as e:
+                raise FieldError(f"models.{i}", str(e)) from None
     for m in models:
         if m.adapter is not None:
             raise FieldError(m.field, f"{m.ref!r} is a LoRA adapter; a layer path needs whole models")

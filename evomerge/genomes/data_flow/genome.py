@@ -31,8 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from evomerge.genomes.data_flow.recipe import DataFlowRecipe
-from evomerge.genomes.data_flow.sources import is_ps_recipe_file, resolve_source
+from evomerge.genomes.data_flow.sources import is_ps_recipe_file, resolve_source, study_recipe
 from evomerge.genomes.data_flow.spec import DataFlowGenomeSpec, ScaleMode
+from evomerge.study_refs import is_study_ref
 from evomerge.zoo import RECIPE, is_complete, zoo_path
 
 KEEP_THRESHOLD = 0.5
@@ -47,6 +48,10 @@ def read_block_count(ref: str) -> int:
         data = json.loads(Path(ref).read_text())
         if not data.get("slices"):  # a PS merge keeps its base's block count; no need to build it
             return read_block_count(data["base"])
+    if is_study_ref(ref):
+        recipe = study_recipe(ref)
+        if not recipe.slices:
+            return read_block_count(recipe.base)
     cfg = Path(resolve_source(ref)) / "config.json"
     if not cfg.is_file():
         raise ValueError(f"model {ref!r} is not a local folder; give genome.num_layers")

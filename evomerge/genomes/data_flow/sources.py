@@ -9,8 +9,12 @@ Hugging Face folder, a hub id), and two forms of a parameter-space (PS) result:
   materialized once into ``$EVOMERGE_CACHE_DIR/ps_sources/<recipe hash>`` (default
   ``~/.cache/evomerge/ps_sources``), atomically and under a file lock, and that folder is used.
 
-So PS + DFS is: run PS, ``evomerge export`` its best candidate (or take its recipe JSON), and put
-that path in the DFS space's ``models`` next to another model.
+- a stored PS candidate, ``study://STUDY/NUMBER`` (the storage from ``?storage=URL`` in the ref, else the
+  space's ``storage``, else the default one; see :mod:`evomerge.study_refs`): its recipe is read from the
+  store and materialized like a recipe JSON file, into the same cache, keyed by the recipe's hash.
+
+So PS + DFS is: run PS, and put ``study://PS_STUDY/N`` (or the path of its export or recipe JSON) in
+the DFS space's ``models`` next to another model; one ``evomerge search`` then searches the paths.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from evomerge.cache import cache_root, file_lock
 from evomerge.recipe import Recipe
+from evomerge.study_refs import StudyRefError, is_study_ref, stored_recipe_json
 from evomerge.zoo import resolve_ref
 
 
@@ -45,19 +50,39 @@ def is_ps_recipe_file(ref: str) -> bool:
     )
 
 
+def study_recipe(ref: str) -> Recipe:
+    """The parameter-space recipe of the stored candidate ``ref`` names (StudyRefError: one line)."""
+    text = stored_recipe_json(ref)
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise StudyRefError(f"{ref}: the stored recipe is not JSON") from None
+    kind = data.get("kind", "parameter_space") if isinstance(data, dict) else None
+    if kind != "parameter_space":
+        raise StudyRefError(f"{ref}: the candidate is a {kind} recipe; a data-flow source must be a "
+                            "parameter-space merge (or a model folder)")
+    return Recipe.from_json(text)
+
+
 def resolve_source(ref: str) -> str:
-    """A DFS model reference as a local folder (or hub id), materializing a PS recipe JSON first."""
+    """A DFS model reference as a local folder (or hub id), materializing a PS recipe (JSON file or stored
+    candidate) first."""
+    if is_study_ref(ref):
+        return str(materialize_recipe(study_recipe(ref)))
     if is_ps_recipe_file(ref):
         return str(materialize_ps_recipe(Path(ref)))
     return resolve_ref(ref)
 
 
-
 def materialize_ps_recipe(recipe_file: Path, root: Path | None = None) -> Path:
+    """Write the PS recipe's merged model once (cached by recipe hash) and return its folder."""
+    return materialize_recipe(Recipe.from_json(Path(recipe_file).read_text()), root)
+
+
+def materialize_recipe(recipe: Recipe, root: Path | None = None) -> Path:
     """Write the PS recipe's merged model once (cached by recipe hash) and return its folder."""
     from evomerge.merge import Materializer  # torch: only when a PS recipe must be built
 
-    recipe = Recipe.from_json(Path(recipe_file).read_text())
     root = Path(root) if root is not None else cache_dir()
     final = root / recipe.hash()
     if (final / "config.json").is_file():

@@ -21,7 +21,15 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from evomerge.objectives.base import EvalContext, EvaluationError, KindEvaluator, Objective, ObjectiveResult, Window
+from evomerge.objectives.base import (
+    EvalContext,
+    EvaluationError,
+    KindEvaluator,
+    Objective,
+    ObjectiveResult,
+    Subset,
+    Window,
+)
 from evomerge.objectives.tasks import resolve_path
 
 SEED = 1234  # torch seed around every call, so a scorer that samples scores a model the same way each time
@@ -146,14 +154,16 @@ class PythonEvaluator:
         return out
 
 
-def _indices(limit: int | None, window: Window | None) -> range | None:
+def _indices(limit: int | None, window: Window | None) -> Sequence[int] | None:
     if window is None:
         return None if limit is None else range(limit)
+    if isinstance(window, Subset):
+        return [int(i) for i in window if limit is None or int(i) < limit]
     lo, hi = window
     return range(lo, hi if limit is None else min(hi, limit))
 
 
-def _scores(o: PythonObjective, raw: Any, indices: range | None) -> list[float]:
+def _scores(o: PythonObjective, raw: Any, indices: Sequence[int] | None) -> list[float]:
     try:
         scores = [float(v) for v in raw]
     except (TypeError, ValueError):
