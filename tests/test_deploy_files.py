@@ -407,7 +407,7 @@ def actor_options(monkeypatch, gpus: int) -> dict[str, Any]:
         exceptions=SimpleNamespace(RayActorError=err, WorkerCrashedError=err, NodeDiedError=err),
     )
     monkeypatch.setitem(sys.modules, "ray", fake)
-    RayPool(None, workers=2)
+    RayPool(SimpleNamespace(sources=["a", "b"], base="base"), workers=2)  # a WorkerConfig as far as it is read
     assert len(asked) == 2 and asked[0] == asked[1]
     return {k: v for k, v in asked[0].items() if k in ("num_gpus", "num_cpus", "resources")}
 
