@@ -59,7 +59,8 @@ def dump(url: str) -> dict[str, list[tuple]]:
 
 
 def _fill(url: str) -> None:
-    """Two studies with candidates in every state, scores, per-example scores, checkpoints, a held lease."""
+    """Two studies with candidates in every state, scores, per-example scores, checkpoints, a hypervolume
+    series and a held lease."""
     with Store(url) as st:
         for name in ("alpha", "beta"):
             st.create_study(name, f"name: {name}\n", OBJ, budget=9, reference_point=[0.0, 2.5])
@@ -78,6 +79,7 @@ def _fill(url: str) -> None:
             st.add_scores(name, 1, {"held": 0.75}, {"held": [1.0, 0.5]})
             for step in (3, 4, 5):
                 st.save_checkpoint(name, step, "nsga2", {"step": step, "x": [math.nan, math.inf, 0.1]})
+            st.add_hypervolume_points(name, [(1, 1, 0.125, None), (2, 2, 0.1 + 1e-17, None), (3, 2, 0.1, None)])
             st.set_study_status(name, "running")
         st.acquire_lease("alpha", owner_id(), 600)
 
@@ -99,7 +101,8 @@ def test_round_trip_sqlite_postgresql_sqlite_keeps_every_row(tmp_path: Path, fre
     assert back == there
     original, pg, returned = dump(a), dump(fresh_pg_url), dump(b)
     assert {k: len(v) for k, v in original.items()} == \
-        {"studies": 2, "candidates": 12, "scores": 10, "sample_scores": 10, "checkpoints": 6}
+        {"studies": 2, "candidates": 12, "scores": 10, "sample_scores": 10, "checkpoints": 6,
+         "hypervolume_points": 6}
     # the held lease of alpha is not copied; every other value is, bit for bit
     assert any("None" not in dict(r)["lease_owner"] for r in original["studies"])
     assert pg == returned == _no_lease(original)
@@ -146,7 +149,8 @@ def test_a_failed_copy_writes_nothing(tmp_path: Path, request, monkeypatch, wher
         copy_studies(a, dst)
     assert calls == ["alpha", "beta"]  # both studies were written, in a transaction rolled back
     assert {k: v for k, v in dump(dst).items()} == \
-        {"studies": [], "candidates": [], "scores": [], "sample_scores": [], "checkpoints": []}
+        {"studies": [], "candidates": [], "scores": [], "sample_scores": [], "checkpoints": [],
+         "hypervolume_points": []}
 
 
 def test_cli_copies_and_refuses_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -2,7 +2,8 @@
 
 What a study is in the store travels whole: the study (its space, objectives, reference point, status,
 budget, timestamps), its candidates (genome, recipe, lineage, state, attempts, errors, timings, worker),
-their scores and per-example scores (the same bytes), and the algorithm checkpoints, so a copied study
+their scores and per-example scores (the same bytes), the algorithm checkpoints and the hypervolume
+series (every table that belongs to a study, as ``_PER_STUDY`` lists them), so a copied study
 resumes exactly as the original would. Row ids are the destination's own; candidates keep their numbers,
 and lineage refers to numbers. The study's lease is not copied: the copy is held by no driver, and a
 ``running`` study reads as interrupted there until ``evomerge resume`` takes it.
@@ -22,7 +23,7 @@ from sqlalchemy import Connection, Table, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from .errors import StoreError, StudyNotFound
-from .models import Candidate, Checkpoint, SampleScores, Score, Study
+from .models import Candidate, Checkpoint, HypervolumePoint, SampleScores, Score, Study
 from .store import Store
 
 _STUDIES: Table = Study.__table__  # type: ignore[assignment]
@@ -30,6 +31,9 @@ _CANDIDATES: Table = Candidate.__table__  # type: ignore[assignment]
 _SCORES: Table = Score.__table__  # type: ignore[assignment]
 _SAMPLES: Table = SampleScores.__table__  # type: ignore[assignment]
 _CHECKPOINTS: Table = Checkpoint.__table__  # type: ignore[assignment]
+_HV_POINTS: Table = HypervolumePoint.__table__  # type: ignore[assignment]
+# The tables whose rows belong to a study itself, each with the column that orders them.
+_PER_STUDY = ((_CHECKPOINTS, _CHECKPOINTS.c.step), (_HV_POINTS, _HV_POINTS.c.evaluations))
 
 # Keys that are the database's own (row ids, and the ids rows point at): remapped, never copied.
 _OWN_KEYS = {"id", "study_id", "candidate_id"}
@@ -48,7 +52,11 @@ class StudyRows:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     scores: list[dict[str, Any]] = field(default_factory=list)  # with "number": the candidate's number
     samples: list[dict[str, Any]] = field(default_factory=list)  # likewise
-    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    per_study: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # table name -> rows
+
+    @property
+    def checkpoints(self) -> list[dict[str, Any]]:
+        return self.per_study.get(_CHECKPOINTS.name, [])
 
 
 @dataclass(frozen=True)
@@ -98,12 +106,10 @@ def read_studies(conn: Connection, names: Sequence[str]) -> list[StudyRows]:
             dest.extend({"number": r._mapping[_CANDIDATES.c.number], **_row(table, r)} for r in conn.execute(q))
         for s in rows.samples:
             s["data"] = bytes(s["data"])  # a memoryview on some drivers
-        rows.checkpoints = [
-            _row(_CHECKPOINTS, r)
-            for r in conn.execute(
-                select(_CHECKPOINTS).where(_CHECKPOINTS.c.study_id == sid).order_by(_CHECKPOINTS.c.step)
-            )
-        ]
+        for table, order in _PER_STUDY:
+            rows.per_study[table.name] = [
+                _row(table, r) for r in conn.execute(select(table).where(table.c.study_id == sid).order_by(order))
+            ]
         out.append(rows)
     return out
 
@@ -129,8 +135,9 @@ def write_study(conn: Connection, rows: StudyRows, name: str) -> None:
                 insert(table),
                 [{k: v for k, v in r.items() if k != "number"} | {"candidate_id": ids[r["number"]]} for r in items],
             )
-    if rows.checkpoints:
-        conn.execute(insert(_CHECKPOINTS), [{**c, "study_id": sid} for c in rows.checkpoints])
+    for table, _ in _PER_STUDY:
+        if rows.per_study.get(table.name):
+            conn.execute(insert(table), [{**c, "study_id": sid} for c in rows.per_study[table.name]])
 
 
 def _read_connection(store: Store) -> Any:
