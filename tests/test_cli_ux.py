@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,9 @@ def test_usage_names_arguments_in_capitals() -> None:
 
 def test_shell_completion_installs_and_completes(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SHELL": "/bin/bash", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([*EVOMERGE, "--install-completion"], capture_output=True, text=True, timeout=120, env=env)
+    # from a bash, as a user types it: the shell is detected from the calling process
+    r = subprocess.run(["/bin/bash", "-c", shlex.join([*EVOMERGE, "--install-completion"]) + "; exit $?"],
+                       capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert "evomerge" in (tmp_path / ".bashrc").read_text()  # the rc file sources the script it wrote
     for words, cword, want in (("evomerge fr", 1, "front"), ("evomerge search --wo", 2, "--workers")):

@@ -45,7 +45,9 @@ def documented_commands() -> list[tuple[str, str]]:
     for space in sorted((ROOT / "search_spaces").glob("*.yaml")):
         comments = [ln.lstrip("#").strip() for ln in space.read_text().splitlines() if ln.startswith("#")]
         for line in _joined(comments):
-            for m in re.finditer(r"evomerge (\S.*?)(?=\s{3,}\(|$)", line):
+            line = re.split(r"\s#\s", line)[0]  # a comment after the command
+            # a command ends at a wide gap before a note, or at the backtick closing it in prose
+            for m in re.finditer(r"evomerge ([^\s`][^`]*?)(?=\s{3,}\(|`|$)", line):
                 found.append((space.name, m.group(1)))
     return found
 
@@ -72,16 +74,19 @@ def test_documented_command_is_accepted(where: str, command: str, tmp_path: Path
     spaces = [a for a in argv if a.startswith("search_spaces/") and (ROOT / a).is_file()]
     if argv[0] == "validate" and spaces:
         run = argv
-    elif argv[0] == "search" and spaces:
-        # a real dry run: no cluster, no database; the rest of the line is still parsed
+    elif argv[0] == "search" and spaces and "study://" not in (ROOT / spaces[0]).read_text():
+        # a real dry run: no cluster, no database; the rest of the line is still parsed (a space that
+        # builds on a stored candidate needs that study first: only its command line is checked)
         run = [*argv, "--dry-run"]
     elif argv == ["--install-completion"]:
         run = ["--show-completion", "bash"]  # the same script, printed instead of written to a shell's rc file
     else:
         run = [*argv, "--help"]
     env = {**os.environ, "HOME": str(tmp_path)}  # nothing the command might write lands in the real home
-    p = subprocess.run([sys.executable, "-m", "evomerge.cli", *run], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env=env)
+    cmd = [sys.executable, "-m", "evomerge.cli", *run]
+    if run[0] == "--show-completion":  # from a bash, as a user types it: the shell is read off the caller
+        cmd = ["/bin/bash", "-c", shlex.join(cmd[:-1]) + "; exit $?"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 0, f"{where}: `evomerge {command}` -> {run}: {p.stderr[-1500:]}"
     if run[0] == "--show-completion":
         assert "evomerge" in p.stdout, p.stdout

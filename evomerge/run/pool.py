@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 Say = Callable[..., None]
 
 NODE_CHECK_S = 5.0  # while workers are missing, how often the pool looks for lost nodes to name
+# How long after a death the pool keeps looking: Ray marks a node dead only once it has missed its
+# heartbeats (about 30 s), often after the dead workers were replaced elsewhere.
+NODE_WATCH_S = 90.0
 DEATHS_PER_WORKER = 10  # a pool gives up after this many deaths per worker in a row, with no result between
 
 
@@ -287,12 +290,15 @@ LOOPBACK = "127.0.0.1"
 _CLUSTERS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-RAY_DEATH_REPORT = "A worker died or was killed while executing"
+# Ray's own reports of what the pool reports in one line: a worker's death, a node's loss.
+RAY_DEATH_REPORTS = ("A worker died or was killed while executing",
+                     "has been marked dead because the detector has missed too many heartbeats")
 
 
 def quiet_worker_death_reports() -> None:
-    """Drop Ray's own report of a worker death from this driver's output: the pool reports each death in
-    one line (which worker, why, which candidate, the attempt); Ray's is a dozen lines of IDs after it."""
+    """Drop Ray's own reports of a worker's death and a node's loss from this driver's output: the pool
+    reports each in one line (which worker, why, which candidate, the attempt; which node, how many are
+    left); Ray's are a dozen lines of IDs and guesses after it."""
     # Ray's error-listener thread looks the printer up in its module at each message, so wrapping that
     # module attribute filters it (ray is pinned; tests/test_faults.py checks the hook is still there).
     try:
@@ -304,7 +310,7 @@ def quiet_worker_death_reports() -> None:
         return
 
     def print_unless_a_death_report(data: dict, ignore_prefix: bool) -> None:
-        if data.get("pid") == "raylet" and any(RAY_DEATH_REPORT in line for line in data.get("lines", [])):
+        if data.get("pid") == "raylet" and any(r in line for r in RAY_DEATH_REPORTS for line in data.get("lines", [])):
             return
         printer(data, ignore_prefix)
 
@@ -440,6 +446,7 @@ class RayPool(WorkerPool):
         self._lost_nodes: set[str] = self._dead_nodes()  # nodes dead before this run are not news
         self._short = False  # whether some workers wait for capacity after a death
         self._checked = time.monotonic()
+        self._watch_until = 0.0  # after a death: until when to look for the node Ray will name lost
         for slot in range(workers):
             self._start(slot)
 
@@ -478,8 +485,13 @@ class RayPool(WorkerPool):
             return set()
 
     def _lost(self) -> None:
-        """After a death: name the nodes Ray has lost since, and say that the pool runs short meanwhile."""
+        """After a death: the pool runs short until a replacement starts; name the nodes Ray has lost, now
+        and for a while after (see NODE_WATCH_S)."""
         self._short = True
+        self._watch_until = time.monotonic() + NODE_WATCH_S
+        self._name_lost_nodes()
+
+    def _name_lost_nodes(self) -> None:
         try:
             nodes = self.ray.nodes()
         except Exception:  # noqa: BLE001 - as in _dead_nodes
@@ -507,9 +519,10 @@ class RayPool(WorkerPool):
         if not self.refs and not self.starting_refs:
             return []
         ready, _ = self.ray.wait([*self.refs, *self.starting_refs], num_returns=1, timeout=timeout)
-        if self._short and time.monotonic() - self._checked > NODE_CHECK_S:
-            self._checked = time.monotonic()  # Ray marks a node dead some seconds after its workers die
-            self._lost()
+        now = time.monotonic()
+        if (self._short or now < self._watch_until) and now - self._checked > NODE_CHECK_S:
+            self._checked = now  # Ray marks a node dead some seconds after its workers die
+            self._name_lost_nodes()
         out = []
         for ref in ready:
             if ref in self.starting_refs:
