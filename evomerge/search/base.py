@@ -71,6 +71,18 @@ class SearchContext:
     layout: GenomeLayout | None = None
 
 
+def layout_settings(settings: dict[str, Any], context: SearchContext) -> dict[str, Any]:
+    """``settings`` with the genome's layout (sources, genes per source, group params) filled in where the
+    space leaves them out, for the algorithms that recombine whole sources or groups."""
+    out = dict(settings)
+    if context.layout is not None:
+        out.setdefault("n_sources", context.layout.n_sources)
+        out.setdefault("genes_per_source", context.layout.genes_per_source)
+        if context.layout.group_params:
+            out.setdefault("group_params", context.layout.group_params)
+    return out
+
+
 def normalize_directions(directions: Sequence[str]) -> list[str]:
     out = []
     for d in directions:

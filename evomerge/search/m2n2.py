@@ -92,7 +92,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from evomerge.search.base import Algorithm, Proposal, SearchContext, register
+from evomerge.search.base import Algorithm, Proposal, SearchContext, layout_settings, register
 
 #: default mutation std (genotype units) when the archive starts from random points
 FROM_SCRATCH_MUTATION = 0.1
@@ -298,12 +298,8 @@ class M2N2(Algorithm):
     def derive_settings(cls, settings: dict[str, Any], context: SearchContext) -> dict[str, Any]:
         # Seeded with each source model alone and split at layer-group boundaries, a child of recipes
         # is a recipe (per-group coefficients); that needs the genome's layout.
-        out = dict(settings)
+        out = layout_settings(settings, context)
         if context.layout is not None:
-            out.setdefault("n_sources", context.layout.n_sources)
-            out.setdefault("genes_per_source", context.layout.genes_per_source)
-            if context.layout.group_params:
-                out.setdefault("group_params", context.layout.group_params)
             out.setdefault("split_granularity", "group")
         return out
 

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from evomerge.search.base import Algorithm, Proposal, SearchContext, register
+from evomerge.search.base import Algorithm, Proposal, SearchContext, layout_settings, register
 from evomerge.search.map import MAP
 
 
@@ -62,12 +62,7 @@ class NestedMAP(Algorithm):
 
     @classmethod
     def derive_settings(cls, settings: dict[str, Any], context: SearchContext) -> dict[str, Any]:
-        out = dict(settings)
-        if context.layout is not None:
-            out.setdefault("n_sources", context.layout.n_sources)
-            out.setdefault("genes_per_source", context.layout.genes_per_source)
-            if context.layout.group_params:
-                out.setdefault("group_params", context.layout.group_params)
+        out = layout_settings(settings, context)
         out.setdefault("bounded", list(context.bounded))
         return out
 

@@ -53,18 +53,23 @@ class NSGA2(GenerationalAlgorithm):
         "max_generations": None,
     }
 
-    def _lib_new(self) -> None:
-        # pymoo only for nsga2 studies: the algorithm registry stays light
-        from pymoo.algorithms.moo.nsga2 import NSGA2 as _NSGA2
-        from pymoo.core.problem import Problem
-        from pymoo.core.termination import NoTermination
+    def _pymoo_algorithm(self) -> Any:
+        """The pymoo algorithm this class steps through ask/tell (NSGA-III gives its own)."""
+        from pymoo.algorithms.moo.nsga2 import NSGA2 as _NSGA2  # pymoo only for these studies
 
         pop_size = int(self.settings["pop_size"])
         if pop_size < 2:
             raise ValueError("nsga2: pop_size must be >= 2")
         n_off = self.settings["n_offsprings"]
+        return _NSGA2(pop_size=pop_size, n_offsprings=None if n_off is None else int(n_off))
+
+    def _lib_new(self) -> None:
+        # pymoo only for nsga2 studies: the algorithm registry stays light
+        from pymoo.core.problem import Problem
+        from pymoo.core.termination import NoTermination
+
         self._problem = Problem(n_var=self.dim, n_obj=self.n_obj, n_ieq_constr=1, xl=0.0, xu=1.0)
-        algo = _NSGA2(pop_size=pop_size, n_offsprings=None if n_off is None else int(n_off))
+        algo = self._pymoo_algorithm()
         algo.mating.crossover = _TrackParents(algo.mating.crossover)
         algo.setup(self._problem, seed=self.seed % (2**32), termination=NoTermination(), verbose=False)
         self._algo = algo

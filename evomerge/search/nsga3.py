@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.search.base import register
-from evomerge.search.nsga2 import NSGA2, _TrackParents
+from evomerge.search.nsga2 import NSGA2
 
 _DEFAULT_PARTITIONS = {1: 1, 2: 12, 3: 6, 4: 4}
 
@@ -48,11 +48,8 @@ class NSGA3(NSGA2):
         "max_generations": None,
     }
 
-    def _lib_new(self) -> None:
-        # pymoo only for nsga3 studies: the algorithm registry stays light
-        from pymoo.algorithms.moo.nsga3 import NSGA3 as _NSGA3
-        from pymoo.core.problem import Problem
-        from pymoo.core.termination import NoTermination
+    def _pymoo_algorithm(self) -> Any:
+        from pymoo.algorithms.moo.nsga3 import NSGA3 as _NSGA3  # pymoo only for nsga3 studies
 
         dirs = reference_directions(self.n_obj, self.settings["n_partitions"])
         pop_size = self.settings["pop_size"]
@@ -60,14 +57,7 @@ class NSGA3(NSGA2):
         if pop_size < 2:
             raise ValueError("nsga3: pop_size must be >= 2")
         n_off = self.settings["n_offsprings"]
-        self._problem = Problem(n_var=self.dim, n_obj=self.n_obj, n_ieq_constr=1, xl=0.0, xu=1.0)
-        algo: Any = _NSGA3(ref_dirs=dirs, pop_size=pop_size, n_offsprings=None if n_off is None else int(n_off))
-        algo.mating.crossover = _TrackParents(algo.mating.crossover)
-        algo.setup(self._problem, seed=self.seed % (2**32), termination=NoTermination(), verbose=False)
-        self._algo = algo
-        self._pending = None
-        self._key_base = 0
-        self._worst: np.ndarray | None = None
+        return _NSGA3(ref_dirs=dirs, pop_size=pop_size, n_offsprings=None if n_off is None else int(n_off))
 
     @property
     def pop_size(self) -> int:
