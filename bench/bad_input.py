@@ -58,15 +58,7 @@ def _cases(work: Path) -> list[tuple[str, list[list[str]], Path]]:
     for name in ("text_file", "other_application"):
         d = folder(f"storage-{name}")
         db = d / "x.db"
-        if name == "text_file":
-            db.write_text("not a database\n")
-        else:
-            import sqlite3  # only this case builds a foreign SQLite file
-
-            con = sqlite3.connect(db)
-            con.execute("create table notes (body text)")
-            con.commit()
-            con.close()
+        corpus.make_foreign_storage(name, db)
         url = f"sqlite:///{db}"
         cases.append((f"storage:{name}", [["status", "--storage", url], ["front", "s", "--storage", url],
                                           ["storage", "upgrade", "--storage", url]], d))

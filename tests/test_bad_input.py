@@ -158,8 +158,8 @@ def test_bare_group_prints_help_exit_0(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["text_file", "other_application"])
-def test_storage_that_is_not_an_evomerge_database_is_left_unchanged(case: str, tmp_path: Path) -> None:
-    db = tmp_path / "x.db"
+def make_foreign_storage(case: str, db: Path) -> None:
+    """A SQLite URL's file that is not an evomerge database: a text file, or another application's."""
     if case == "text_file":
         db.write_text("not a database\n")
     else:
@@ -167,6 +167,11 @@ def test_storage_that_is_not_an_evomerge_database_is_left_unchanged(case: str, t
         con.execute("create table notes (body text)")
         con.commit()
         con.close()
+
+
+def test_storage_that_is_not_an_evomerge_database_is_left_unchanged(case: str, tmp_path: Path) -> None:
+    db = tmp_path / "x.db"
+    make_foreign_storage(case, db)
     before = digest(db)
     for args in (["status"], ["front", "s"], ["storage", "upgrade"]):
         r = run_cli([*args, "--storage", f"sqlite:///{db}"], tmp_path)
