@@ -157,7 +157,6 @@ def test_bare_group_prints_help_exit_0(tmp_path: Path) -> None:
         assert "Usage" in r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("case", ["text_file", "other_application"])
 def make_foreign_storage(case: str, db: Path) -> None:
     """A SQLite URL's file that is not an evomerge database: a text file, or another application's."""
     if case == "text_file":
@@ -169,6 +168,7 @@ def make_foreign_storage(case: str, db: Path) -> None:
         con.close()
 
 
+@pytest.mark.parametrize("case", ["text_file", "other_application"])
 def test_storage_that_is_not_an_evomerge_database_is_left_unchanged(case: str, tmp_path: Path) -> None:
     db = tmp_path / "x.db"
     make_foreign_storage(case, db)
