@@ -3,6 +3,7 @@ with one-line errors: reading text, and checking an output folder before any mod
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -57,3 +58,14 @@ def output_dir_problem(out: Path, *, force: bool = False) -> str | None:
     except OSError as e:
         return f"{out}: cannot create a folder in {parent}: {e.strerror or type(e).__name__}"
     return None
+
+
+def staging_dir(out: Path) -> Path:
+    """An empty folder beside ``out`` to write into and then rename to ``out``, so an interrupted write
+    never leaves half a model. Made with the mode a plain ``mkdir`` would give (``mkdtemp``'s is 0700,
+    which the renamed model folder would keep: unreadable to the group that shares the models)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp

@@ -526,3 +526,16 @@ def test_commands_that_only_look_never_create_a_database(tmp_path: Path) -> None
             assert_one_line_error(r)
             assert "no database file" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no default.db, no x.db, no output folder
+
+
+def test_a_merged_folder_gets_the_mode_mkdir_gives(family, tmp_path: Path) -> None:
+    # written in a temporary folder (0700) and renamed: the model must not stay unreadable to the group
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(mergekit_yaml(family))
+    umask = os.umask(0o022)
+    try:
+        r = run_cli(["merge", str(cfg), "--out", str(tmp_path / "out")], tmp_path)
+    finally:
+        os.umask(umask)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from evomerge.files import os_error_text, output_dir_problem
+from evomerge.files import os_error_text, output_dir_problem, staging_dir
 from evomerge.merge.checkpoint import (
     LAYER_NAME_RE,
     Reader,
@@ -193,7 +192,7 @@ def merge_to_folder(
             holder["torch_dtype"] = dtype_name
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp = staging_dir(out)
     except OSError as e:
         raise ConfigError(f"{out}: cannot create the folder: {os_error_text(e)}") from None
     try:

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
+from evomerge.files import staging_dir
 from evomerge.genomes.base import ExportCard, card_sections
 from evomerge.genomes.data_flow.model import DataFlowMaterializer
 from evomerge.genomes.data_flow.recipe import DataFlowRecipe
@@ -97,7 +97,7 @@ def save_dataflow(
     materializer.apply(recipe, model)
     model.config.auto_map = dict(AUTO_MAP)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         # save_pretrained writes auto_map only for registered classes; make sure the folder is complete.

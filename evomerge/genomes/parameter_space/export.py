@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from evomerge.files import staging_dir
 from evomerge.genomes.base import ExportCard, card_sections
 from evomerge.merge.build import merge_to_folder
 from evomerge.merge.mergekit_export import dump_mergekit_yaml, recipe_to_mergekit
@@ -101,7 +101,7 @@ def export(recipe: Recipe, out_dir: Path, card: ExportCard) -> Path:
     the model, not building a transformers model (whose import alone takes seconds)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so an interrupted export never leaves a half model.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     try:
         model = merge_to_folder(recipe, tmp / "model")
         (model / "evomerge_recipe.json").unlink()  # recipe.json below, beside the card that names it
