@@ -4,6 +4,14 @@
 
 const EM = {};
 
+// The pages load plotly.js (4.6 MB) after their own script, so their data is fetched while the browser
+// still parses it; drawing waits for this. DOMContentLoaded comes once every deferred script has run.
+EM.plotlyReady = function () {
+  return window.Plotly ? Promise.resolve() : new Promise((resolve) => {
+    document.addEventListener("DOMContentLoaded", () => resolve(), { once: true });
+  });
+};
+
 EM.el = function (tag, attrs, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
@@ -71,8 +79,8 @@ EM.showError = function (where, err) {
 // Calls refresh() now (its errors reach the caller), then whenever the study's stamp changes (polled
 // every poll_ms; a failed poll greys the live dot and is tried again).
 EM.live = async function (study, refresh, dot) {
-  const cfg = await EM.api("/api/config");
-  let last = JSON.stringify(await EM.api("/api/stamp", { study }));
+  const [cfg, first] = await Promise.all([EM.api("/api/config"), EM.api("/api/stamp", { study })]);
+  let last = JSON.stringify(first);
   await refresh();
   const tick = async () => {
     try {

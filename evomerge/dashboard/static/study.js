@@ -337,6 +337,7 @@
     [S, P, H, A] = await Promise.all([EM.api("/api/study", { study }), EM.api("/api/points", { study }),
       EM.api("/api/hypervolume", { study }), own ? EM.api("/api/algorithm", { study }) : Promise.resolve({ algorithm: S.algorithm })]);
     const fetched = performance.now() - t0;
+    await EM.plotlyReady();
     drawAll();
     window.evomergeTimings.fetch = Math.round(fetched);
     document.body.dataset.loaded = String(P.scored);
