@@ -66,7 +66,8 @@ def _backend(kind: str, work: Path, admin: sa.URL | None, space_yaml: str, per_p
         ref_url = fresh(True)
         r = drive("run", ref_url, "s", "--log", str(work / "ref.log"))
         assert r.returncode == 0, r.stderr[-2000:]
-        phases_at = json.loads(r.stdout.splitlines()[-1])["phases"]
+        info = json.loads(r.stdout.splitlines()[-1])
+        phases_at = info["phases"]  # first and last statement of each phase (finish comes twice: spans overlap)
         reference = final_state(ref_url)
         runs = len(evaluations(work / "ref.log"))
 
@@ -105,7 +106,7 @@ def _backend(kind: str, work: Path, admin: sa.URL | None, space_yaml: str, per_p
             deaths["survived"] += int(r.returncode == 0 and final_state(url) == reference
                                       and lines.count(lines[die_at - 1]) == 2)
         return {"phases": dict(table), "upgrade": upgrade, "worker_deaths": deaths,
-                "statements_per_run": sum(b - a + 1 for a, b in phases_at.values())}
+                "statements_per_run": info["statements"]}
     finally:
         if made:
             eng = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
