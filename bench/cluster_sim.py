@@ -169,16 +169,14 @@ class InstantPool(WorkerPool):
 
 
 def driver_run(url: str, algorithm: str, workers: int, budget: int, tmp: Path, profile: bool) -> dict:
-    from fixtures_models import make_tiny_llama_family  # torch and transformers for this part only
+    from fixtures_models import make_tiny_llama_family, placeholder_tasks  # torch and transformers for this part only
 
     from evomerge.run import StudyRun
     from evomerge.space import dump_space, load_space
     from evomerge.store import Store
 
     base, experts = make_tiny_llama_family(tmp, n_experts=2, seed=0)
-    (tmp / "tasks").mkdir(exist_ok=True)
-    for t in ("t1", "t2"):
-        (tmp / "tasks" / f"{t}.yaml").write_text(f"task: {t}\n")
+    placeholder_tasks(tmp, ("t1", "t2"))
     sp = tmp / "space.yaml"
     sp.write_text(f"""
 base_model: {base}

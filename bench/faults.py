@@ -28,10 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import sqlalchemy as sa  # noqa: E402
-from fault_driver import SPACE, drive, evaluations, final_state, kill_and_resume, kill_points, new_study  # noqa: E402
-from fixtures_models import make_tiny_llama_family  # noqa: E402
-
-from evomerge.space import dump_space, load_space  # noqa: E402
+from fault_driver import (  # noqa: E402
+    drive,
+    evaluations,
+    final_state,
+    kill_and_resume,
+    kill_points,
+    new_study,
+    study_space_yaml,
+)
 
 
 def _urls(kind: str, work: Path, admin: sa.URL | None, space_yaml: str) -> tuple[Callable[[bool], str], list[str]]:
@@ -124,12 +129,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base, experts = make_tiny_llama_family(work / "family", n_experts=2, seed=0)
-        (work / "tasks").mkdir()
-        for t in ("t1", "t2", "t3"):
-            (work / "tasks" / f"{t}.yaml").write_text(f"task: {t}\n")
-        (work / "s.yaml").write_text(SPACE.format(base=base, e0=experts[0], e1=experts[1]))
-        space_yaml = dump_space(load_space(work / "s.yaml"))
+        space_yaml = study_space_yaml(work)
         backends = [("sqlite", None)]
         if args.postgres:
             admin = sa.make_url(args.postgres)

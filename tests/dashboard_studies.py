@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from fixtures_models import make_tiny_llama_family
+from fixtures_models import make_tiny_llama_family, placeholder_tasks
 
 from evomerge.run import InProcessPool, StudyRun
 from evomerge.space import dump_space, load_space
@@ -63,9 +63,7 @@ def make_space(tmp_path: Path, name: str = "demo", algorithm: str = "nsga2", bud
     models = tmp_path / "models"
     if not (models / "base").exists():
         make_tiny_llama_family(models, n_experts=2, seed=0)
-    (tmp_path / "tasks").mkdir(exist_ok=True)
-    for t in ("t1", "t2", "t3", "t4"):
-        (tmp_path / "tasks" / f"{t}.yaml").write_text(f"task: {t}\n")
+    placeholder_tasks(tmp_path, ("t1", "t2", "t3", "t4"))
     p = tmp_path / f"{abs(hash(name))}.yaml"
     p.write_text(SPACE.format(name=json.dumps(name), base=models / "base", e0=models / "expert0",
                               e1=models / "expert1", algorithm=algorithm, budget=budget,

@@ -125,6 +125,19 @@ evaluation: {{task_paths: [tasks], max_attempts: 3}}
 """
 
 
+def study_space_yaml(folder: Path) -> str:
+    """The stored form of ``SPACE`` over a tiny model family and placeholder tasks made in ``folder``."""
+    # models and pydantic only for the callers that build a study; the driver process itself needs neither
+    from fixtures_models import make_tiny_llama_family, placeholder_tasks
+
+    from evomerge.space import dump_space, load_space
+
+    base, experts = make_tiny_llama_family(folder / "family", n_experts=2, seed=0)
+    placeholder_tasks(folder, ("t1", "t2", "t3"))
+    (folder / "s.yaml").write_text(SPACE.format(base=base, e0=experts[0], e1=experts[1]))
+    return dump_space(load_space(folder / "s.yaml"))
+
+
 def new_study(url: str, space_yaml: str) -> None:
     """Study ``s`` of ``space_yaml`` (budget 10, two objectives), created as `evomerge search` would."""
     from evomerge.store import Store

@@ -36,6 +36,16 @@ def tiny_llama_config(
     )
 
 
+def placeholder_tasks(folder: str | Path, names: tuple[str, ...]) -> Path:
+    """``folder/tasks`` with a task file for each name: what a space needs to validate when the workers
+    that evaluate it are fakes (they never read a task)."""
+    d = Path(folder) / "tasks"
+    d.mkdir(parents=True, exist_ok=True)
+    for t in names:
+        (d / f"{t}.yaml").write_text(f"task: {t}\n")
+    return d
+
+
 def make_tiny_llama_family(
     tmp_path: str | Path,
     n_experts: int = 2,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fixtures_models import make_tiny_llama_family
+from fixtures_models import make_tiny_llama_family, placeholder_tasks
 
 from evomerge.genomes import make_genome
 from evomerge.run import InProcessPool, Lease, PoolError, RunError, StudyRun, Task, algorithm_settings, build_algorithm
@@ -31,9 +31,7 @@ budget: {budget}
 
 def _space(tmp_path: Path, algorithm: str = "random", budget: int = 5, extra: str = "") -> SearchSpace:
     base, experts = make_tiny_llama_family(tmp_path, n_experts=2, seed=0)
-    (tmp_path / "tasks").mkdir(exist_ok=True)  # a loaded space's tasks are checked
-    for t in ("t1", "t2", "t3"):
-        (tmp_path / "tasks" / f"{t}.yaml").write_text(f"task: {t}\n")
+    placeholder_tasks(tmp_path, ("t1", "t2", "t3"))  # a loaded space's tasks are checked
     if "evaluation: {" in extra:
         extra = extra.replace("evaluation: {", "evaluation: {task_paths: [tasks], ", 1)
     else:

@@ -16,23 +16,14 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from fault_driver import SPACE, drive, evaluations, final_state, kill_and_resume, kill_points, new_study
-from fixtures_models import make_tiny_llama_family
+from fault_driver import drive, evaluations, final_state, kill_and_resume, kill_points, new_study, study_space_yaml
 
-from evomerge.space import dump_space, load_space
 from evomerge.store import Store
 
 
 @pytest.fixture(scope="module")
 def space_yaml(tmp_path_factory) -> str:
-    tmp = tmp_path_factory.mktemp("faults")
-    base, experts = make_tiny_llama_family(tmp, n_experts=2, seed=0)
-    (tmp / "tasks").mkdir()
-    for t in ("t1", "t2", "t3"):  # the workers are fakes; the space only has to name tasks that exist
-        (tmp / "tasks" / f"{t}.yaml").write_text(f"task: {t}\n")
-    p = tmp / "s.yaml"
-    p.write_text(SPACE.format(base=base, e0=experts[0], e1=experts[1]))
-    return dump_space(load_space(p))
+    return study_space_yaml(tmp_path_factory.mktemp("faults"))
 
 
 class Backend:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from fixtures_models import make_tiny_llama_family
+from fixtures_models import make_tiny_llama_family, placeholder_tasks
 from typer.testing import CliRunner
 
 from evomerge.cli import app
@@ -46,9 +46,7 @@ def family(tmp_path_factory) -> tuple[Path, list[Path]]:
 def _space(tmp: Path, family, algorithm: str = "random", budget: int = 8) -> SearchSpace:
     base, experts = family
     settings = "{pop_size: 4}" if algorithm == "nsga2" else "{}"
-    (tmp / "tasks").mkdir(exist_ok=True)
-    for t in ("t1", "t2"):  # the workers here are fakes; the space only has to name tasks that exist
-        (tmp / "tasks" / f"{t}.yaml").write_text(f"task: {t}\n")
+    placeholder_tasks(tmp, ("t1", "t2"))
     p = tmp / "s.yaml"
     p.write_text(SPACE.format(base=base, e0=experts[0], e1=experts[1], algorithm=algorithm, settings=settings,
                               budget=budget))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from fixtures_models import make_tiny_llama_family
+from fixtures_models import make_tiny_llama_family, placeholder_tasks
 
 from evomerge.cli import main
 from evomerge.run import InProcessPool, StudyRun
@@ -236,9 +236,7 @@ def _outcome(url: str) -> tuple:
 def test_a_copied_study_resumes_exactly_as_the_original(tmp_path: Path, fresh_pg_url: str, algorithm: str,
                                                          settings: str) -> None:
     base, experts = make_tiny_llama_family(tmp_path, n_experts=2, seed=0)
-    (tmp_path / "tasks").mkdir()
-    for t in ("t1", "t2"):
-        (tmp_path / "tasks" / f"{t}.yaml").write_text(f"task: {t}\n")
+    placeholder_tasks(tmp_path, ("t1", "t2"))
     p = tmp_path / "s.yaml"
     p.write_text(SPACE.format(base=base, e0=experts[0], e1=experts[1], algorithm=algorithm, settings=settings))
     space = load_space(p)
