@@ -24,7 +24,7 @@ from evomerge.objectives import is_bounded
 from evomerge.run.anchors import AnchorPlanner
 from evomerge.run.hvseries import HypervolumeSeries
 from evomerge.run.lease import Lease
-from evomerge.run.pool import Outcome, RayPool, Task, WorkerPool, WorkerStartError, worker_config
+from evomerge.run.pool import Outcome, RayPool, Task, WorkerPool, WorkerStartError, slot_label, worker_config
 from evomerge.run.problem import build_algorithm
 from evomerge.run.progress import EventLog, SearchProgress
 from evomerge.run.report import report_todo, score_report
@@ -257,7 +257,7 @@ class StudyRun:
             # number of times, counted in the store so that the bound holds across restarts.
             cand = self.store.get_candidate(self.study, job.number)
             tries = self.space.evaluation.max_attempts
-            who = "worker " + o.worker.rsplit("-", 1)[-1]  # actor-2 / inprocess-2: the pool's slot
+            who = slot_label(o.worker)
             if cand.attempts >= tries:
                 self.store.fail_candidate(self.study, job.number, f"worker died {cand.attempts} times: {o.died}")
                 self._tell(job.key, None)

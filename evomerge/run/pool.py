@@ -112,6 +112,11 @@ class Outcome:
     died: str | None = None
 
 
+def slot_label(worker: str) -> str:
+    """``worker 2`` for the pool's worker ``actor-2`` or ``inprocess-2``: how messages name a worker."""
+    return "worker " + worker.rsplit("-", 1)[-1]
+
+
 class Evaluates(Protocol):
     def evaluate(self, number: int, recipe_json: str, objective_names: list[str] | None = None,
                  front: list[list[float]] | None = None, fidelity: dict | None = None) -> dict: ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from evomerge.run.pool import PoolError, Task, WorkerPool
+from evomerge.run.pool import PoolError, Task, WorkerPool, slot_label
 from evomerge.store import CandidateRow, Store
 from evomerge.view import StudyView
 
@@ -46,7 +46,7 @@ def score_report(store: Store, study: str, space: SearchSpace, pool: WorkerPool,
             for o in pool.wait(None):
                 if o.died is not None:
                     n, most = o.task.number, space.evaluation.max_attempts
-                    who = "worker " + o.worker.rsplit("-", 1)[-1]  # the pool's slot, as the search says it
+                    who = slot_label(o.worker)
                     if tries[n] < most:
                         queue.append(o.task)
                         log(f"{who} died ({o.died}) while scoring #{n} on held-out {', '.join(names)}; "
