@@ -100,26 +100,14 @@ class UserError(Exception):
 
 def _store(url: str | None, read_only: bool = False):
     """The study database; ``read_only`` for commands that only look (they never create or upgrade it)."""
-    from evomerge.store import Store, default_storage_url  # SQLAlchemy: not on --help or merge
+    from evomerge.store import NoDatabaseFile, Store, default_storage_url  # SQLAlchemy: not on --help or merge
 
     try:
         return Store(url or default_storage_url(), read_only=read_only)
+    except NoDatabaseFile:
+        raise  # `status` reads it as "no studies yet"; elsewhere it is a one-line error like any store's
     except ValueError as e:
         raise UserError(str(e)) from None
-
-
-def _no_database_yet(url: str | None) -> str | None:
-    """The path of a SQLite database that does not exist yet (a fresh folder has no studies, not an error)."""
-    from evomerge.store.engine import default_storage_url, parse_url  # SQLAlchemy: not on --help or merge
-
-    try:
-        u = parse_url(url or default_storage_url())
-    except ValueError:
-        return None  # the store says what is wrong with it
-    if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:") and \
-            not u.query.get("uri") and not Path(u.database).exists():
-        return str(Path(u.database).resolve())
-    return None
 
 
 def _log(fmt: str):
@@ -312,19 +300,18 @@ def resume(
 def status(storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
     """List the studies: state, candidates done of the budget, best value per objective, time taken."""
     # SQLAlchemy and the view: not on --help or merge
+    from evomerge.store import NoDatabaseFile
     from evomerge.tables import status_rows, status_table
     from evomerge.view import StudyView
 
     # A "running" study whose run lease has lapsed reads "interrupted" (kill -9 or a lost node leaves
     # running behind); resume picks it up.
-    missing = _no_database_yet(storage)
-    if missing is not None:
-        if as_json:
-            print("[]")
-        else:
-            print(f"no studies yet: no database at {missing}; start one with `evomerge search --space FILE`")
+    try:
+        store = _store(storage, read_only=True)
+    except NoDatabaseFile as e:  # a fresh folder: no studies, not an error
+        print("[]" if as_json else f"no studies yet: no database at {e.path}; start one with "
+              "`evomerge search --space FILE`")
         return
-    store = _store(storage, read_only=True)
     rows = status_rows(StudyView(store))
     if as_json:
         print(json.dumps(rows, indent=2, default=str))

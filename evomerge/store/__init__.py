@@ -16,6 +16,7 @@ the driver, the CLI and the study view. The store's modules, lowest first:
 from .engine import MIGRATIONS_DIR, default_storage_url
 from .errors import (
     CandidateNotFound,
+    NoDatabaseFile,
     StorageOpenError,
     StoreError,
     StoreReadOnly,
@@ -34,6 +35,7 @@ __all__ = [
     "CandidateNotFound",
     "CandidateRow",
     "CheckpointRow",
+    "NoDatabaseFile",
     "StorageOpenError",
     "Store",
     "StoreError",

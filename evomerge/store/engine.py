@@ -24,7 +24,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
 from sqlalchemy.orm import Session
 
-from .errors import StorageOpenError, StoreReadOnly
+from .errors import NoDatabaseFile, StorageOpenError, StoreReadOnly
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -97,7 +97,7 @@ def _sqlite_read_only_url(u: URL, shown: str) -> URL:
         raise StorageOpenError(f"cannot open storage {shown} read-only: an in-memory database is empty")
     path = Path(db).resolve()
     if not path.is_file():
-        raise StorageOpenError(f"cannot open storage {shown} read-only: no database file {path}")
+        raise NoDatabaseFile(f"cannot open storage {shown} read-only: no database file {path}", str(path))
     return u.set(database="file:" + quote(str(path)), query={**u.query, "mode": "ro", "uri": "true"})
 
 

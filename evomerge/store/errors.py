@@ -14,6 +14,14 @@ class StorageOpenError(StoreError, ValueError):
     newer than this evomerge. A ValueError, like a bad URL, so front ends report it as one line."""
 
 
+class NoDatabaseFile(StorageOpenError):
+    """A SQLite database opened read-only that does not exist (yet): nothing to read, nothing created."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class StudyNotFound(StoreError, LookupError):
     def __init__(self, name: str) -> None:
         super().__init__(f"no study named {name!r} in this storage")
