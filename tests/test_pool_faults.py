@@ -112,6 +112,8 @@ def test_short_reason_reads_the_exit_detail_not_ray_list_of_causes() -> None:
     oom = RAY_KILLED.replace("Worker unexpectedly exits with a connection error code 2",
                              "Task was killed due to the node running low on memory")
     assert short_reason(_RayDeath(oom)) == "out of memory"
+    # a lost node can end an actor before Ray knows why: no exit detail, only its first line
+    assert short_reason(_RayDeath(RAY_KILLED.split("\n")[0])) == "process or its node gone"
 
 
 def _ray_temp_with_a_foreign_cluster() -> Path:

@@ -80,6 +80,8 @@ def short_reason(e: BaseException) -> str:
         return "process killed or crashed"
     if detail:
         return detail[:120]
+    if "died unexpectedly" in text:  # Ray lost the actor before it learnt why: its process or its node went
+        return "process or its node gone"
     lines = text.strip().splitlines()
     return lines[0][:120] if lines else type(e).__name__
 
