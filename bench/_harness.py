@@ -122,6 +122,7 @@ def run_algorithm(ev: Evaluations, name: str, budget: int, seed: int, fidelity: 
                           seed=seed, weights=[o.weight for o in ev.space.objectives],
                           **algorithm_settings(space, ev.genome))
     out: list[list[float] | None] = []
+    estimated: set[int] = set()  # indices of the evaluations that are estimates, not full scores
     while len(out) < budget:
         props = algo.ask(min(8, budget - len(out)))
         if not props:
@@ -136,7 +137,7 @@ def run_algorithm(ev: Evaluations, name: str, budget: int, seed: int, fidelity: 
                                     seed % (2**32))
             fidelity = {**fid_settings.model_dump(), "anchors": plan}
         if fidelity is not None:
-            done = [v for v in out if v is not None]
+            done = [v for i, v in enumerate(out) if v is not None and i not in estimated]
             if done:
                 dirs = [o.direction for o in ev.space.objectives]
                 F = np.array(done)
@@ -145,13 +146,16 @@ def run_algorithm(ev: Evaluations, name: str, budget: int, seed: int, fidelity: 
             values, flat = ev.score(p.x, front, fidelity)
             if ev.last_full is not None:
                 refs.append(ev.last_full)
+            elif values is not None and front:
+                estimated.add(len(out))
             out.append(values)
             if values is not None and algo.needs_samples:
                 results.append((p.key, values, flat))
             else:
                 results.append((p.key, values))
         algo.tell(results)
-    return out
+    # an estimate is no result: never on the front, not in the hypervolume (as in the store's view)
+    return [None if i in estimated else v for i, v in enumerate(out)]
 
 
 def hv_curve(values: list[list[float] | None], directions: list[str], ref: np.ndarray) -> list[float]:

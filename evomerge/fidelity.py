@@ -24,6 +24,12 @@ error, and that error is the estimate's error bar. A candidate whose estimate pl
 reach the front is scored on the remaining examples too, so every front member is fully scored; the
 others keep their estimate (dominated by the front, so the front is unchanged by them), with the error
 bar in their timings.
+
+A negative ``z`` is the cheap end of that trade-off: a candidate is finished only when its estimate passes
+the front by ``-z`` error bars. NSGA-II's children sit so close to its front that most estimates could
+reach it, and finishing them all scores most examples; with ``z < 0`` the near misses keep their estimate.
+Such an estimate may lie beyond the front, so an estimated candidate is never a front member, nor counted
+in the best scores or the hypervolume (``CandidateRow.estimated``): the front is always fully scored.
 """
 
 from __future__ import annotations
@@ -49,7 +55,9 @@ class MultiFidelity(BaseModel):
     # anchors: fully scored candidates needed before estimating (every candidate is scored fully until then)
     min_reference: int = Field(default=8, ge=4, le=100_000)
     # anchors: a candidate is finished when its estimate plus z error bars could reach the front
-    z: float = Field(default=2.0, ge=0.0, le=100.0)
+    # (below 0: finished only when the estimate passes the front by -z error bars; the others stay estimates,
+    # which are no results: never on the front, nor in the best scores or the hypervolume)
+    z: float = Field(default=2.0, ge=-5.0, le=100.0)
 
 
 def optimistic_value(samples: list[float], n_total: int, direction: str, fid: MultiFidelity) -> float:

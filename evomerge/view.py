@@ -196,12 +196,12 @@ def _is_num(v: Any) -> bool:
 
 def _values(rows: list[CandidateRow], names: list[str]) -> np.ndarray:
     """Objective values of the rows that have all of them, in the objectives' order."""
-    vals = [[r.scores[n] for n in names] for r in rows if all(n in r.scores for n in names)]
+    vals = [[r.scores[n] for n in names] for r in rows if not r.estimated and all(n in r.scores for n in names)]
     return np.array(vals, dtype=float).reshape(-1, len(names))
 
 
 def _front(rows: list[CandidateRow], names: list[str], directions: list[str]) -> list[CandidateRow]:
-    rows = [r for r in rows if all(n in r.scores for n in names)]
+    rows = [r for r in rows if not r.estimated and all(n in r.scores for n in names)]
     if not rows:
         return []
     mask = frontlib.non_dominated(frontlib.to_minimization(_values(rows, names), directions))

@@ -204,3 +204,16 @@ evaluation: {{task_paths: [{TASKS}], multi_fidelity: {{method: anchors, fraction
         assert (plan == {}) == (i < 3), i
     assert set(plan) == {"arith"} and plan["arith"]["n"] == 50 and len(plan["arith"]["indices"]) <= 5
     assert np.isfinite(plan["arith"]["error"])
+
+
+def test_a_negative_z_finishes_only_estimates_past_the_front_by_a_margin() -> None:
+    from evomerge.fidelity import estimate_bounds
+
+    est, err, front = [0.5, 0.5], 0.1, [[0.45, 0.45]]
+    for z, finished in [(2.0, True), (0.0, True), (-1.0, False)]:
+        bound = [estimate_bounds(v, err, z, "maximize") for v in est]
+        assert can_reach_front(bound, front, ["maximize", "maximize"]) is finished, z
+    assert estimate_bounds(0.5, 0.1, -1.0, "minimize") == pytest.approx(0.6)
+    assert MultiFidelity(method="anchors", z=-0.5).z == -0.5
+    with pytest.raises(ValueError):
+        MultiFidelity(method="anchors", z=-6)

@@ -532,3 +532,29 @@ def test_migration_head_read_from_the_files_is_alembics(tmp_path):
 
     with Store(f"sqlite:///{tmp_path / 'h.db'}") as st:
         assert migration_head() == ScriptDirectory.from_config(st.db.alembic_config()).get_current_head()
+
+
+def test_an_estimate_is_no_result(store):
+    """A candidate whose scores are anchor estimates is never on the front, in the best scores, the
+    hypervolume or its series, however good the estimate, in the store's and the view's answers alike."""
+    from evomerge.run.hvseries import HypervolumeSeries
+    from evomerge.view import StudyView
+
+    _study(store, "s")
+    store.set_reference_point("s", [0.0, 10.0])
+    for key, acc, size, tim in [("a", 0.5, 5.0, None), ("b", 0.8, 8.0, {"fidelity": 1.0}),
+                                ("e", 0.9, 1.0, {"estimated": 1.0, "pruned": 1.0, "fidelity": 0.1})]:
+        n = _add(store, "s", key)
+        store.mark_running("s", n, "w")
+        store.complete_candidate("s", n, {"acc": acc, "size": size}, None, tim)
+    view = StudyView(store)
+    assert [c.number for c in store.front("s")] == [1, 2] == [c.number for c in view.front("s")]
+    assert [c.estimated for c in store.candidates("s")] == [False, False, True]
+    assert store.best_scores("s") == {"acc": (0.5, 0.8), "size": (5.0, 8.0)}
+    assert view.best("s") == {"acc": 0.8, "size": 5.0}
+    hv = 0.5 * 5.0 + (0.8 - 0.5) * 2.0  # (acc, 10 - size) boxes of a and b only
+    assert view.hypervolume("s") == pytest.approx(hv)
+    assert [row[-1] for row in store.study_table("s")[0]] == [False, False, True]
+    series = HypervolumeSeries(store, "s", ["acc", "size"], ["maximize", "minimize"])
+    series.update()
+    assert [p["value"] for p in store.hypervolume_series("s")][-1] == pytest.approx(hv)

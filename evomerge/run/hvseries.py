@@ -18,7 +18,7 @@ from evomerge import front as frontlib
 from evomerge.store import Store
 from evomerge.store.series import TABLE_COLUMNS
 
-_NUMBER, _STATE, _FINISHED = (TABLE_COLUMNS.index(c) for c in ("number", "state", "finished"))
+_NUMBER, _STATE, _FINISHED, _ESTIMATED = (TABLE_COLUMNS.index(c) for c in ("number", "state", "finished", "estimated"))
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 
 
@@ -51,7 +51,7 @@ class HypervolumeSeries:
         for r in done:
             self._seen.add(r[_NUMBER])
             s = scores.get(r[_NUMBER], {})
-            if r[_STATE] == "complete" and all(n in s for n in self.names):
+            if r[_STATE] == "complete" and not r[_ESTIMATED] and all(n in s for n in self.names):
                 self._complete += 1
                 self._add(frontlib.to_minimization(np.array([[s[n] for n in self.names]]), self.directions), ref)
             if len(self._seen) > self._stored:

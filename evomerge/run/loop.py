@@ -361,8 +361,8 @@ class StudyRun:
 
     # -- figures ------------------------------------------------------------------------------
     def complete_values(self) -> np.ndarray:
-        """Objective values of every complete candidate, in objective order."""
-        rows = self.store.candidates(self.study, state="complete")
+        """Objective values of every complete candidate scored in full, in objective order."""
+        rows = [c for c in self.store.candidates(self.study, state="complete") if not c.estimated]
         if not rows:
             return np.zeros((0, len(self.names)))
         return np.array([self._values(c.scores) for c in rows], dtype=float)

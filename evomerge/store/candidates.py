@@ -356,14 +356,15 @@ class CandidateMethods:
     def front(self, study: str) -> list[CandidateRow]:
         """Non-dominated complete candidates (under each objective's direction), in number order.
 
-        Candidates missing a score for one of the study's objectives are left out.
+        Candidates missing a score for one of the study's objectives, or whose scores are estimates, are left
+        out.
         """
         with self.db.session() as s:
             st = find_study(s, study)
             rows = candidate_rows(s, st.id, Candidate.state == "complete")
             names = [o["name"] for o in st.objectives]
             directions = [o["direction"] for o in st.objectives]
-        rows = [r for r in rows if all(n in r.scores for n in names)]
+        rows = [r for r in rows if not r.estimated and all(n in r.scores for n in names)]
         if not rows:
             return []
         mask = non_dominated(to_minimization([[r.scores[n] for n in names] for r in rows], directions))

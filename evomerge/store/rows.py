@@ -47,6 +47,12 @@ class CandidateRow:
     finished: datetime | None
     scores: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def estimated(self) -> bool:
+        """Whether its scores are estimates from an anchor subset (multi-fidelity), not full evaluations:
+        such a candidate is never a front member, nor counted in best scores or the hypervolume."""
+        return bool((self.timings or {}).get("estimated"))
+
 
 class CheckpointRow(NamedTuple):
     step: int

@@ -23,7 +23,7 @@ _ERROR_CHARS = 300  # a table row carries the start of the error; the candidate'
 
 # The columns of ``study_table``, in its rows' order.
 TABLE_COLUMNS = ("number", "state", "operator", "generation", "worker", "attempts", "started", "finished", "error",
-                 "proposal_key")
+                 "proposal_key", "estimated")
 
 
 def _time(v: datetime | str | None) -> datetime | None:
@@ -119,14 +119,16 @@ class SeriesMethods:
 
     def study_table(self, study: str) -> tuple[list[tuple], dict[int, dict[str, float]]]:
         """Every candidate of a study as a tuple of ``TABLE_COLUMNS`` (number order; times aware UTC,
-        errors cut to their start), and the scores by candidate number, in two queries."""
+        errors cut to their start, ``estimated`` whether its scores are anchor estimates), and the scores by
+        candidate number, in two queries."""
         with self.db.session() as s:
             sid = study_id(s, study)
             started, finished = self._raw_time(Candidate.started), self._raw_time(Candidate.finished)
             rows = s.execute(
                 select(Candidate.number, Candidate.state, Candidate.operator, Candidate.generation,
                        Candidate.worker, Candidate.attempts, started, finished,
-                       func.substr(Candidate.error, 1, _ERROR_CHARS), Candidate.proposal_key)
+                       func.substr(Candidate.error, 1, _ERROR_CHARS), Candidate.proposal_key,
+                       Candidate.timings["estimated"].as_float())
                 .where(Candidate.study_id == sid)
                 .order_by(Candidate.number)
             ).all()
@@ -137,17 +139,19 @@ class SeriesMethods:
                 .where(Candidate.study_id == sid)
             ):
                 scores.setdefault(number, {})[obj] = val
-        table = [(*r[:6], _time(r[6]), _time(r[7]), r[8], r[9]) for r in rows]
+        table = [(*r[:6], _time(r[6]), _time(r[7]), r[8], r[9], bool(r[10])) for r in rows]
         return table, scores
 
     def best_scores(self, study: str) -> dict[str, tuple[float, float]]:
-        """Per score name, (lowest, highest) over the study's complete candidates, in one query."""
+        """Per score name, (lowest, highest) over the study's complete candidates scored in full (an anchor
+        estimate is no result), in one query."""
         with self.db.session() as s:
             sid = study_id(s, study)
             rows = s.execute(
                 select(Score.objective, func.min(Score.value), func.max(Score.value))
                 .join(Candidate, Candidate.id == Score.candidate_id)
-                .where(Candidate.study_id == sid, Candidate.state == "complete")
+                .where(Candidate.study_id == sid, Candidate.state == "complete",
+                       Candidate.timings["estimated"].as_float().is_(None))
                 .group_by(Score.objective)
             ).all()
         return {obj: (lo, hi) for obj, lo, hi in rows}
