@@ -109,8 +109,10 @@
     const frontIds = sorted.filter((i) => front2.has(i));
     const traces = [trace(dominated, "dominated", { color: "#94a3b8", opacity: 0.55, size: 6 })];
     if (S.objectives.length > 2) traces.push(trace(fullFront, "front on other objectives", { color: "#60a5fa", opacity: 0.8, size: 7 }));
+    // the 2-D front, a few dozen points, stays SVG (drawn above the WebGL points): its line would cost
+    // WebGL a second shader program to compile
     traces.push(trace(frontIds, "front (these two axes)", { color: "#2563eb", size: 10, line: { color: "#1e3a8a", width: 1 } },
-      { mode: "lines+markers", line: { color: "#2563eb", width: 2, shape: "hv" } }));
+      { type: "scatter", mode: "lines+markers", line: { color: "#2563eb", width: 2, shape: "hv" } }));
     document.getElementById("pareto-count").textContent = idx.length + " scored candidates, " + frontIds.length + " on the front of these two axes";
     Plotly.react(paretoDiv, traces, {
       margin: { l: 60, r: 20, t: 10, b: 50 }, uirevision: xSel.value + "," + ySel.value,
