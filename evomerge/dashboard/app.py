@@ -136,8 +136,9 @@ def create_app(store: Store, storage_arg: str = "") -> FastAPI:
         rows = []
         for r in view.studies():
             key = _dumps([r[k] for k in ("state", "queued", "running", "complete", "failed", "updated")])
-            stamp = key + _stamp(r["study"])
-            rows.append(cache.get(("row", r["study"]), stamp, lambda r=r: data.study_row(view, r)))
+            raw = view.stamp(r["study"])  # read once: the cache's key and the row's last activity
+            stamp = key + _dumps(data.stamp_json(raw))
+            rows.append(cache.get(("row", r["study"]), stamp, lambda r=r, raw=raw: data.study_row(view, r, raw)))
         return _Json(b"[" + b",".join(rows) + b"]")
 
     @app.get("/api/study", response_class=_Json, summary="One study: state, counts, objectives, reference point")

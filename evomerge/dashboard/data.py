@@ -98,13 +98,12 @@ def _signs(objectives: list[dict[str, Any]]) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ studies
 
 
-def study_row(view: StudyView, r: dict[str, Any]) -> dict[str, Any]:
-    """One row of the Studies page (``r``: a row of ``StudyView.studies``): progress, best values,
-    hypervolume and the last activity."""
+def study_row(view: StudyView, r: dict[str, Any], stamp_: dict[str, Any]) -> dict[str, Any]:
+    """One row of the Studies page (``r``: a row of ``StudyView.studies``, ``stamp_``: the study's
+    ``StudyView.stamp``): progress, best values, hypervolume and the last activity."""
     name = r["study"]
     meta = space_meta(view.study(name).space_yaml)
     last = view.last_hypervolume(name)
-    stamp_ = view.stamp(name)
     lo_hi = view.best_scores(name) if r["complete"] else {}
     best = {o["name"]: lo_hi[o["name"]][1 if o["direction"] == "maximize" else 0]
             for o in r["objectives"] if o["name"] in lo_hi}
@@ -189,7 +188,11 @@ def hypervolume(view: StudyView, name: str) -> dict[str, Any]:
 
 
 def stamp(view: StudyView, name: str) -> dict[str, Any]:
-    s = view.stamp(name)
+    return stamp_json(view.stamp(name))
+
+
+def stamp_json(s: dict[str, Any]) -> dict[str, Any]:
+    """A ``StudyView.stamp`` as JSON."""
     return {"status": s["status"], "updated": iso(s["updated"]), "counts": s["counts"], "latest": iso(s["latest"])}
 
 
