@@ -186,8 +186,9 @@ def test_points_agree_with_the_stored_rows(url: str) -> None:
         elif state == "complete":
             scores = {"a": 0.1 * i, "b": 1.0 - 0.1 * i, "held": 0.5} if i != 2 else {"a": 0.9}  # 2 misses b
             store.complete_candidate("p", n, scores, None, {})
-    client = TestClient(create_app(Store(url, read_only=True)))
-    pts = client.get("/api/points", params={"study": "p"}).json()
+    reader = Store(url, read_only=True)
+    pts = TestClient(create_app(reader)).get("/api/points", params={"study": "p"}).json()
+    reader.close()
     created = store.get_study("p").created
     rows = store.candidates("p")
     assert pts["number"] == [c.number for c in rows] and pts["state"] == states
@@ -198,6 +199,7 @@ def test_points_agree_with_the_stored_rows(url: str) -> None:
             assert pts[key][i] == (None if t is None else pytest.approx((t - created).total_seconds(), abs=2e-3))
         assert pts["error"][i] == (c.error[:300] if c.state == "failed" else None)
         assert {k: v[i] for k, v in pts["scores"].items() if v[i] is not None} == c.scores
+    store.close()
     # a, b: (0.0, 1.0), (0.1, 0.9), (0.6, 0.4) scored; the last dominates the others
     assert pts["front"] == [False, False, False, False, False, False, True]
 
