@@ -436,7 +436,7 @@ def dashboard(
     port: Annotated[int, typer.Option("--port", min=1, max=65535, metavar="PORT", help="port to listen on")] = 8000,
 ) -> None:
     """Serve the read-only web dashboard of the study database (http://127.0.0.1:8000/ by default)."""
-    from evomerge.dashboard import serve  # FastAPI, uvicorn, plotly: only when the dashboard runs
+    from evomerge.dashboard import serve  # FastAPI and uvicorn: only when the dashboard runs
     from evomerge.store import default_storage_url  # SQLAlchemy: not on --help or merge
     from evomerge.store.engine import parse_url
 

@@ -168,6 +168,11 @@ class StudyView:
         the scores by number: what a page of the whole study needs, in two queries."""
         return self.store.study_table(study)
 
+    def columns(self, study: str) -> dict[str, Any]:
+        """Every candidate column by column, times as seconds since 1970 and the scores as one list per
+        name (``evomerge.store.series.SeriesMethods.study_columns``): the whole-study read of a page."""
+        return self.store.study_columns(study)
+
     def best_scores(self, study: str) -> dict[str, tuple[float, float]]:
         """Per score name, (lowest, highest) over the complete candidates: one aggregate query."""
         return self.store.best_scores(study)

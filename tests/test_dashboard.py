@@ -140,8 +140,13 @@ def test_read_only_get_only_and_assets_confined(tmp_path: Path) -> None:
         r = client.get(path)
         assert r.status_code == 200, path
         assert "script-src 'self'" in r.headers["content-security-policy"]
+        assert r.headers["cache-control"] == ("no-store" if path.startswith("/api/") else "no-cache")
     for study_api in ("study", "points", "hypervolume", "algorithm", "stamp"):
         assert client.get(f"/api/{study_api}", params={"study": "s"}).status_code == 200
+    plotly = client.get("/static/plotly.min.js")
+    assert plotly.text.startswith("/*! plotly.js") and "scattergl" in plotly.text  # the package's own bundle
+    etag = plotly.headers["etag"]
+    assert client.get("/static/plotly.min.js", headers={"if-none-match": etag}).status_code == 304
     assert client.get("/api/candidate", params={"study": "s", "number": 1}).status_code == 200
     assert writes == []
     for path in ("/api/studies", "/api/points?study=s", "/"):
@@ -161,6 +166,42 @@ def test_front_mask_matches_the_front_module() -> None:
     for n, m in ((1, 2), (50, 2), (300, 3), (200, 4)):
         F = rng.integers(0, 6, size=(n, m)).astype(float)  # ties and duplicates included
         assert (front_mask(F) == non_dominated(F)).all()
+
+
+def test_points_agree_with_the_stored_rows(url: str) -> None:
+    """Every column of the points answer against the candidates' own rows: times to the millisecond,
+    errors of failed candidates only, a score missing where a candidate has none."""
+    store = Store(url)
+    objs = [{"name": "a", "direction": "maximize"}, {"name": "b", "direction": "minimize"}]
+    store.create_study("p", "algorithm: {name: random}\n", objs, 8)
+    states = ["complete", "complete", "complete", "failed", "running", "queued", "complete"]
+    for i, state in enumerate(states):
+        n = store.add_candidate("p", proposal_key=str(i), genome=[0.1 * i], recipe_json={"i": i}, recipe_hash=f"h{i}")
+        if state == "queued":
+            continue
+        store.mark_running("p", n, worker=f"w{i % 2}")
+        time.sleep(0.002)
+        if state == "failed":
+            store.fail_candidate("p", n, "RuntimeError: <b>boom</b> " + "x" * 500)
+        elif state == "complete":
+            scores = {"a": 0.1 * i, "b": 1.0 - 0.1 * i, "held": 0.5} if i != 2 else {"a": 0.9}  # 2 misses b
+            store.complete_candidate("p", n, scores, None, {})
+    reader = Store(url, read_only=True)
+    pts = TestClient(create_app(reader)).get("/api/points", params={"study": "p"}).json()
+    reader.close()
+    created = store.get_study("p").created
+    rows = store.candidates("p")
+    assert pts["number"] == [c.number for c in rows] and pts["state"] == states
+    assert pts["scored"] == 3 and pts["report"] == ["held"] and set(pts["scores"]) == {"a", "b", "held"}
+    for i, c in enumerate(rows):
+        assert (pts["worker"][i], pts["attempts"][i]) == (c.worker, c.attempts)
+        for key, t in (("start_s", c.started), ("end_s", c.finished)):
+            assert pts[key][i] == (None if t is None else pytest.approx((t - created).total_seconds(), abs=2e-3))
+        assert pts["error"][i] == (c.error[:300] if c.state == "failed" else None)
+        assert {k: v[i] for k, v in pts["scores"].items() if v[i] is not None} == c.scores
+    store.close()
+    # a, b: (0.0, 1.0), (0.1, 0.9), (0.6, 0.4) scored; the last dominates the others
+    assert pts["front"] == [False, False, False, False, False, False, True]
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:

@@ -94,10 +94,15 @@ def test_plots_draw_every_scored_candidate_and_a_click_opens_it(site) -> None:
     scored = pts["scored"]
     assert scored == int(page.evaluate("document.body.dataset.loaded")) and scored > 10
     assert page.locator("#pareto .scatterlayer .point").count() == scored
-    # parallel coordinates: one line of three points per scored candidate, in two paths (front, dominated)
-    drawn = page.evaluate("""() => document.getElementById('parcoords').data
-        .reduce((n, t) => n + t.x.filter((v) => v !== null).length, 0)""")
-    assert drawn == 3 * scored and page.locator("#parcoords .scatterlayer path.js-line").count() >= 1
+    # parallel coordinates: one line of three points per scored candidate, the front's as a trace (with
+    # hover), the dominated ones as one path (a shape): its M and L commands are their points
+    drawn = page.evaluate("""() => { const d = document.getElementById('parcoords');
+        return d.data.reduce((n, t) => n + t.x.filter((v) => v !== null).length, 0)
+          + (d.layout.shapes || []).reduce((n, s) => n + (s.path.match(/[ML]/g) || []).length, 0); }""")
+    front_n = sum(pts["front"])
+    assert drawn == 3 * scored and page.locator("#parcoords .scatterlayer path.js-line").count() == front_n
+    assert page.locator("#parcoords .shapelayer path").count() == (1 if scored > front_n else 0)
+    assert page.locator("#parcoords .legend .traces").count() == (1 if scored > front_n else 0) + (front_n > 0)
     assert page.locator("#hv-evals .scatterlayer path.js-line").count() == 1
     assert page.locator("#timeline .barlayer path").count() == len([s for s in pts["start_s"] if s is not None])
     front = {n for n, f in zip(pts["number"], pts["front"], strict=True) if f}

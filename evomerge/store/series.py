@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, Text, cast, func, or_, select, type_coerce
+import numpy as np
+from sqlalchemy import String, Text, case, cast, func, or_, select, type_coerce
 
 from .engine import Database
 from .models import Candidate, HypervolumePoint, Score, Study
@@ -24,10 +25,31 @@ _ERROR_CHARS = 300  # a table row carries the start of the error; the candidate'
 # The columns of ``study_table``, in its rows' order.
 TABLE_COLUMNS = ("number", "state", "operator", "generation", "worker", "attempts", "started", "finished", "error",
                  "proposal_key", "estimated")
+# The candidate columns of ``study_columns``.
+COLUMNS = ("number", "state", "operator", "generation", "worker", "attempts", "started", "finished", "error",
+           "estimated")
 
 
 def _time(v: datetime | str | None) -> datetime | None:
     return aware(datetime.fromisoformat(v) if isinstance(v, str) else v)
+
+
+def _score_columns(numbers: np.ndarray, rows: list[Any]) -> dict[str, np.ndarray]:
+    """(number, name, value) rows as one array per name aligned with ``numbers`` (ascending), NaN where
+    a candidate has no such score: placed by numpy, not row by row."""
+    if not rows or not len(numbers):
+        return {}
+    nums, names, values = zip(*rows, strict=True)
+    which = sorted(set(names))
+    index = {name: i for i, name in enumerate(which)}
+    col = np.fromiter(map(index.__getitem__, names), dtype=np.intp, count=len(names))
+    nums_ = np.fromiter(nums, dtype=np.int64, count=len(nums))
+    pos = np.searchsorted(numbers, nums_).clip(max=len(numbers) - 1)
+    # PostgreSQL reads each query at its own start: a candidate newer than the first query is left out
+    ok = numbers[pos] == nums_
+    out = np.full((len(which), len(numbers)), np.nan)
+    out[col[ok], pos[ok]] = np.fromiter(values, dtype=float, count=len(values))[ok]
+    return {name: out[i] for i, name in enumerate(which)}
 
 
 class SeriesMethods:
@@ -141,6 +163,42 @@ class SeriesMethods:
                 scores.setdefault(number, {})[obj] = val
         table = [(*r[:6], _time(r[6]), _time(r[7]), r[8], r[9], bool(r[10])) for r in rows]
         return table, scores
+
+    def study_columns(self, study: str) -> dict[str, Any]:
+        """Every candidate of a study column by column, in number order: a list per name of ``COLUMNS``,
+        with ``started`` and ``finished`` as seconds since 1970 (floats, to the millisecond, None where
+        unset), ``error`` (its start) for failed candidates only, ``estimated`` whether the scores are anchor
+        estimates (no result: never on the front); and ``scores``, per score name an
+        array of one value per candidate (NaN where it has none). What a page of the whole study draws,
+        in two queries whose rows hold no datetimes and no ORM objects to build: the database computes
+        the seconds, which took a third of the time when Python parsed 20,000 timestamps."""
+        C = Candidate
+        error = case((C.state == "failed", func.substr(C.error, 1, _ERROR_CHARS)), else_=None)
+        with self.db.session() as s:
+            sid = study_id(s, study)
+            conn = s.connection()  # Core rows: the ORM's row processing was as slow as the query
+            rows = conn.execute(
+                select(C.number, C.state, C.operator, C.generation, C.worker, C.attempts,
+                       self._epoch(C.started), self._epoch(C.finished), error,
+                       C.timings["estimated"].as_float().is_not(None))
+                .where(C.study_id == sid)
+                .order_by(C.number)
+            ).all()
+            score_rows = conn.execute(
+                select(C.number, Score.objective, Score.value)
+                .join(C, C.id == Score.candidate_id)
+                .where(C.study_id == sid)
+            ).all()
+        out: dict[str, Any] = dict(zip(COLUMNS, map(list, zip(*rows, strict=True)), strict=True)) if rows else \
+            {c: [] for c in COLUMNS}
+        out["scores"] = _score_columns(np.asarray(out["number"], dtype=np.int64), score_rows)
+        return out
+
+    def _epoch(self, column: Any) -> Any:
+        """Seconds since 1970 of a stored (naive UTC) time, as a float the database computes."""
+        if self.db.dialect == "sqlite":  # julianday keeps milliseconds
+            return (func.julianday(column) - 2440587.5) * 86400.0
+        return func.date_part("epoch", column)  # double precision; the time's own value, as stored (UTC)
 
     def best_scores(self, study: str) -> dict[str, tuple[float, float]]:
         """Per score name, (lowest, highest) over the study's complete candidates scored in full (an anchor

@@ -4,7 +4,7 @@
 
 const EM = {};
 
-// The pages load plotly.js (4.6 MB) after their own script, so their data is fetched while the browser
+// The pages load plotly.js (1.5 MB) after their own script, so their data is fetched while the browser
 // still parses it; drawing waits for this. DOMContentLoaded comes once every deferred script has run.
 EM.plotlyReady = function () {
   return window.Plotly ? Promise.resolve() : new Promise((resolve) => {

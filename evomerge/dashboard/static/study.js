@@ -109,8 +109,10 @@
     const frontIds = sorted.filter((i) => front2.has(i));
     const traces = [trace(dominated, "dominated", { color: "#94a3b8", opacity: 0.55, size: 6 })];
     if (S.objectives.length > 2) traces.push(trace(fullFront, "front on other objectives", { color: "#60a5fa", opacity: 0.8, size: 7 }));
+    // the 2-D front, a few dozen points, stays SVG (drawn above the WebGL points): its line would cost
+    // WebGL a second shader program to compile
     traces.push(trace(frontIds, "front (these two axes)", { color: "#2563eb", size: 10, line: { color: "#1e3a8a", width: 1 } },
-      { mode: "lines+markers", line: { color: "#2563eb", width: 2, shape: "hv" } }));
+      { type: "scatter", mode: "lines+markers", line: { color: "#2563eb", width: 2, shape: "hv" } }));
     document.getElementById("pareto-count").textContent = idx.length + " scored candidates, " + frontIds.length + " on the front of these two axes";
     Plotly.react(paretoDiv, traces, {
       margin: { l: 60, r: 20, t: 10, b: 50 }, uirevision: xSel.value + "," + ySel.value,
@@ -120,9 +122,10 @@
     }, EM.plotConfig);
   }
 
-  // Parallel coordinates drawn as SVG lines (one path per group): plotly's own parcoords needs WebGL and
-  // takes seconds in a browser without a GPU. Each axis runs from its worst value (bottom) to its best
-  // (top), so a line high everywhere is good everywhere.
+  // Parallel coordinates drawn as SVG lines: plotly's own parcoords needs WebGL and takes seconds in a
+  // browser without a GPU. The dominated lines (no hover) are one path, a layout shape: as a trace each
+  // line was a path element of its own, styled one by one. Each axis runs from its worst value (bottom)
+  // to its best (top), so a line high everywhere is good everywhere.
   function drawParcoords() {
     if (S.objectives.length < 3) { parcoords.style.display = "none"; return; }
     parcoords.style.display = "";
@@ -157,8 +160,11 @@
       return { x, y, customdata: cd };
     };
     const others = idx.filter((i) => !P.front[i]), front = idx.filter((i) => P.front[i]);
+    const path = [];
+    for (const i of others) path.push("M" + objs.map((o, j) => j + "," + norm(o, P.scores[o.name][i]).toFixed(4)).join("L"));
+    const dominated = others.length ? [{ type: "path", path: path.join(""), xref: "x", yref: "y", layer: "below",
+      line: { color: "rgba(148,163,184,0.35)", width: 1 }, name: "dominated", showlegend: true }] : [];
     const traces = [
-      Object.assign({ type: "scatter", mode: "lines", name: "dominated", line: { color: "rgba(148,163,184,0.35)", width: 1 }, hoverinfo: "skip" }, lines(others)),
       Object.assign({ type: "scatter", mode: "lines", name: "on the front", line: { color: "rgba(37,99,235,0.75)", width: 1.5 },
         hovertemplate: "#%{customdata}<extra></extra>" }, lines(front)),
     ];
@@ -169,7 +175,7 @@
       ann.push({ x: j, y: -0.02, yanchor: "top", text: "worst " + EM.fmt(worst), showarrow: false });
     });
     Plotly.react(parDiv, traces, {
-      margin: { l: 40, r: 40, t: 50, b: 40 }, showlegend: true, legend: { orientation: "h", y: -0.12 }, annotations: ann,
+      margin: { l: 40, r: 40, t: 50, b: 40 }, showlegend: true, legend: { orientation: "h", y: -0.12 }, annotations: ann, shapes: dominated,
       xaxis: { range: [-0.15, objs.length - 0.85], showticklabels: false, zeroline: false, showgrid: true, gridcolor: "#64748b", tickvals: objs.map((_, j) => j), fixedrange: true },
       yaxis: { range: [-0.05, 1.05], showticklabels: false, zeroline: false, showgrid: false, fixedrange: true },
       hovermode: "closest",
