@@ -174,7 +174,7 @@ def test_points_agree_with_the_stored_rows(url: str) -> None:
     store = Store(url)
     objs = [{"name": "a", "direction": "maximize"}, {"name": "b", "direction": "minimize"}]
     store.create_study("p", "algorithm: {name: random}\n", objs, 8)
-    states = ["complete", "complete", "complete", "failed", "running", "queued", "complete"]
+    states = ["complete", "complete", "complete", "failed", "running", "queued", "complete", "complete"]
     for i, state in enumerate(states):
         n = store.add_candidate("p", proposal_key=str(i), genome=[0.1 * i], recipe_json={"i": i}, recipe_hash=f"h{i}")
         if state == "queued":
@@ -185,14 +185,14 @@ def test_points_agree_with_the_stored_rows(url: str) -> None:
             store.fail_candidate("p", n, "RuntimeError: <b>boom</b> " + "x" * 500)
         elif state == "complete":
             scores = {"a": 0.1 * i, "b": 1.0 - 0.1 * i, "held": 0.5} if i != 2 else {"a": 0.9}  # 2 misses b
-            store.complete_candidate("p", n, scores, None, {})
+            store.complete_candidate("p", n, scores, None, {"estimated": 1.0} if i == 7 else {})
     reader = Store(url, read_only=True)
     pts = TestClient(create_app(reader)).get("/api/points", params={"study": "p"}).json()
     reader.close()
     created = store.get_study("p").created
     rows = store.candidates("p")
     assert pts["number"] == [c.number for c in rows] and pts["state"] == states
-    assert pts["scored"] == 3 and pts["report"] == ["held"] and set(pts["scores"]) == {"a", "b", "held"}
+    assert pts["scored"] == 4 and pts["report"] == ["held"] and set(pts["scores"]) == {"a", "b", "held"}
     for i, c in enumerate(rows):
         assert (pts["worker"][i], pts["attempts"][i]) == (c.worker, c.attempts)
         for key, t in (("start_s", c.started), ("end_s", c.finished)):
@@ -200,8 +200,9 @@ def test_points_agree_with_the_stored_rows(url: str) -> None:
         assert pts["error"][i] == (c.error[:300] if c.state == "failed" else None)
         assert {k: v[i] for k, v in pts["scores"].items() if v[i] is not None} == c.scores
     store.close()
-    # a, b: (0.0, 1.0), (0.1, 0.9), (0.6, 0.4) scored; the last dominates the others
-    assert pts["front"] == [False, False, False, False, False, False, True]
+    # a, b: (0.0, 1.0), (0.1, 0.9), (0.6, 0.4) scored; the last dominates the others; (0.7, 0.3) would
+    # dominate it, but it is an anchor estimate: drawn, never on the front
+    assert pts["front"] == [False, False, False, False, False, False, True, False]
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:
