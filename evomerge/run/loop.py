@@ -1,10 +1,12 @@
 """The study loop: asks the algorithm, keeps every worker of a pool busy, records everything in the store.
 
 Resume follows from three properties rather than from special cases: the algorithm's state is saved
-after every ask and tell; asking is deterministic, so a proposal made again after a crash gets the same
-key, and the store hands back the candidate it already holds; telling a key twice is a no-op. A
-restarted run therefore loads the latest checkpoint, re-tells what finished since, re-dispatches what
-was queued or running, and carries on.
+in the same transaction as what changed it (one per loop turn: the proposals and dispatches of a turn,
+or the results one wait returned, told in candidate order); asking is deterministic, so a proposal made
+again after a crash gets the same key, and the store hands back the candidate it already holds; telling
+a key twice is a no-op. A restarted run therefore loads the latest checkpoint, re-tells what finished
+since (in candidate order, as a turn tells), re-dispatches what was queued or running, and carries on.
+A crash inside a turn loses that turn's writes whole, and with them at most the results then in flight.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -117,6 +118,10 @@ class StudyRun:
         self.algo.tell([self._result(key, values, samples, number)])
         self._record_niches()
         self.step += 1
+
+    def _checkpoint(self) -> None:
+        # Once per turn, in the turn's transaction: the state is written once for all its tells (it was
+        # once per tell, the largest share of the driver's time at hundreds of workers).
         self.store.save_checkpoint(self.study, self.step, self.algo.name, self.algo.state_dict())
 
     def _record_niches(self) -> None:
@@ -149,54 +154,56 @@ class StudyRun:
                 self.store.requeue(self.study, c.number)
             self.queue.append(Job(c.number, int(c.proposal_key), c.recipe_json))
 
-    def _propose(self, n: int) -> None:
-        """Ask for up to n new jobs; replayed proposals map onto the candidates already stored."""
+    def _propose(self, n: int) -> bool:
+        """Ask for up to n new jobs; replayed proposals map onto the candidates already stored. Returns
+        whether the algorithm was asked (its state may have changed)."""
         known = {j.number for j in self.queue} | {job.number for job in self.inflight.values()}
+        asked = False
         while n > 0:
             room = self.space.budget - self.store.count_candidates(self.study)
             if room <= 0:
-                return
+                return asked
             props = self.algo.ask(min(n, room))
+            asked = True
             if not props:
-                return
+                return asked
+            rows = []
             for p in props:
                 recipe = self.genome.decode(p.x)
-                rjson = recipe.canonical_json()
-                number = self.store.add_candidate(
-                    self.study,
-                    proposal_key=p.key,
-                    genome=list(p.x),
-                    recipe_json=rjson,
-                    recipe_hash=recipe.hash(),
-                    parents=list(p.parents),
-                    generation=p.generation,
-                    operator=getattr(recipe, "method", recipe.kind),
-                )
-                cand = self.store.get_candidate(self.study, number)
-                if cand.state == "complete":
-                    self._tell(p.key, self._values(cand.scores), number=number)
-                    continue
-                if cand.state == "failed":
-                    self._tell(p.key, None)
-                    continue
-                if self._from_cache(cand):
+                rows.append({"proposal_key": p.key, "genome": list(p.x), "recipe_json": recipe.canonical_json(),
+                             "recipe_hash": recipe.hash(), "parents": list(p.parents), "generation": p.generation,
+                             "operator": getattr(recipe, "method", recipe.kind)})
+            added = self.store.add_candidates(self.study, rows)
+            hits = self.store.complete_by_hash(self.study, [r["recipe_hash"] for r in rows])
+            for p, row, (number, new) in zip(props, rows, added, strict=True):
+                if not new:  # a proposal replayed after a restart: the store has its fate
+                    cand = self.store.get_candidate(self.study, number)
+                    if cand.state == "complete":
+                        self._tell(p.key, self._values(cand.scores), number=number)
+                        continue
+                    if cand.state == "failed":
+                        self._tell(p.key, None)
+                        continue
+                hit = hits.get(row["recipe_hash"])
+                if hit is not None and hit != number and self._from_cache(number, p.key, hit):
                     continue
                 if number not in known:
-                    self.queue.append(Job(number, p.key, rjson))
+                    self.queue.append(Job(number, p.key, row["recipe_json"]))
                     known.add(number)
                     n -= 1
-            self.store.save_checkpoint(self.study, self.step, self.algo.name, self.algo.state_dict())
+        return asked
 
-    def _from_cache(self, cand: Any) -> bool:
-        """Same recipe as a finished candidate: reuse its scores instead of evaluating again."""
-        hit = self.store.find_by_hash(self.study, cand.recipe_hash)
-        if hit is None or hit.number == cand.number or (hit.timings or {}).get("pruned"):
+    def _from_cache(self, number: int, key: int, hit_number: int) -> bool:
+        """Same recipe as the finished candidate ``hit_number``: reuse its scores instead of evaluating
+        again."""
+        hit = self.store.get_candidate(self.study, hit_number)
+        if (hit.timings or {}).get("pruned"):
             return False  # a multi-fidelity stop holds slice scores only: evaluate this one in full
         scores = {n: hit.scores[n] for n in self.names}  # not the held-out report scores of a front member
         samples = {n: self.store.sample_scores(self.study, hit.number).get(n, []) for n in self.names}
-        self.store.mark_running(self.study, cand.number, worker="cache")
-        self.store.complete_candidate(self.study, cand.number, scores, samples, {"cached_from": float(hit.number)})
-        self._tell(int(cand.proposal_key), self._values(scores), samples)
+        self.store.mark_running(self.study, number, worker="cache")
+        self.store.complete_candidate(self.study, number, scores, samples, {"cached_from": float(hit.number)})
+        self._tell(key, self._values(scores), samples)
         return True
 
     # -- the reference point ------------------------------------------------------------------
@@ -223,12 +230,43 @@ class StudyRun:
 
     # -- workers ----------------------------------------------------------------------------
     def _dispatch(self, pool: WorkerPool) -> None:
-        self._propose(pool.idle - len(self.queue))
-        while pool.idle and self.queue:
-            job = self.queue.popleft()
-            handle = pool.submit(Task(job.number, job.recipe_json, self.names, *self._fidelity_args()))
-            self.store.mark_running(self.study, job.number, worker=pool.worker_of(handle))
-            self.inflight[handle] = job
+        if not pool.idle:
+            return
+        with self.store.batch():
+            asked = self._propose(pool.idle - len(self.queue))
+            running = []
+            while pool.idle and self.queue:
+                job = self.queue.popleft()
+                handle = pool.submit(Task(job.number, job.recipe_json, self.names, *self._fidelity_args()))
+                running.append((job.number, pool.worker_of(handle)))
+                self.inflight[handle] = job
+            self.store.mark_running_many(self.study, running)
+            if asked:
+                self._checkpoint()
+
+    def _handle_all(self, done: list[Outcome]) -> None:
+        """A wait's outcomes in one transaction, told in candidate order (a resume re-tells in that
+        order too), with one checkpoint after them."""
+        outcomes = sorted(done, key=lambda o: self.inflight[o.handle].number)
+        results = [o for o in outcomes if o.died is None and not (o.result or {}).get("error")]
+        with self.store.batch():
+            states = self.store.complete_candidates(
+                self.study, [(self.inflight[o.handle].number, o.result["scores"], o.result["samples"],
+                              o.result["timings"]) for o in results], attempt=True)  # type: ignore[index]
+            state_of = {o.handle: st for o, st in zip(results, states, strict=True)}
+            for o in outcomes:
+                if o.handle not in state_of:
+                    self._handle(o)
+                    continue
+                job = self.inflight.pop(o.handle)
+                res = o.result or {}
+                self.stats.timings.append(res["timings"])
+                if state_of[o.handle] == "failed":
+                    self._tell(job.key, None)
+                else:
+                    self._tell(job.key, self._values(res["scores"]), res["samples"])
+            self._checkpoint()
+            self._ensure_reference_point()
 
     def _fidelity_args(self) -> tuple:
         """(front, fidelity) for multi-fidelity evaluation: the current front, in objective order."""
@@ -348,10 +386,8 @@ class StudyRun:
                 for note in pool.notes():
                     self._say(note)
                 t0 = time.perf_counter()
-                for o in done:
-                    self._handle(o)
                 if done:
-                    self._ensure_reference_point()
+                    self._handle_all(done)
                 renew = self.lease.renew_if_due()
                 if renew:
                     self.store.heartbeat(self.study, [job.number for job in self.inflight.values()])
