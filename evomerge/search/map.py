@@ -366,8 +366,9 @@ class MAP(Algorithm):
                 "chosen_bins": [int(b) for b in chosen]}
         return X, info
 
-    def _run_nsga(self, fit: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """Approximate front of the surrogates: (X, predictions in user units)."""
+    def _run_nsga(self, fit: dict[str, Any], salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate front of the surrogates: (X, predictions in user units); ``salt`` > 0 gives
+        another seed for the same round (map_async, when a round's front is all handed out)."""
         # pymoo only for map studies (the surrogate front): the algorithm registry stays light
         from pymoo.algorithms.moo.nsga2 import NSGA2 as _NSGA2
         from pymoo.core.problem import Problem
@@ -380,7 +381,8 @@ class MAP(Algorithm):
             def _evaluate(self, X, out, *args, **kwargs):  # noqa: N803
                 out["F"] = algo_self.predict(X, fit) * signs
 
-        seed = int(np.random.SeedSequence([self.seed % (2**63), self._generation, 2]).generate_state(1)[0])
+        words = [self.seed % (2**63), self._generation, 2] + ([int(salt)] if salt else [])
+        seed = int(np.random.SeedSequence(words).generate_state(1)[0])
         outer_np, outer_py = np.random.get_state(), random.getstate()
         try:
             res = minimize(_Surrogate(n_var=self.dim, n_obj=self.n_obj, xl=0.0, xu=1.0),

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, Text, cast, func, or_, select, type_coerce
+from sqlalchemy import String, Text, cast, func, insert, or_, select, type_coerce
 
 from .engine import Database
 from .models import Candidate, HypervolumePoint, Score, Study
@@ -55,9 +55,10 @@ class SeriesMethods:
             new = {}
             for e, c, v, t in pts:
                 if e not in have:
-                    new[e] = HypervolumePoint(study_id=sid, evaluations=e, complete=c, value=v,
-                                              recorded=(t.replace(tzinfo=None) if t is not None else now()))
-            s.add_all(new.values())
+                    new[e] = {"study_id": sid, "evaluations": e, "complete": c, "value": v,
+                              "recorded": t.replace(tzinfo=None) if t is not None else now()}
+            if new:  # one statement (the ORM's add_all sent one per point, the most of a turn's statements)
+                s.execute(insert(HypervolumePoint.__table__), list(new.values()))
             return len(new)
 
     def hypervolume_series(self, study: str) -> list[dict[str, Any]]:
