@@ -12,8 +12,9 @@ median) and divided by each worker's speed (log-uniform in 0.5x-2x); time is a v
    map_nested_async), several seeds. CMA-ES (one objective, the sum of the two) against its
    asking-ahead variant: the best sum found.
 3. driver: the real study loop (`StudyRun`, the store, decoding, checkpoints) over a simulated pool
-   answering at once, SQLite and PostgreSQL, 64 and 512 workers: the driver's own seconds per
-   candidate (wall time / candidates: the pool costs nothing). `--profile` prints the top store calls.
+   answering at once, SQLite and PostgreSQL, 64 and 512 workers (NSGA-II's populations one per
+   worker): the driver's own seconds per candidate (wall time / candidates: the pool costs nothing),
+   and its SQL round trips and commits per candidate. `--profile` prints the top calls.
 
     python bench/cluster_sim.py [--quick] [--profile]      ends with RESULT {json}
 """
@@ -180,6 +181,8 @@ def driver_run(url: str, algorithm: str, workers: int, budget: int, tmp: Path, p
     from evomerge.store import Store
 
     base, experts = make_tiny_llama_family(tmp, n_experts=2, seed=0)
+    # a population of one per worker, as in the idle part (NSGA-II's default 16 hands out 16 a turn)
+    pop = f", settings: {{pop_size: {max(32, workers)}}}" if algorithm in ("nsga2", "nsga2_steady") else ""
     placeholder_tasks(tmp, ("t1", "t2"))
     sp = tmp / "space.yaml"
     sp.write_text(f"""
@@ -189,7 +192,7 @@ genome: {{method: task_arithmetic, layer_groups: 2}}
 objectives:
   - {{name: a, task: t1, metric: "exact_match,none"}}
   - {{name: b, task: t2, metric: "exact_match,none"}}
-algorithm: {{name: {algorithm}}}
+algorithm: {{name: {algorithm}{pop}}}
 evaluation: {{task_paths: [tasks]}}
 budget: {budget}
 """)

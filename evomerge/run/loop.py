@@ -174,37 +174,53 @@ class StudyRun:
                              "recipe_hash": recipe.hash(), "parents": list(p.parents), "generation": p.generation,
                              "operator": getattr(recipe, "method", recipe.kind)})
             added = self.store.add_candidates(self.study, rows)
-            hits = self.store.complete_by_hash(self.study, [r["recipe_hash"] for r in rows])
+            hashes = self.store.complete_by_hash(self.study, [r["recipe_hash"] for r in rows])
+            hits = self._cache_hits(rows, added, hashes)
+            tells: list[tuple] = []  # told after the round's writes, in proposal order (as a resume tells)
+            cached: list[tuple] = []
             for p, row, (number, new) in zip(props, rows, added, strict=True):
                 if not new:  # a proposal replayed after a restart: the store has its fate
                     cand = self.store.get_candidate(self.study, number)
                     if cand.state == "complete":
-                        self._tell(p.key, self._values(cand.scores), number=number)
+                        tells.append((p.key, self._values(cand.scores), None, number))
                         continue
                     if cand.state == "failed":
-                        self._tell(p.key, None)
+                        tells.append((p.key, None, None, None))
                         continue
-                hit = hits.get(row["recipe_hash"])
-                if hit is not None and hit != number and self._from_cache(number, p.key, hit):
+                hit = hits.get(number)
+                if hit is not None:  # same recipe as a finished candidate: its scores, not an evaluation
+                    scores, samples = hit
+                    cached.append((number, scores, samples, {"cached_from": float(hashes[row["recipe_hash"]])}))
+                    tells.append((p.key, self._values(scores), samples, None))
                     continue
                 if number not in known:
                     self.queue.append(Job(number, p.key, row["recipe_json"]))
                     known.add(number)
                     n -= 1
+            if cached:
+                self.store.mark_running_many(self.study, [(c[0], "cache") for c in cached])
+                self.store.complete_candidates(self.study, cached)
+            for key, values, samples, number in tells:
+                self._tell(key, values, samples, number)
         return asked
 
-    def _from_cache(self, number: int, key: int, hit_number: int) -> bool:
-        """Same recipe as the finished candidate ``hit_number``: reuse its scores instead of evaluating
-        again."""
-        hit = self.store.get_candidate(self.study, hit_number)
-        if (hit.timings or {}).get("pruned"):
-            return False  # a multi-fidelity stop holds slice scores only: evaluate this one in full
-        scores = {n: hit.scores[n] for n in self.names}  # not the held-out report scores of a front member
-        samples = {n: self.store.sample_scores(self.study, hit.number).get(n, []) for n in self.names}
-        self.store.mark_running(self.study, number, worker="cache")
-        self.store.complete_candidate(self.study, number, scores, samples, {"cached_from": float(hit.number)})
-        self._tell(key, self._values(scores), samples)
-        return True
+    def _cache_hits(self, rows: list[dict], added: list[tuple[int, bool]],
+                    hashes: dict[str, int]) -> dict[int, tuple[dict, dict]]:
+        """Per new candidate whose recipe a complete candidate already has: that one's (scores, samples)."""
+        first = {number: hashes[r["recipe_hash"]] for r, (number, new) in zip(rows, added, strict=True)
+                 if new and r["recipe_hash"] in hashes and hashes[r["recipe_hash"]] != number}
+        if not first:
+            return {}
+        sources = {c.number: c for c in self.store.get_candidates(self.study, sorted(set(first.values())))}
+        samples = self.store.sample_scores_many(self.study, sorted(sources))
+        out = {}
+        for number, hit in first.items():
+            src = sources[hit]
+            if (src.timings or {}).get("pruned"):
+                continue  # a multi-fidelity stop holds slice scores only: evaluate this one in full
+            scores = {n: src.scores[n] for n in self.names}  # not the held-out report scores of a front member
+            out[number] = (scores, {n: samples.get(hit, {}).get(n, []) for n in self.names})
+        return out
 
     # -- the reference point ------------------------------------------------------------------
     def _ensure_reference_point(self) -> None:

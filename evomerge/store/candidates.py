@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
-from sqlalchemy import bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import bindparam, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -225,14 +225,14 @@ class CandidateMethods:
         c = Candidate.__table__.c
         with self.db.session(write=True) as s:
             sid = study_id(s, study)
-            s.execute(
-                update(Candidate.__table__)
-                # no IN list: an executemany takes no expanding parameters
-                .where(c.study_id == sid, c.number == bindparam("b_number"),
-                       or_(*(c.state == st for st in _ACTIVE)))
-                .values(state="running", worker=bindparam("b_worker"), started=t, heartbeat=t),
-                [{"b_number": int(n), "b_worker": w} for n, w in jobs],
-            )
+            for i in range(0, len(jobs), 500):
+                # one statement (an executemany was one per row on the server: a second per 512 on a busy one)
+                part = {int(n): w for n, w in jobs[i: i + 500]}
+                s.execute(
+                    update(Candidate.__table__)
+                    .where(c.study_id == sid, c.number.in_(list(part)), c.state.in_(_ACTIVE))
+                    .values(state="running", worker=case(part, value=c.number), started=t, heartbeat=t)
+                )
 
     def count_attempt(self, study: str, number: int) -> int:
         """Charge one evaluation that reached a worker (one whose worker died on it); returns the count.
@@ -440,6 +440,16 @@ class CandidateMethods:
             raise CandidateNotFound(study, number)
         return rows[0]
 
+    def get_candidates(self, study: str, numbers: Sequence[int]) -> list[CandidateRow]:
+        """The candidates of these numbers that exist, in number order, with their scores."""
+        nums = sorted({int(n) for n in numbers})
+        out: list[CandidateRow] = []
+        with self.db.session() as s:
+            sid = study_id(s, study)
+            for i in range(0, len(nums), 500):
+                out += candidate_rows(s, sid, Candidate.number.in_(nums[i: i + 500]))
+        return out
+
     def pending_candidates(self, study: str) -> list[CandidateRow]:
         """Queued or running candidates (a resumed driver re-dispatches these)."""
         return self.candidates(study, _ACTIVE)
@@ -481,6 +491,21 @@ class CandidateMethods:
                 .order_by(SampleScores.objective)
             ).all()
         return {obj: unpack(data) for obj, data in rows}
+
+    def sample_scores_many(self, study: str, numbers: Sequence[int]) -> dict[int, dict[str, list[float]]]:
+        """``sample_scores`` of many candidates in one query: number -> objective -> scores."""
+        nums = sorted({int(n) for n in numbers})
+        out: dict[int, dict[str, list[float]]] = {}
+        with self.db.session() as s:
+            sid = study_id(s, study)
+            for i in range(0, len(nums), 500):
+                q = (select(Candidate.number, SampleScores.objective, SampleScores.data)
+                     .join(Candidate, Candidate.id == SampleScores.candidate_id)
+                     .where(Candidate.study_id == sid, Candidate.number.in_(nums[i: i + 500]))
+                     .order_by(Candidate.number, SampleScores.objective))
+                for number, obj, data in s.execute(q):
+                    out.setdefault(int(number), {})[obj] = unpack(data)
+        return out
 
     def front(self, study: str) -> list[CandidateRow]:
         """Non-dominated complete candidates (under each objective's direction), in number order.

@@ -118,9 +118,10 @@ class SeriesMethods:
             return None
         return {"evaluations": row[0], "complete": row[1], "value": row[2], "recorded": aware(row[3])}
 
-    def study_table(self, study: str) -> tuple[list[tuple], dict[int, dict[str, float]]]:
-        """Every candidate of a study as a tuple of ``TABLE_COLUMNS`` (number order; times aware UTC,
-        errors cut to their start), and the scores by candidate number, in two queries."""
+    def study_table(self, study: str, after: int = 0) -> tuple[list[tuple], dict[int, dict[str, float]]]:
+        """Every candidate of a study (numbered above ``after``) as a tuple of ``TABLE_COLUMNS`` (number
+        order; times aware UTC, errors cut to their start), and the scores by candidate number, in two
+        queries."""
         with self.db.session() as s:
             sid = study_id(s, study)
             started, finished = self._raw_time(Candidate.started), self._raw_time(Candidate.finished)
@@ -128,14 +129,14 @@ class SeriesMethods:
                 select(Candidate.number, Candidate.state, Candidate.operator, Candidate.generation,
                        Candidate.worker, Candidate.attempts, started, finished,
                        func.substr(Candidate.error, 1, _ERROR_CHARS), Candidate.proposal_key)
-                .where(Candidate.study_id == sid)
+                .where(Candidate.study_id == sid, Candidate.number > int(after))
                 .order_by(Candidate.number)
             ).all()
             scores: dict[int, dict[str, float]] = {}
             for number, obj, val in s.execute(
                 select(Candidate.number, Score.objective, Score.value)
                 .join(Candidate, Candidate.id == Score.candidate_id)
-                .where(Candidate.study_id == sid)
+                .where(Candidate.study_id == sid, Candidate.number > int(after))
             ):
                 scores.setdefault(number, {})[obj] = val
         table = [(*r[:6], _time(r[6]), _time(r[7]), r[8], r[9]) for r in rows]
