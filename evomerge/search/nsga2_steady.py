@@ -35,8 +35,14 @@ def ranks_and_crowding(F: np.ndarray, feasible: np.ndarray) -> tuple[np.ndarray,
     idx = np.flatnonzero(feasible)
     if len(idx):
         G = F[idx]
-        le = (G[:, None, :] <= G[None, :, :]).all(axis=2)
-        lt = (G[:, None, :] < G[None, :, :]).any(axis=2)
+        # objective by objective on 2-D arrays: the (n, n, m) comparisons and their reductions were most
+        # of a tell's time at a population of hundreds
+        le = np.ones((len(idx), len(idx)), dtype=bool)
+        lt = np.zeros((len(idx), len(idx)), dtype=bool)
+        for m in range(G.shape[1]):
+            col = G[:, m]
+            le &= col[:, None] <= col[None, :]
+            lt |= col[:, None] < col[None, :]
         dom = le & lt  # dom[i, j]: i dominates j
         count = dom.sum(axis=0)
         r, left = 0, np.ones(len(idx), dtype=bool)
