@@ -1,12 +1,13 @@
 """The study loop: asks the algorithm, keeps every worker of a pool busy, records everything in the store.
 
 Resume follows from three properties rather than from special cases: the algorithm's state is saved
-in the same transaction as what changed it (one per loop turn: the proposals and dispatches of a turn,
-or the results one wait returned, told in candidate order); asking is deterministic, so a proposal made
-again after a crash gets the same key, and the store hands back the candidate it already holds; telling
-a key twice is a no-op. A restarted run therefore loads the latest checkpoint, re-tells what finished
-since (in candidate order, as a turn tells), re-dispatches what was queued or running, and carries on.
-A crash inside a turn loses that turn's writes whole, and with them at most the results then in flight.
+once per loop turn (after a turn's asks and dispatches, or after the results one wait returned, which
+are written in one transaction and told in candidate order); asking is deterministic, so a proposal
+made again after a crash gets the same key, and the store hands back the candidate it already holds;
+telling a key twice is a no-op. A restarted run therefore loads the latest checkpoint, re-tells what
+finished since (in candidate order, as a turn tells), re-dispatches what was queued or running, and
+carries on. A crash loses at most the results then in flight (a wait's results are written whole or
+not at all). Asking and telling run outside any transaction (they may take seconds).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -98,6 +100,7 @@ class StudyRun:
         self._ref_fixed = False
         self.hv_series = HypervolumeSeries(store, study, self.names, self.directions)
         self._anchors: AnchorPlanner | None = None
+        self._niches: dict[int, Any] = {}  # told since the last checkpoint, written with it
 
     # -- store <-> algorithm ----------------------------------------------------------------
     def _values(self, scores: dict[str, float]) -> list[float]:
@@ -116,19 +119,23 @@ class StudyRun:
     def _tell(self, key: int, values: list[float] | None, samples: dict[str, list[float]] | None = None,
               number: int | None = None) -> None:
         self.algo.tell([self._result(key, values, samples, number)])
-        self._record_niches()
+        self._niches.update(self.algo.take_niches())
         self.step += 1
 
     def _checkpoint(self) -> None:
-        # Once per turn, in the turn's transaction: the state is written once for all its tells (it was
-        # once per tell, the largest share of the driver's time at hundreds of workers).
-        self.store.save_checkpoint(self.study, self.step, self.algo.name, self.algo.state_dict())
+        # Once per turn, in one transaction with the niches of its tells: the state is written once for
+        # all of them (it was once per tell, the largest share of the driver's time at hundreds of workers).
+        with self.store.batch():
+            self._record_niches()
+            self.store.save_checkpoint(self.study, self.step, self.algo.name, self.algo.state_dict())
 
     def _record_niches(self) -> None:
-        # Written before the checkpoint that no longer holds them: a crash in between re-tells the result
-        # on resume, which gives the same niche again.
-        for key, niche in self.algo.take_niches().items():
+        # Written with (or before) the checkpoint that no longer holds them: a crash before it re-tells
+        # the result on resume, which gives the same niche again.
+        self._niches.update(self.algo.take_niches())
+        for key, niche in self._niches.items():
             self.store.set_niche(self.study, key, niche)
+        self._niches.clear()
 
     def _restore(self) -> None:
         ck = self.store.latest_checkpoint(self.study)
@@ -163,7 +170,7 @@ class StudyRun:
             room = self.space.budget - self.store.count_candidates(self.study)
             if room <= 0:
                 return asked
-            props = self.algo.ask(min(n, room))
+            props = self.algo.ask(min(n, room))  # outside any transaction: asking may take seconds
             asked = True
             if not props:
                 return asked
@@ -173,33 +180,36 @@ class StudyRun:
                 rows.append({"proposal_key": p.key, "genome": list(p.x), "recipe_json": recipe.canonical_json(),
                              "recipe_hash": recipe.hash(), "parents": list(p.parents), "generation": p.generation,
                              "operator": getattr(recipe, "method", recipe.kind)})
-            added = self.store.add_candidates(self.study, rows)
-            hashes = self.store.complete_by_hash(self.study, [r["recipe_hash"] for r in rows])
-            hits = self._cache_hits(rows, added, hashes)
             tells: list[tuple] = []  # told after the round's writes, in proposal order (as a resume tells)
-            cached: list[tuple] = []
-            for p, row, (number, new) in zip(props, rows, added, strict=True):
-                if not new:  # a proposal replayed after a restart: the store has its fate
-                    cand = self.store.get_candidate(self.study, number)
-                    if cand.state == "complete":
-                        tells.append((p.key, self._values(cand.scores), None, number))
+            # The round's candidates and cache hits in one transaction: a replayed proposal finds either
+            # both or neither.
+            with self.store.batch():
+                added = self.store.add_candidates(self.study, rows)
+                hashes = self.store.complete_by_hash(self.study, [r["recipe_hash"] for r in rows])
+                hits = self._cache_hits(rows, added, hashes)
+                cached: list[tuple] = []
+                for p, row, (number, new) in zip(props, rows, added, strict=True):
+                    if not new:  # a proposal replayed after a restart: the store has its fate
+                        cand = self.store.get_candidate(self.study, number)
+                        if cand.state == "complete":
+                            tells.append((p.key, self._values(cand.scores), None, number))
+                            continue
+                        if cand.state == "failed":
+                            tells.append((p.key, None, None, None))
+                            continue
+                    hit = hits.get(number)
+                    if hit is not None:  # same recipe as a finished candidate: its scores, not an evaluation
+                        scores, samples = hit
+                        cached.append((number, scores, samples, {"cached_from": float(hashes[row["recipe_hash"]])}))
+                        tells.append((p.key, self._values(scores), samples, None))
                         continue
-                    if cand.state == "failed":
-                        tells.append((p.key, None, None, None))
-                        continue
-                hit = hits.get(number)
-                if hit is not None:  # same recipe as a finished candidate: its scores, not an evaluation
-                    scores, samples = hit
-                    cached.append((number, scores, samples, {"cached_from": float(hashes[row["recipe_hash"]])}))
-                    tells.append((p.key, self._values(scores), samples, None))
-                    continue
-                if number not in known:
-                    self.queue.append(Job(number, p.key, row["recipe_json"]))
-                    known.add(number)
-                    n -= 1
-            if cached:
-                self.store.mark_running_many(self.study, [(c[0], "cache") for c in cached])
-                self.store.complete_candidates(self.study, cached)
+                    if number not in known:
+                        self.queue.append(Job(number, p.key, row["recipe_json"]))
+                        known.add(number)
+                        n -= 1
+                if cached:
+                    self.store.mark_running_many(self.study, [(c[0], "cache") for c in cached])
+                    self.store.complete_candidates(self.study, cached)
             for key, values, samples, number in tells:
                 self._tell(key, values, samples, number)
         return asked
@@ -248,39 +258,41 @@ class StudyRun:
     def _dispatch(self, pool: WorkerPool) -> None:
         if not pool.idle:
             return
+        asked = self._propose(pool.idle - len(self.queue))
+        running = []
+        while pool.idle and self.queue:
+            job = self.queue.popleft()
+            handle = pool.submit(Task(job.number, job.recipe_json, self.names, *self._fidelity_args()))
+            running.append((job.number, pool.worker_of(handle)))
+            self.inflight[handle] = job
         with self.store.batch():
-            asked = self._propose(pool.idle - len(self.queue))
-            running = []
-            while pool.idle and self.queue:
-                job = self.queue.popleft()
-                handle = pool.submit(Task(job.number, job.recipe_json, self.names, *self._fidelity_args()))
-                running.append((job.number, pool.worker_of(handle)))
-                self.inflight[handle] = job
             self.store.mark_running_many(self.study, running)
             if asked:
                 self._checkpoint()
 
     def _handle_all(self, done: list[Outcome]) -> None:
-        """A wait's outcomes in one transaction, told in candidate order (a resume re-tells in that
-        order too), with one checkpoint after them."""
+        """A wait's results in one transaction, then told in candidate order (a resume re-tells what
+        the last checkpoint misses in that order too), then one checkpoint. The telling is outside any
+        transaction: it may take a while, and SQLite's write lock would be held meanwhile."""
         outcomes = sorted(done, key=lambda o: self.inflight[o.handle].number)
         results = [o for o in outcomes if o.died is None and not (o.result or {}).get("error")]
         with self.store.batch():
             states = self.store.complete_candidates(
                 self.study, [(self.inflight[o.handle].number, o.result["scores"], o.result["samples"],
                               o.result["timings"]) for o in results], attempt=True)  # type: ignore[index]
-            state_of = {o.handle: st for o, st in zip(results, states, strict=True)}
-            for o in outcomes:
-                if o.handle not in state_of:
-                    self._handle(o)
-                    continue
-                job = self.inflight.pop(o.handle)
-                res = o.result or {}
-                self.stats.timings.append(res["timings"])
-                if state_of[o.handle] == "failed":
-                    self._tell(job.key, None)
-                else:
-                    self._tell(job.key, self._values(res["scores"]), res["samples"])
+        state_of = {o.handle: st for o, st in zip(results, states, strict=True)}
+        for o in outcomes:
+            if o.handle not in state_of:
+                self._handle(o)  # a death or an error: rare, written as it comes
+                continue
+            job = self.inflight.pop(o.handle)
+            res = o.result or {}
+            self.stats.timings.append(res["timings"])
+            if state_of[o.handle] == "failed":
+                self._tell(job.key, None)
+            else:
+                self._tell(job.key, self._values(res["scores"]), res["samples"])
+        with self.store.batch():
             self._checkpoint()
             self._ensure_reference_point()
 
