@@ -2,7 +2,7 @@
 the steady-state and asking-ahead algorithms keep every worker busy while the generational NSGA-II,
 NSGA-III, CMA-ES and MAP wait at each generation's (or phase's) end; the asynchronous variants' fronts
 are no worse at equal evaluations on a synthetic problem. And the driver itself: a loop turn's store
-writes are one transaction of a few statements, whatever the number of candidates in it."""
+writes are a few transactions of a few statements, whatever the number of candidates in it."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_async_map_front_is_not_worse_at_equal_evaluations(pair: tuple[str, str]
     assert asy > rnd, hv  # the surrogate's front, not uniform samples
 
 
-def test_the_driver_writes_a_turn_in_one_transaction_of_few_statements(tmp_path: Path) -> None:
+def test_the_driver_writes_a_turn_in_a_few_transactions_of_few_statements(tmp_path: Path) -> None:
     # 64 workers answering at once: 4 turns of 64 candidates. Per candidate it was ~12 transactions and
     # ~28 statements (a commit and a checkpoint per result): 45-64 candidates/s on PostgreSQL.
     r = cluster_sim.driver_run(f"sqlite:///{tmp_path / 's.db'}", "nsga2_steady", workers=64, budget=256,
