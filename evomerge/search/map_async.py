@@ -5,9 +5,10 @@ round's, before it fits again; on a cluster every other worker idles meanwhile (
 64 workers, 9 in 10 worker-seconds). ``map_async`` keeps MAP's surrogates, design and NSGA-II on them,
 and drops the barriers:
 
-* **design**: MAP's ``n_design`` points first; while fewer than ``terms + 1`` results are back (too few
-  to fit the quadratic) a worker that frees up gets a uniform sample instead (seeded by its key): more
-  design, not a wait;
+* **design**: MAP's ``n_design`` points first; while fewer than ``2 dim + 2`` results are back (too few
+  to fit even a diagonal quadratic) a worker that frees up gets a uniform sample instead (seeded by its
+  key): more design, not a wait. Until the full quadratic is determined (``terms + 1`` results) the
+  fits are diagonal ones (``2 dim + 1`` terms, recorded as ``variant`` in the fit);
 * **front**: once enough results are in, fit (on every result so far, in key order, so the fit does
   not depend on the order results came in), run NSGA-II on the surrogates and keep its predicted front
   as a pool; each asked point is the pool's point farthest (in predicted objective space, normalised)
@@ -79,7 +80,9 @@ class MAPAsync(MAP):
         return self.settings["front_rounds"] is not None
 
     def _min_fit(self) -> int:
-        return self.n_design if self._bounded() else min(self.n_design, self.n_terms + 1)
+        # unbounded: a diagonal quadratic (2T + 1 terms) as soon as it is determined, the study's own
+        # once that is (see _refit)
+        return self.n_design if self._bounded() else min(self.n_design, 2 * self.dim + 2)
 
     def _n_ok(self) -> int:
         return sum(1 for p in self._points if p["values"] is not None)
@@ -90,7 +93,8 @@ class MAPAsync(MAP):
 
     def _refit(self) -> None:
         self._generation += 1
-        fit = self._fit()
+        early = self.variant == "full" and self._n_ok() < self.n_terms + 1
+        fit = self._fit("diagonal" if early and not self._bounded() else None)
         if fit is not None:
             fit.update({"predicted_front": [], "keys": []})
             self._fits.append(fit)
