@@ -111,10 +111,11 @@ def reference_point_from_bounds(bounds: Sequence[tuple[float, float]], direction
     return np.array(ref)
 
 
-def hypervolume(F_min: np.ndarray, ref: Sequence[float]) -> float:
+def hypervolume(F_min: np.ndarray, ref: Sequence[float], front: bool = False) -> float:
     """Hypervolume (pymoo's ``HV``) dominated by the finite rows of ``F_min`` and bounded by ``ref``.
 
     Rows not strictly better than ``ref`` in every objective contribute nothing; an empty set gives 0.
+    ``front=True``: the caller knows no row dominates another, and the quadratic filter is skipped.
     """
     from pymoo.indicators.hv import HV  # pymoo loads with the first hypervolume, not with the CLI or the store
 
@@ -127,7 +128,8 @@ def hypervolume(F_min: np.ndarray, ref: Sequence[float]) -> float:
     F = F[np.all(F < ref, axis=1)]
     if len(F) == 0:
         return 0.0
-    F = F[non_dominated(F)]
+    if not front:
+        F = F[non_dominated(F)]
     return float(HV(ref_point=ref)(F))
 
 

@@ -213,7 +213,7 @@ def algorithm_state(view: StudyView, name: str) -> dict[str, Any]:
             n = by_key.get(str(m.get("key")))
             members.append({"number": n, "samples": m.get("s"), "values": m.get("v")})
         return {"algorithm": "m2n2", "archive": members}
-    if ck.algorithm == "map":
+    if ck.algorithm in ("map", "map_async"):
         pairs = []
         for i, fit in enumerate(ck.state.get("fits", [])):
             pred, keys = fit.get("predicted_front"), fit.get("keys") or []
@@ -224,7 +224,7 @@ def algorithm_state(view: StudyView, name: str) -> dict[str, Any]:
                 obs = scores.get(n, {}) if n is not None else {}
                 if all(x in obs for x in names):
                     pairs.append({"fit": i, "number": n, "predicted": p, "observed": [obs[x] for x in names]})
-        return {"algorithm": "map", "objectives": names, "pairs": pairs, "fits": len(ck.state.get("fits", []))}
+        return {"algorithm": ck.algorithm, "objectives": names, "pairs": pairs, "fits": len(ck.state.get("fits", []))}
     return {"algorithm": ck.algorithm}
 
 

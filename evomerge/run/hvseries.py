@@ -29,6 +29,7 @@ class HypervolumeSeries:
         self.names = names
         self.directions = directions
         self._seen: set[int] = set()
+        self._all_seen_to = 0  # every candidate up to this number is in _seen: later reads start above it
         self._front = np.zeros((0, len(names)))
         self._hv = 0.0
         self._complete = 0
@@ -44,7 +45,8 @@ class HypervolumeSeries:
             return
         if self._stored is None:
             self._stored = self.store.last_hypervolume_evaluations(self.study)
-        table, scores = self.store.study_table(self.study)
+        # Only what may be new: a read of the whole study on every turn grew with the study.
+        table, scores = self.store.study_table(self.study, after=self._all_seen_to)
         done = [r for r in table if r[_STATE] in ("complete", "failed") and r[_NUMBER] not in self._seen]
         done.sort(key=lambda r: (r[_FINISHED] or _EPOCH, r[_NUMBER]))
         points = []
@@ -56,6 +58,8 @@ class HypervolumeSeries:
                 self._add(frontlib.to_minimization(np.array([[s[n] for n in self.names]]), self.directions), ref)
             if len(self._seen) > self._stored:
                 points.append((len(self._seen), self._complete, self._hv, r[_FINISHED]))
+        while self._all_seen_to + 1 in self._seen:
+            self._all_seen_to += 1
         self.store.add_hypervolume_points(self.study, points)
 
     def _add(self, f: np.ndarray, ref: list[float]) -> None:
@@ -67,4 +71,4 @@ class HypervolumeSeries:
             return  # dominated by, or equal to, a point of the front
         keep = ~(np.all(f <= F, axis=1) & np.any(f < F, axis=1)) if len(F) else np.zeros(0, dtype=bool)
         self._front = np.vstack([F[keep], f])
-        self._hv = frontlib.hypervolume(self._front, ref)
+        self._hv = frontlib.hypervolume(self._front, ref, front=True)

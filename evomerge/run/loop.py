@@ -1,10 +1,13 @@
 """The study loop: asks the algorithm, keeps every worker of a pool busy, records everything in the store.
 
 Resume follows from three properties rather than from special cases: the algorithm's state is saved
-after every ask and tell; asking is deterministic, so a proposal made again after a crash gets the same
-key, and the store hands back the candidate it already holds; telling a key twice is a no-op. A
-restarted run therefore loads the latest checkpoint, re-tells what finished since, re-dispatches what
-was queued or running, and carries on.
+once per loop turn (after a turn's asks and dispatches, or after the results one wait returned, which
+are written in one transaction and told in candidate order); asking is deterministic, so a proposal
+made again after a crash gets the same key, and the store hands back the candidate it already holds;
+telling a key twice is a no-op. A restarted run therefore loads the latest checkpoint, re-tells what
+finished since (in candidate order, as a turn tells), re-dispatches what was queued or running, and
+carries on. A crash loses at most the results then in flight (a wait's results are written whole or
+not at all). Asking and telling run outside any transaction (they may take seconds).
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ class StudyRun:
         self._ref_fixed = False
         self.hv_series = HypervolumeSeries(store, study, self.names, self.directions)
         self._anchors: AnchorPlanner | None = None
+        self._niches: dict[int, Any] = {}  # told since the last checkpoint, written with it
 
     # -- store <-> algorithm ----------------------------------------------------------------
     def _values(self, scores: dict[str, float]) -> list[float]:
@@ -115,15 +119,23 @@ class StudyRun:
     def _tell(self, key: int, values: list[float] | None, samples: dict[str, list[float]] | None = None,
               number: int | None = None) -> None:
         self.algo.tell([self._result(key, values, samples, number)])
-        self._record_niches()
+        self._niches.update(self.algo.take_niches())
         self.step += 1
-        self.store.save_checkpoint(self.study, self.step, self.algo.name, self.algo.state_dict())
+
+    def _checkpoint(self) -> None:
+        # Once per turn, in one transaction with the niches of its tells: the state is written once for
+        # all of them (it was once per tell, the largest share of the driver's time at hundreds of workers).
+        with self.store.batch():
+            self._record_niches()
+            self.store.save_checkpoint(self.study, self.step, self.algo.name, self.algo.state_dict())
 
     def _record_niches(self) -> None:
-        # Written before the checkpoint that no longer holds them: a crash in between re-tells the result
-        # on resume, which gives the same niche again.
-        for key, niche in self.algo.take_niches().items():
+        # Written with (or before) the checkpoint that no longer holds them: a crash before it re-tells
+        # the result on resume, which gives the same niche again.
+        self._niches.update(self.algo.take_niches())
+        for key, niche in self._niches.items():
             self.store.set_niche(self.study, key, niche)
+        self._niches.clear()
 
     def _restore(self) -> None:
         ck = self.store.latest_checkpoint(self.study)
@@ -149,55 +161,76 @@ class StudyRun:
                 self.store.requeue(self.study, c.number)
             self.queue.append(Job(c.number, int(c.proposal_key), c.recipe_json))
 
-    def _propose(self, n: int) -> None:
-        """Ask for up to n new jobs; replayed proposals map onto the candidates already stored."""
+    def _propose(self, n: int) -> bool:
+        """Ask for up to n new jobs; replayed proposals map onto the candidates already stored. Returns
+        whether the algorithm was asked (its state may have changed)."""
         known = {j.number for j in self.queue} | {job.number for job in self.inflight.values()}
+        asked = False
         while n > 0:
             room = self.space.budget - self.store.count_candidates(self.study)
             if room <= 0:
-                return
-            props = self.algo.ask(min(n, room))
+                return asked
+            props = self.algo.ask(min(n, room))  # outside any transaction: asking may take seconds
+            asked = True
             if not props:
-                return
+                return asked
+            rows = []
             for p in props:
                 recipe = self.genome.decode(p.x)
-                rjson = recipe.canonical_json()
-                number = self.store.add_candidate(
-                    self.study,
-                    proposal_key=p.key,
-                    genome=list(p.x),
-                    recipe_json=rjson,
-                    recipe_hash=recipe.hash(),
-                    parents=list(p.parents),
-                    generation=p.generation,
-                    operator=getattr(recipe, "method", recipe.kind),
-                )
-                cand = self.store.get_candidate(self.study, number)
-                if cand.state == "complete":
-                    self._tell(p.key, self._values(cand.scores), number=number)
-                    continue
-                if cand.state == "failed":
-                    self._tell(p.key, None)
-                    continue
-                if self._from_cache(cand):
-                    continue
-                if number not in known:
-                    self.queue.append(Job(number, p.key, rjson))
-                    known.add(number)
-                    n -= 1
-            self.store.save_checkpoint(self.study, self.step, self.algo.name, self.algo.state_dict())
+                rows.append({"proposal_key": p.key, "genome": list(p.x), "recipe_json": recipe.canonical_json(),
+                             "recipe_hash": recipe.hash(), "parents": list(p.parents), "generation": p.generation,
+                             "operator": getattr(recipe, "method", recipe.kind)})
+            tells: list[tuple] = []  # told after the round's writes, in proposal order (as a resume tells)
+            # The round's candidates and cache hits in one transaction: a replayed proposal finds either
+            # both or neither.
+            with self.store.batch():
+                added = self.store.add_candidates(self.study, rows)
+                hashes = self.store.complete_by_hash(self.study, [r["recipe_hash"] for r in rows])
+                hits = self._cache_hits(rows, added, hashes)
+                cached: list[tuple] = []
+                for p, row, (number, new) in zip(props, rows, added, strict=True):
+                    if not new:  # a proposal replayed after a restart: the store has its fate
+                        cand = self.store.get_candidate(self.study, number)
+                        if cand.state == "complete":
+                            tells.append((p.key, self._values(cand.scores), None, number))
+                            continue
+                        if cand.state == "failed":
+                            tells.append((p.key, None, None, None))
+                            continue
+                    hit = hits.get(number)
+                    if hit is not None:  # same recipe as a finished candidate: its scores, not an evaluation
+                        scores, samples = hit
+                        cached.append((number, scores, samples, {"cached_from": float(hashes[row["recipe_hash"]])}))
+                        tells.append((p.key, self._values(scores), samples, None))
+                        continue
+                    if number not in known:
+                        self.queue.append(Job(number, p.key, row["recipe_json"]))
+                        known.add(number)
+                        n -= 1
+                if cached:
+                    self.store.mark_running_many(self.study, [(c[0], "cache") for c in cached])
+                    self.store.complete_candidates(self.study, cached)
+            for key, values, samples, number in tells:
+                self._tell(key, values, samples, number)
+        return asked
 
-    def _from_cache(self, cand: Any) -> bool:
-        """Same recipe as a finished candidate: reuse its scores instead of evaluating again."""
-        hit = self.store.find_by_hash(self.study, cand.recipe_hash)
-        if hit is None or hit.number == cand.number or (hit.timings or {}).get("pruned"):
-            return False  # a multi-fidelity stop holds slice scores only: evaluate this one in full
-        scores = {n: hit.scores[n] for n in self.names}  # not the held-out report scores of a front member
-        samples = {n: self.store.sample_scores(self.study, hit.number).get(n, []) for n in self.names}
-        self.store.mark_running(self.study, cand.number, worker="cache")
-        self.store.complete_candidate(self.study, cand.number, scores, samples, {"cached_from": float(hit.number)})
-        self._tell(int(cand.proposal_key), self._values(scores), samples)
-        return True
+    def _cache_hits(self, rows: list[dict], added: list[tuple[int, bool]],
+                    hashes: dict[str, int]) -> dict[int, tuple[dict, dict]]:
+        """Per new candidate whose recipe a complete candidate already has: that one's (scores, samples)."""
+        first = {number: hashes[r["recipe_hash"]] for r, (number, new) in zip(rows, added, strict=True)
+                 if new and r["recipe_hash"] in hashes and hashes[r["recipe_hash"]] != number}
+        if not first:
+            return {}
+        sources = {c.number: c for c in self.store.get_candidates(self.study, sorted(set(first.values())))}
+        samples = self.store.sample_scores_many(self.study, sorted(sources))
+        out = {}
+        for number, hit in first.items():
+            src = sources[hit]
+            if (src.timings or {}).get("pruned"):
+                continue  # a multi-fidelity stop holds slice scores only: evaluate this one in full
+            scores = {n: src.scores[n] for n in self.names}  # not the held-out report scores of a front member
+            out[number] = (scores, {n: samples.get(hit, {}).get(n, []) for n in self.names})
+        return out
 
     # -- the reference point ------------------------------------------------------------------
     def _ensure_reference_point(self) -> None:
@@ -223,12 +256,45 @@ class StudyRun:
 
     # -- workers ----------------------------------------------------------------------------
     def _dispatch(self, pool: WorkerPool) -> None:
-        self._propose(pool.idle - len(self.queue))
+        if not pool.idle:
+            return
+        asked = self._propose(pool.idle - len(self.queue))
+        running = []
         while pool.idle and self.queue:
             job = self.queue.popleft()
             handle = pool.submit(Task(job.number, job.recipe_json, self.names, *self._fidelity_args()))
-            self.store.mark_running(self.study, job.number, worker=pool.worker_of(handle))
+            running.append((job.number, pool.worker_of(handle)))
             self.inflight[handle] = job
+        with self.store.batch():
+            self.store.mark_running_many(self.study, running)
+            if asked:
+                self._checkpoint()
+
+    def _handle_all(self, done: list[Outcome]) -> None:
+        """A wait's results in one transaction, then told in candidate order (a resume re-tells what
+        the last checkpoint misses in that order too), then one checkpoint. The telling is outside any
+        transaction: it may take a while, and SQLite's write lock would be held meanwhile."""
+        outcomes = sorted(done, key=lambda o: self.inflight[o.handle].number)
+        results = [o for o in outcomes if o.died is None and not (o.result or {}).get("error")]
+        with self.store.batch():
+            states = self.store.complete_candidates(
+                self.study, [(self.inflight[o.handle].number, o.result["scores"], o.result["samples"],
+                              o.result["timings"]) for o in results], attempt=True)  # type: ignore[index]
+        state_of = {o.handle: st for o, st in zip(results, states, strict=True)}
+        for o in outcomes:
+            if o.handle not in state_of:
+                self._handle(o)  # a death or an error: rare, written as it comes
+                continue
+            job = self.inflight.pop(o.handle)
+            res = o.result or {}
+            self.stats.timings.append(res["timings"])
+            if state_of[o.handle] == "failed":
+                self._tell(job.key, None)
+            else:
+                self._tell(job.key, self._values(res["scores"]), res["samples"])
+        with self.store.batch():
+            self._checkpoint()
+            self._ensure_reference_point()
 
     def _fidelity_args(self) -> tuple:
         """(front, fidelity) for multi-fidelity evaluation: the current front, in objective order."""
@@ -348,10 +414,8 @@ class StudyRun:
                 for note in pool.notes():
                     self._say(note)
                 t0 = time.perf_counter()
-                for o in done:
-                    self._handle(o)
                 if done:
-                    self._ensure_reference_point()
+                    self._handle_all(done)
                 renew = self.lease.renew_if_due()
                 if renew:
                     self.store.heartbeat(self.study, [job.number for job in self.inflight.values()])

@@ -525,7 +525,12 @@ class RayPool(WorkerPool):
         """As ``WorkerPool.wait``; returns early (maybe empty) when a worker has started."""
         if not self.refs and not self.starting_refs:
             return []
-        ready, _ = self.ray.wait([*self.refs, *self.starting_refs], num_returns=1, timeout=timeout)
+        refs = [*self.refs, *self.starting_refs]
+        ready, rest = self.ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready and rest:
+            # every task finished by now, not one per call: the loop writes and tells them in one turn
+            more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready = [*ready, *more]
         now = time.monotonic()
         if (self._short or now < self._watch_until) and now - self._checked > NODE_CHECK_S:
             self._checked = now  # Ray marks a node dead some seconds after its workers die

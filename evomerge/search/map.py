@@ -294,19 +294,25 @@ class MAP(Algorithm):
         Y = np.array([p["values"] for p in ok], dtype=float).reshape(-1, self.n_obj)
         return X, Y
 
-    def _fit(self) -> dict[str, Any] | None:
+    def _fit(self, variant: str | None = None) -> dict[str, Any] | None:
+        """A fit on every successful point; ``variant`` other than the study's (map_async's early
+        diagonal fits) is recorded in the fit."""
         X, Y = self._ok_data()
         if len(X) < 2:
             return None
         s = self.settings
+        v = variant or self.variant
         coefs, rmse = [], []
         for i, link in enumerate(self.links):
-            c = fit_quadratic(X, Y[:, i], self.variant, link, float(s["eps"]), float(s["ridge"]))
-            pred = predict_quadratic(c, X, self.variant, link)
+            c = fit_quadratic(X, Y[:, i], v, link, float(s["eps"]), float(s["ridge"]))
+            pred = predict_quadratic(c, X, v, link)
             coefs.append([float(v) for v in c])
             rmse.append(float(np.sqrt(np.mean((pred - Y[:, i]) ** 2))))
-        return {"generation": self._generation, "phase": self.phase(), "n_points": int(len(X)),
-                "coefficients": coefs, "rmse": rmse}
+        fit = {"generation": self._generation, "phase": self.phase(), "n_points": int(len(X)),
+               "coefficients": coefs, "rmse": rmse}
+        if v != self.variant:
+            fit["variant"] = v
+        return fit
 
     def predict(self, X: Any, fit: dict[str, Any] | None = None) -> np.ndarray:
         """Surrogate predictions (user units), shape ``(n, n_obj)``, from the latest (or the given) fit."""
@@ -314,7 +320,8 @@ class MAP(Algorithm):
         if fit is None:
             raise RuntimeError("map: no surrogate has been fitted yet")
         X = np.atleast_2d(np.asarray(X, dtype=float))
-        return np.stack([predict_quadratic(np.asarray(c), X, self.variant, link)
+        v = fit.get("variant", self.variant)
+        return np.stack([predict_quadratic(np.asarray(c), X, v, link)
                          for c, link in zip(fit["coefficients"], self.links, strict=True)], axis=1)
 
     def bin_scores(self, fit: dict[str, Any]) -> np.ndarray:
@@ -366,8 +373,9 @@ class MAP(Algorithm):
                 "chosen_bins": [int(b) for b in chosen]}
         return X, info
 
-    def _run_nsga(self, fit: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """Approximate front of the surrogates: (X, predictions in user units)."""
+    def _run_nsga(self, fit: dict[str, Any], salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate front of the surrogates: (X, predictions in user units); ``salt`` > 0 gives
+        another seed for the same round (map_async, when a round's front is all handed out)."""
         # pymoo only for map studies (the surrogate front): the algorithm registry stays light
         from pymoo.algorithms.moo.nsga2 import NSGA2 as _NSGA2
         from pymoo.core.problem import Problem
@@ -380,7 +388,8 @@ class MAP(Algorithm):
             def _evaluate(self, X, out, *args, **kwargs):  # noqa: N803
                 out["F"] = algo_self.predict(X, fit) * signs
 
-        seed = int(np.random.SeedSequence([self.seed % (2**63), self._generation, 2]).generate_state(1)[0])
+        words = [self.seed % (2**63), self._generation, 2] + ([int(salt)] if salt else [])
+        seed = int(np.random.SeedSequence(words).generate_state(1)[0])
         outer_np, outer_py = np.random.get_state(), random.getstate()
         try:
             res = minimize(_Surrogate(n_var=self.dim, n_obj=self.n_obj, xl=0.0, xu=1.0),
@@ -516,7 +525,8 @@ class MAP(Algorithm):
         fit = self._fit() if refit else (self._fits[-1] if self._fits else None)
         if fit is None:
             return None
-        return {"variant": self.variant, "terms": term_names(self.dim, self.variant),
+        v = fit.get("variant", self.variant)
+        return {"variant": v, "terms": term_names(self.dim, v),
                 "links": list(self.links), "directions": list(self.directions),
                 **{k: fit[k] for k in ("coefficients", "rmse", "n_points", "generation", "phase")}}
 

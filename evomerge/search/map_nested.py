@@ -49,6 +49,8 @@ class NestedMAP(Algorithm):
     name = "map_nested"
     generational = True
     needs_layout: ClassVar[bool] = True
+    #: the MAP of each pair step (map_nested_async: the asynchronous one)
+    map_class: ClassVar[type[MAP]] = MAP
     default_settings = {
         "n_sources": None,  # None: every gene is a source's weight (dim sources, one group)
         "genes_per_source": 1,
@@ -132,8 +134,8 @@ class NestedMAP(Algorithm):
             ok = all(self.bounded[o] and self.directions[o] == "maximize" for o in objs)
             links.append("sigmoid" if ok else "identity")
         rounds = self.settings["final_front_rounds"] if last else self.settings["step_front_rounds"]
-        return MAP(dim=2, directions=["maximize", "maximize"], seed=self.seed * 1000 + self._step,
-                   links=links, front_rounds=rounds, **self.map_settings)
+        return self.map_class(dim=2, directions=["maximize", "maximize"], seed=self.seed * 1000 + self._step,
+                              links=links, front_rounds=rounds, **self.map_settings)
 
     def _genotype(self, x2: list[float]) -> list[float]:
         i, j = self._pair()

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -85,6 +85,40 @@ def _by_key(s: Session, sid: int, key: str) -> tuple[int, str] | None:
     return (row[0], row[1]) if row is not None else None
 
 
+def _candidate_values(p: Mapping[str, Any]) -> dict[str, Any]:
+    """The columns of a proposed candidate from ``add_candidate``'s arguments, checked."""
+    key = str(p["proposal_key"])
+    if not key or len(key) > 255:
+        raise ValueError(f"proposal_key must be a non-empty string of at most 255 characters, got {key!r}")
+    genome = json_strict(p["genome"], "genome")
+    recipe_json = p["recipe_json"]
+    if hasattr(recipe_json, "canonical_json"):
+        recipe_json = recipe_json.canonical_json()
+    elif not isinstance(recipe_json, str):
+        recipe_json = json.dumps(json_strict(recipe_json, "recipe"), sort_keys=True, separators=(",", ":"))
+    return {"proposal_key": key, "genome": genome, "recipe_json": recipe_json,
+            "recipe_hash": str(p["recipe_hash"]), "parents": [int(v) for v in p.get("parents", ())],
+            "generation": int(p.get("generation", 0)), "operator": p.get("operator"),
+            "niche": json_strict(p.get("niche"), "niche")}
+
+
+def _add_one(s: Session, sid: int, study: str, r: dict[str, Any]) -> int:
+    """Insert one checked candidate (``_candidate_values``) under a free number, or find it by its key."""
+    for _ in range(10):
+        existing = _by_key(s, sid, r["proposal_key"])
+        if existing is not None:
+            return existing[0]
+        last = s.execute(select(func.max(Candidate.number)).where(Candidate.study_id == sid)).scalar()
+        number = (last or 0) + 1
+        try:
+            with s.begin_nested():
+                s.add(Candidate(study_id=sid, number=number, state="queued", attempts=0, created=now(), **r))
+            return number
+        except IntegrityError:  # a concurrent writer took the number or the key
+            continue
+    raise StoreError(f"study {study}: could not allocate a candidate number (too much contention)")
+
+
 class CandidateMethods:
     db: Database
 
@@ -108,55 +142,54 @@ class CandidateMethods:
         number and changes nothing. ``recipe_json`` is the recipe's canonical JSON text (a mapping or
         an object with ``canonical_json()`` is serialised here). ``parents`` are candidate numbers.
         """
-        key = str(proposal_key)
-        if not key or len(key) > 255:
-            raise ValueError(f"proposal_key must be a non-empty string of at most 255 characters, got {key!r}")
-        genome_data = json_strict(genome, "genome")
-        if hasattr(recipe_json, "canonical_json"):
-            recipe_json = recipe_json.canonical_json()
-        elif not isinstance(recipe_json, str):
-            recipe_json = json.dumps(json_strict(recipe_json, "recipe"), sort_keys=True, separators=(",", ":"))
-        parent_list = [int(p) for p in parents]
-        niche_data = json_strict(niche, "niche")
+        return self.add_candidates(study, [{
+            "proposal_key": proposal_key, "genome": genome, "recipe_json": recipe_json,
+            "recipe_hash": recipe_hash, "parents": parents, "generation": generation, "operator": operator,
+            "niche": niche}])[0][0]
+
+    def add_candidates(self, study: str, proposals: Sequence[Mapping[str, Any]]) -> list[tuple[int, bool]]:
+        """``add_candidate`` for many proposals (mappings of its arguments) in one transaction and a few
+        statements: (number, whether it is new) per proposal, in order."""
+        rows = [_candidate_values(p) for p in proposals]
+        if not rows:
+            return []
         with self.db.session(write=True) as s:
             sid = study_id(s, study)
-            existing = _by_key(s, sid, key)
-            if existing is not None:
-                if existing[1] != recipe_hash:
-                    log.warning(
-                        "study %s: proposal %r was recorded with recipe %s, now proposed with %s; "
-                        "keeping candidate %d as recorded",
-                        study, key, existing[1], recipe_hash, existing[0],
-                    )
-                return existing[0]
-            for _ in range(10):
-                last = s.execute(select(func.max(Candidate.number)).where(Candidate.study_id == sid)).scalar()
-                number = (last or 0) + 1
+            known: dict[str, tuple[int, str]] = {}
+            keys = [r["proposal_key"] for r in rows]
+            for i in range(0, len(keys), 500):
+                q = select(Candidate.proposal_key, Candidate.number, Candidate.recipe_hash).where(
+                    Candidate.study_id == sid, Candidate.proposal_key.in_(keys[i: i + 500]))
+                known.update((k, (n, h)) for k, n, h in s.execute(q))
+            out: list[tuple[int, bool]] = []
+            fresh: list[dict[str, Any]] = []
+            last = None
+            for r in rows:
+                key = r["proposal_key"]
+                if key in known:
+                    number, h = known[key]
+                    if h != r["recipe_hash"]:
+                        log.warning(
+                            "study %s: proposal %r was recorded with recipe %s, now proposed with %s; "
+                            "keeping candidate %d as recorded",
+                            study, key, h, r["recipe_hash"], number,
+                        )
+                    out.append((number, False))
+                    continue
+                if last is None:
+                    last = s.execute(select(func.max(Candidate.number)).where(Candidate.study_id == sid)).scalar() or 0
+                last += 1
+                fresh.append({**r, "study_id": sid, "number": last, "state": "queued", "attempts": 0,
+                              "created": now()})
+                known[key] = (last, r["recipe_hash"])
+                out.append((last, True))
+            if fresh:
                 try:
                     with s.begin_nested():  # a savepoint: a clash leaves the transaction usable
-                        s.add(
-                            Candidate(
-                                study_id=sid,
-                                number=number,
-                                proposal_key=key,
-                                genome=genome_data,
-                                recipe_json=recipe_json,
-                                recipe_hash=str(recipe_hash),
-                                parents=parent_list,
-                                operator=operator,
-                                generation=int(generation),
-                                niche=niche_data,
-                                state="queued",
-                                attempts=0,
-                                created=now(),
-                            )
-                        )
-                    return number
-                except IntegrityError:  # a concurrent writer took the number or the key
-                    existing = _by_key(s, sid, key)
-                    if existing is not None:
-                        return existing[0]
-            raise StoreError(f"study {study}: could not allocate a candidate number (too much contention)")
+                        s.execute(insert(Candidate.__table__), fresh)
+                except IntegrityError:  # a concurrent writer took a number or a key: one at a time
+                    out = [(_add_one(s, sid, study, r), new) for r, (_, new) in zip(rows, out, strict=True)]
+        return out
 
     def _update_candidate(self, study: str, number: int, states: Sequence[str], **values: Any) -> bool:
         """Set ``values`` on the candidate if its state is one of ``states``; returns whether it was."""
@@ -183,6 +216,23 @@ class CandidateMethods:
         """
         t = now()
         return self._update_candidate(study, number, _ACTIVE, state="running", worker=worker, started=t, heartbeat=t)
+
+    def mark_running_many(self, study: str, jobs: Sequence[tuple[int, str | None]]) -> None:
+        """``mark_running`` for many (number, worker) pairs, as one statement run for each pair."""
+        if not jobs:
+            return
+        t = now()
+        c = Candidate.__table__.c
+        with self.db.session(write=True) as s:
+            sid = study_id(s, study)
+            for i in range(0, len(jobs), 500):
+                # one statement (an executemany was one per row on the server: a second per 512 on a busy one)
+                part = {int(n): w for n, w in jobs[i: i + 500]}
+                s.execute(
+                    update(Candidate.__table__)
+                    .where(c.study_id == sid, c.number.in_(list(part)), c.state.in_(_ACTIVE))
+                    .values(state="running", worker=case(part, value=c.number), started=t, heartbeat=t)
+                )
 
     def count_attempt(self, study: str, number: int) -> int:
         """Charge one evaluation that reached a worker (one whose worker died on it); returns the count.
@@ -251,6 +301,69 @@ class CandidateMethods:
             c.state = "complete"
             c.error = None
             return "complete"
+
+    def complete_candidates(
+        self,
+        study: str,
+        results: Sequence[tuple[int, Mapping[str, float], Mapping[str, Sequence[float]] | None,
+                                Mapping[str, Any] | None]],
+        attempt: bool = False,
+    ) -> list[Literal["complete", "failed"] | None]:
+        """``complete_candidate`` for many (number, scores, sample_scores, timings) in one transaction and
+        a few statements; the states it would return, in order (a number given twice: the second is a
+        duplicate, None)."""
+        prepared = []
+        for number, scores, sample_scores, timings in results:
+            clean, samples, bad = clean_scores(scores, sample_scores)
+            if not clean and bad is None:
+                bad = "no scores returned"
+            prepared.append((int(number), clean, samples, bad, clean_timings(timings)))
+        if not prepared:
+            return []
+        t = now()
+        cols = Candidate.__table__.c
+        with self.db.session(write=True) as s:
+            sid = study_id(s, study)
+            nums = sorted({p[0] for p in prepared})
+            found: dict[int, tuple[int, str, int, Any]] = {}
+            for i in range(0, len(nums), 500):
+                q = (select(Candidate.number, Candidate.id, Candidate.state, Candidate.attempts, Candidate.timings)
+                     .where(Candidate.study_id == sid, Candidate.number.in_(nums[i: i + 500]))
+                     .order_by(Candidate.number)
+                     .with_for_update())
+                found.update((n, (cid, st, a, tim)) for n, cid, st, a, tim in s.execute(q))
+            out: list[Literal["complete", "failed"] | None] = []
+            updates, score_rows, sample_rows = [], [], []
+            for number, clean, samples, bad, tim in prepared:
+                if number not in found:
+                    raise CandidateNotFound(study, number)
+                cid, state, attempts, old_tim = found[number]
+                if state in _TERMINAL:
+                    out.append(None)
+                    continue
+                attempts = int(attempts) + (1 if attempt else 0)
+                state = "failed" if bad is not None else "complete"
+                found[number] = (cid, state, attempts, old_tim)
+                updates.append({"b_id": cid, "b_state": state, "b_error": bad, "b_attempts": attempts,
+                                "b_timings": tim if tim is not None else old_tim})
+                out.append(state)
+                if bad is None:
+                    score_rows += [{"candidate_id": cid, "objective": k, "value": v} for k, v in clean.items()]
+                    sample_rows += [{"candidate_id": cid, "objective": k, "count": int(a.size), "data": pack(a)}
+                                    for k, a in samples.items()]
+            if updates:
+                s.execute(
+                    update(Candidate.__table__).where(cols.id == bindparam("b_id"))
+                    .values(state=bindparam("b_state"), error=bindparam("b_error"), attempts=bindparam("b_attempts"),
+                            timings=bindparam("b_timings", type_=cols.timings.type), finished=t, heartbeat=t),
+                    updates,
+                )
+            # Only complete candidates hold scores, and they never get here: nothing old to clear.
+            if score_rows:
+                s.execute(insert(Score.__table__), score_rows)
+            if sample_rows:
+                s.execute(insert(SampleScores.__table__), sample_rows)
+        return out
 
     def add_scores(
         self,
@@ -327,6 +440,16 @@ class CandidateMethods:
             raise CandidateNotFound(study, number)
         return rows[0]
 
+    def get_candidates(self, study: str, numbers: Sequence[int]) -> list[CandidateRow]:
+        """The candidates of these numbers that exist, in number order, with their scores."""
+        nums = sorted({int(n) for n in numbers})
+        out: list[CandidateRow] = []
+        with self.db.session() as s:
+            sid = study_id(s, study)
+            for i in range(0, len(nums), 500):
+                out += candidate_rows(s, sid, Candidate.number.in_(nums[i: i + 500]))
+        return out
+
     def pending_candidates(self, study: str) -> list[CandidateRow]:
         """Queued or running candidates (a resumed driver re-dispatches these)."""
         return self.candidates(study, _ACTIVE)
@@ -342,6 +465,22 @@ class CandidateMethods:
             ).scalar()
             return None if first is None else candidate_rows(s, sid, Candidate.number == first)[0]
 
+    def complete_by_hash(self, study: str, recipe_hashes: Sequence[str]) -> dict[str, int]:
+        """``find_by_hash`` for many hashes in one query: hash -> number of its first complete candidate."""
+        hashes = sorted(set(recipe_hashes))
+        out: dict[str, int] = {}
+        if not hashes:
+            return out
+        with self.db.session() as s:
+            sid = study_id(s, study)
+            for i in range(0, len(hashes), 500):
+                q = (select(Candidate.recipe_hash, func.min(Candidate.number))
+                     .where(Candidate.study_id == sid, Candidate.recipe_hash.in_(hashes[i: i + 500]),
+                            Candidate.state == "complete")
+                     .group_by(Candidate.recipe_hash))
+                out.update((h, int(n)) for h, n in s.execute(q))
+        return out
+
     def sample_scores(self, study: str, number: int) -> dict[str, list[float]]:
         """Per-example scores of a candidate, by objective ({} if none were recorded)."""
         with self.db.session() as s:
@@ -352,6 +491,21 @@ class CandidateMethods:
                 .order_by(SampleScores.objective)
             ).all()
         return {obj: unpack(data) for obj, data in rows}
+
+    def sample_scores_many(self, study: str, numbers: Sequence[int]) -> dict[int, dict[str, list[float]]]:
+        """``sample_scores`` of many candidates in one query: number -> objective -> scores."""
+        nums = sorted({int(n) for n in numbers})
+        out: dict[int, dict[str, list[float]]] = {}
+        with self.db.session() as s:
+            sid = study_id(s, study)
+            for i in range(0, len(nums), 500):
+                q = (select(Candidate.number, SampleScores.objective, SampleScores.data)
+                     .join(Candidate, Candidate.id == SampleScores.candidate_id)
+                     .where(Candidate.study_id == sid, Candidate.number.in_(nums[i: i + 500]))
+                     .order_by(Candidate.number, SampleScores.objective))
+                for number, obj, data in s.execute(q):
+                    out.setdefault(int(number), {})[obj] = unpack(data)
+        return out
 
     def front(self, study: str) -> list[CandidateRow]:
         """Non-dominated complete candidates (under each objective's direction), in number order.

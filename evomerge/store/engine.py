@@ -13,6 +13,7 @@ import ast
 import functools
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -179,6 +180,7 @@ class Database:
             _configure_postgresql_read_only(engine)
         self.engine: Engine = engine
         self._write_engine: Engine = engine.execution_options(**{_WRITE: True})
+        self._batch = threading.local()  # .session: the open batch's session, in the thread that opened it
         try:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
@@ -214,8 +216,33 @@ class Database:
         """A session in its own transaction, committed on leaving the block, rolled back on error."""
         if write and self.read_only:
             raise StoreReadOnly(f"storage {self.url_display} is open read-only; it cannot be changed")
+        batch = getattr(self._batch, "session", None)
+        if batch is not None:
+            yield batch
+            # Each call sees fresh rows, as in a session of its own: a bulk UPDATE of one call leaves the
+            # objects another call loaded stale otherwise.
+            batch.flush()
+            batch.expunge_all()
+            return
         with Session(self._write_engine if write else self.engine, expire_on_commit=False) as s, s.begin():
             yield s
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """One write transaction for every store call of this thread inside the block (nested blocks
+        join the outer one): committed when the block ends, rolled back whole if it raises. The study
+        loop writes a turn's results, dispatches and checkpoint in one commit instead of one each."""
+        if getattr(self._batch, "session", None) is not None:
+            yield
+            return
+        if self.read_only:
+            raise StoreReadOnly(f"storage {self.url_display} is open read-only; it cannot be changed")
+        with Session(self._write_engine, expire_on_commit=False) as s, s.begin():
+            self._batch.session = s
+            try:
+                yield
+            finally:
+                self._batch.session = None
 
     # ---------------------------------------------------------------------------- schema
 

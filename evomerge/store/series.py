@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import String, Text, case, cast, func, or_, select, type_coerce
+from sqlalchemy import String, Text, case, cast, func, insert, or_, select, type_coerce
 
 from .engine import Database
 from .models import Candidate, HypervolumePoint, Score, Study
@@ -77,9 +77,10 @@ class SeriesMethods:
             new = {}
             for e, c, v, t in pts:
                 if e not in have:
-                    new[e] = HypervolumePoint(study_id=sid, evaluations=e, complete=c, value=v,
-                                              recorded=(t.replace(tzinfo=None) if t is not None else now()))
-            s.add_all(new.values())
+                    new[e] = {"study_id": sid, "evaluations": e, "complete": c, "value": v,
+                              "recorded": t.replace(tzinfo=None) if t is not None else now()}
+            if new:  # one statement (the ORM's add_all sent one per point, the most of a turn's statements)
+                s.execute(insert(HypervolumePoint.__table__), list(new.values()))
             return len(new)
 
     def hypervolume_series(self, study: str) -> list[dict[str, Any]]:
@@ -139,10 +140,10 @@ class SeriesMethods:
             return None
         return {"evaluations": row[0], "complete": row[1], "value": row[2], "recorded": aware(row[3])}
 
-    def study_table(self, study: str) -> tuple[list[tuple], dict[int, dict[str, float]]]:
-        """Every candidate of a study as a tuple of ``TABLE_COLUMNS`` (number order; times aware UTC,
-        errors cut to their start, ``estimated`` whether its scores are anchor estimates), and the scores by
-        candidate number, in two queries."""
+    def study_table(self, study: str, after: int = 0) -> tuple[list[tuple], dict[int, dict[str, float]]]:
+        """Every candidate of a study (numbered above ``after``) as a tuple of ``TABLE_COLUMNS`` (number
+        order; times aware UTC, errors cut to their start, ``estimated`` whether its scores are anchor
+        estimates), and the scores by candidate number, in two queries."""
         with self.db.session() as s:
             sid = study_id(s, study)
             started, finished = self._raw_time(Candidate.started), self._raw_time(Candidate.finished)
@@ -151,14 +152,14 @@ class SeriesMethods:
                        Candidate.worker, Candidate.attempts, started, finished,
                        func.substr(Candidate.error, 1, _ERROR_CHARS), Candidate.proposal_key,
                        Candidate.timings["estimated"].as_float())
-                .where(Candidate.study_id == sid)
+                .where(Candidate.study_id == sid, Candidate.number > int(after))
                 .order_by(Candidate.number)
             ).all()
             scores: dict[int, dict[str, float]] = {}
             for number, obj, val in s.execute(
                 select(Candidate.number, Score.objective, Score.value)
                 .join(Candidate, Candidate.id == Score.candidate_id)
-                .where(Candidate.study_id == sid)
+                .where(Candidate.study_id == sid, Candidate.number > int(after))
             ):
                 scores.setdefault(number, {})[obj] = val
         table = [(*r[:6], _time(r[6]), _time(r[7]), r[8], r[9], bool(r[10])) for r in rows]

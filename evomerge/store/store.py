@@ -2,10 +2,13 @@
 
 One driver process writes (workers return results to the driver); the CLI, the study view and the
 dashboard read, and may open the store with ``read_only=True``. Every public method is one short
-transaction of its own.
+transaction of its own, unless called inside ``with store.batch():``, which makes the block's calls one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from sqlalchemy.engine import URL
 
@@ -43,6 +46,12 @@ class Store(StudyMethods, LeaseMethods, CandidateMethods, CheckpointMethods, Ser
             auto_upgrade=auto_upgrade,
             echo=echo,
         )
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """The store calls of this thread inside the block as one transaction (see ``Database.batch``)."""
+        with self.db.batch():
+            yield
 
     @property
     def url(self) -> URL:

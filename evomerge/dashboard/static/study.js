@@ -299,7 +299,7 @@
       }
       return;
     }
-    if (A.algorithm === "map" && A.pairs && A.pairs.length) {
+    if ((A.algorithm === "map" || A.algorithm === "map_async") && A.pairs && A.pairs.length) {
       algo.querySelector("h2").textContent = "MAP surrogate: predicted against observed";
       algoBody.appendChild(EM.el("p", { class: "help", text: "Each point is a candidate MAP proposed from its quadratic surrogate: " +
         "where the surrogate predicted it (x) and what it scored (y). Points on the diagonal were predicted exactly." }));
@@ -338,7 +338,7 @@
 
   async function refresh() {
     // the algorithm's own state is fetched for the algorithms that have one to show
-    const own = !S || ["m2n2", "map"].includes(S.algorithm);
+    const own = !S || ["m2n2", "map", "map_async"].includes(S.algorithm);
     const t0 = performance.now();
     [S, P, H, A] = await Promise.all([EM.api("/api/study", { study }), EM.api("/api/points", { study }),
       EM.api("/api/hypervolume", { study }), own ? EM.api("/api/algorithm", { study }) : Promise.resolve({ algorithm: S.algorithm })]);
