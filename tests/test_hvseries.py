@@ -69,8 +69,8 @@ def test_an_old_database_upgrades_with_its_studies(tmp_path: Path) -> None:
         Store(url, read_only=True)
     r = subprocess.run([sys.executable, "-c", "from evomerge.cli import main; main()", "storage", "upgrade",
                         "--storage", url], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "from 0001 to 0002" in r.stdout, r.stderr
+    assert r.returncode == 0 and "from 0001 to 0003" in r.stdout, r.stderr
     st = Store(url, read_only=True)
-    assert st.current_revision() == "0002" and [s["study"] for s in st.list_studies()] == ["kept"]
+    assert st.current_revision() == "0003" and [s["study"] for s in st.list_studies()] == ["kept"]
     assert st.hypervolume_series("kept") == []
     st.close()

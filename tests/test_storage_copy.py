@@ -60,7 +60,7 @@ def dump(url: str) -> dict[str, list[tuple]]:
 
 def _fill(url: str) -> None:
     """Two studies with candidates in every state, scores, per-example scores, checkpoints, a hypervolume
-    series and a held lease."""
+    series, events and a held lease."""
     with Store(url) as st:
         for name in ("alpha", "beta"):
             st.create_study(name, f"name: {name}\n", OBJ, budget=9, reference_point=[0.0, 2.5])
@@ -80,6 +80,8 @@ def _fill(url: str) -> None:
             for step in (3, 4, 5):
                 st.save_checkpoint(name, step, "nsga2", {"step": step, "x": [math.nan, math.inf, 0.1]})
             st.add_hypervolume_points(name, [(1, 1, 0.125, None), (2, 2, 0.1 + 1e-17, None), (3, 2, 0.1, None)])
+            st.add_study_event(name, "node_lost", f"node 127.0.0.1:1 ({name}) lost; 1 node(s) left")
+            st.add_study_event(name, "workers_back", "all 4 workers are running again")
             st.set_study_status(name, "running")
         st.acquire_lease("alpha", owner_id(), 600)
 
@@ -102,7 +104,7 @@ def test_round_trip_sqlite_postgresql_sqlite_keeps_every_row(tmp_path: Path, fre
     original, pg, returned = dump(a), dump(fresh_pg_url), dump(b)
     assert {k: len(v) for k, v in original.items()} == \
         {"studies": 2, "candidates": 12, "scores": 10, "sample_scores": 10, "checkpoints": 6,
-         "hypervolume_points": 6}
+         "hypervolume_points": 6, "study_events": 4}
     # the held lease of alpha is not copied; every other value is, bit for bit
     assert any("None" not in dict(r)["lease_owner"] for r in original["studies"])
     assert pg == returned == _no_lease(original)
@@ -110,6 +112,7 @@ def test_round_trip_sqlite_postgresql_sqlite_keeps_every_row(tmp_path: Path, fre
         assert st.get_study("alpha").lease_owner is None
         assert st.sample_scores("alpha", 2) == {"a": [0.0, 1.0, 0.5], "b": [1e-300, -0.0]}
         assert math.isnan(st.latest_checkpoint("beta").state["x"][0])
+        assert [e.kind for e in st.study_events("beta")] == ["node_lost", "workers_back"]  # in their order
         # running at the source, held by no driver here: interrupted until `resume` takes it
         assert {r["study"]: r["state"] for r in StudyView(st).studies()} == {"alpha": "interrupted",
                                                                               "beta": "interrupted"}
@@ -150,7 +153,7 @@ def test_a_failed_copy_writes_nothing(tmp_path: Path, request, monkeypatch, wher
     assert calls == ["alpha", "beta"]  # both studies were written, in a transaction rolled back
     assert {k: v for k, v in dump(dst).items()} == \
         {"studies": [], "candidates": [], "scores": [], "sample_scores": [], "checkpoints": [],
-         "hypervolume_points": []}
+         "hypervolume_points": [], "study_events": []}
 
 
 def test_cli_copies_and_refuses_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -28,7 +28,8 @@ from evomerge.store import (
 )
 from evomerge.store.models import Base
 
-TABLES = {"studies", "candidates", "scores", "sample_scores", "checkpoints", "alembic_version"}
+TABLES = {"studies", "candidates", "scores", "sample_scores", "checkpoints", "hypervolume_points", "study_events",
+          "alembic_version"}
 OBJ2 = [{"name": "acc", "direction": "maximize"}, {"name": "size", "direction": "minimize"}]
 
 
@@ -72,7 +73,7 @@ def test_migrations_create_schema_and_upgrade_is_idempotent(url):
     st = Store(url)
     try:
         head = st.db.head_revision()
-        assert st.current_revision() == head == "0002" and st.revision_at_open is None
+        assert st.current_revision() == head == "0003" and st.revision_at_open is None
         insp = sa.inspect(st.db.engine)
         assert TABLES <= set(insp.get_table_names())
         # idempotent: a second upgrade and a second open change nothing
@@ -111,7 +112,7 @@ def test_schema_revision_checks(url):
     assert st.current_revision() is None
     st.close()
     st = Store(url)
-    assert st.current_revision() == "0002" and st.list_studies() == []
+    assert st.current_revision() == "0003" and st.list_studies() == []
     # a schema newer than this code is refused, even with auto_upgrade
     with st.db.engine.begin() as conn:
         conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
@@ -401,6 +402,51 @@ def test_checkpoints_round_trip(store):
 
     with pytest.raises(ValueError, match="JSON"):
         store.save_checkpoint("s", 9, "x", {"obj": object()})
+
+
+def test_events_round_trip_newest_last(url, store):
+    _study(store)
+    _study(store, "other")
+    assert store.study_events("s") == []
+    store.add_study_event("s", "node_lost", "node 10.0.0.2:1 (ab) lost; 1 node(s) left")
+    store.add_study_event("other", "node_lost", "not this study's")
+    store.add_study_event("s", "workers_back", "all 4 workers are running again")
+    got = store.study_events("s")
+    assert [(e.kind, e.message) for e in got] == [
+        ("node_lost", "node 10.0.0.2:1 (ab) lost; 1 node(s) left"),
+        ("workers_back", "all 4 workers are running again"),
+    ]
+    assert got[0].time.tzinfo is not None and got[0].time <= got[1].time
+    assert [e.kind for e in store.study_events("s", limit=1)] == ["workers_back"]
+    with pytest.raises(ValueError, match="event kind"):
+        store.add_study_event("s", "", "x")
+    with pytest.raises(StudyNotFound):
+        store.add_study_event("nope", "node_lost", "x")
+    with Store(url, read_only=True) as ro:
+        assert ro.study_events("s") == got
+        with pytest.raises(StoreReadOnly):
+            ro.add_study_event("s", "node_lost", "x")
+
+
+def test_upgrade_from_0002_keeps_studies_and_adds_events(url):
+    from alembic import command
+
+    st = Store(url)
+    _study(st)
+    st.save_checkpoint("s", 1, "nsga2", {"k": 1})
+    cfg = st.db.alembic_config()
+    with st.db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0002")
+    assert "study_events" not in sa.inspect(st.db.engine).get_table_names()
+    st.close()
+    with pytest.raises(StoreError, match="storage upgrade"):
+        Store(url, read_only=True)
+    with Store(url) as st:
+        assert st.revision_at_open == "0002" and st.current_revision() == "0003"
+        assert st.latest_checkpoint("s") == (1, "nsga2", {"k": 1}) and st.study_events("s") == []
+        st.add_study_event("s", "node_lost", "x")
+        assert [e.kind for e in st.study_events("s")] == ["node_lost"]
 
 
 # ----------------------------------------------------------------------------------------- front

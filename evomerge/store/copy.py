@@ -2,8 +2,8 @@
 
 What a study is in the store travels whole: the study (its space, objectives, reference point, status,
 budget, timestamps), its candidates (genome, recipe, lineage, state, attempts, errors, timings, worker),
-their scores and per-example scores (the same bytes), the algorithm checkpoints and the hypervolume
-series (every table that belongs to a study, as ``_PER_STUDY`` lists them), so a copied study
+their scores and per-example scores (the same bytes), the algorithm checkpoints, the hypervolume
+series and the run's events (every table that belongs to a study, as ``_PER_STUDY`` lists them), so a copied study
 resumes exactly as the original would. Row ids are the destination's own; candidates keep their numbers,
 and lineage refers to numbers. The study's lease is not copied: the copy is held by no driver, and a
 ``running`` study reads as interrupted there until ``evomerge resume`` takes it.
@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Table, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from .errors import StoreError, StudyNotFound
-from .models import Candidate, Checkpoint, HypervolumePoint, SampleScores, Score, Study
+from .models import Candidate, Checkpoint, HypervolumePoint, SampleScores, Score, Study, StudyEvent
 from .store import Store
 
 _STUDIES: Table = Study.__table__  # type: ignore[assignment]
@@ -32,8 +32,9 @@ _SCORES: Table = Score.__table__  # type: ignore[assignment]
 _SAMPLES: Table = SampleScores.__table__  # type: ignore[assignment]
 _CHECKPOINTS: Table = Checkpoint.__table__  # type: ignore[assignment]
 _HV_POINTS: Table = HypervolumePoint.__table__  # type: ignore[assignment]
+_EVENTS: Table = StudyEvent.__table__  # type: ignore[assignment]
 # The tables whose rows belong to a study itself, each with the column that orders them.
-_PER_STUDY = ((_CHECKPOINTS, _CHECKPOINTS.c.step), (_HV_POINTS, _HV_POINTS.c.evaluations))
+_PER_STUDY = ((_CHECKPOINTS, _CHECKPOINTS.c.step), (_HV_POINTS, _HV_POINTS.c.evaluations), (_EVENTS, _EVENTS.c.id))
 
 # Keys that are the database's own (row ids, and the ids rows point at): remapped, never copied.
 _OWN_KEYS = {"id", "study_id", "candidate_id"}

@@ -143,3 +143,17 @@ class HypervolumePoint(Base):
     complete: Mapped[int] = mapped_column(Integer)
     value: Mapped[float] = mapped_column(Double)
     recorded: Mapped[datetime] = mapped_column(DateTime())
+
+
+class StudyEvent(Base):
+    """News about a study's run worth keeping for ``status`` and the dashboard (a node lost, workers
+    back): ``kind`` is a short word for programs, ``message`` the line the run printed."""
+
+    __tablename__ = "study_events"
+    __table_args__ = (Index("ix_study_events_study_id", "study_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    time: Mapped[datetime] = mapped_column(DateTime())
+    kind: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)

@@ -1,4 +1,4 @@
-"""The evomerge store: studies, candidates, scores, checkpoints and leases in one SQL database.
+"""The evomerge store: studies, candidates, scores, checkpoints, leases and events in one SQL database.
 
 One driver process writes (workers return results to the driver); the CLI, the study view and the
 dashboard read, and may open the store with ``read_only=True``. Every public method is one short
@@ -15,12 +15,13 @@ from sqlalchemy.engine import URL
 from .candidates import CandidateMethods
 from .checkpoints import CheckpointMethods
 from .engine import Database, default_storage_url
+from .events import EventMethods
 from .leases import LeaseMethods
 from .series import SeriesMethods
 from .studies import StudyMethods
 
 
-class Store(StudyMethods, LeaseMethods, CandidateMethods, CheckpointMethods, SeriesMethods):
+class Store(StudyMethods, LeaseMethods, CandidateMethods, CheckpointMethods, SeriesMethods, EventMethods):
     """Repository over one storage URL (``sqlite:///...`` or ``postgresql+psycopg://...``).
 
     Opening a store brings the schema to the newest revision through the Alembic migrations shipped
