@@ -3,6 +3,7 @@ Ctrl-C, and a whole run over the in-process pool (worker deaths included)."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ from fixtures_models import make_tiny_llama_family, placeholder_tasks
 
 from evomerge.genomes import make_genome
 from evomerge.run import InProcessPool, Lease, PoolError, RunError, StudyRun, Task, algorithm_settings, build_algorithm
+from evomerge.run.pool import Note
 from evomerge.run.problem import search_context
+from evomerge.run.progress import EventLog
 from evomerge.run.signals import ctrl_c
 from evomerge.search import REGISTRY, GenomeLayout, Proposal
 from evomerge.space import SearchSpace, dump_space, load_space
@@ -189,6 +192,26 @@ def test_whole_run_on_the_in_process_pool(tmp_path: Path, fake_worker, algorithm
     calls = len(fake_worker.calls)
     StudyRun(space, store, "s", show_progress=False, pool=pool).run()  # done: no pool, no evaluation
     assert len(pools) == 1 and len(fake_worker.calls) == calls
+
+
+def test_pool_notes_are_printed_and_stored_as_events(tmp_path: Path, fake_worker) -> None:
+    """A RayPool's news (a node lost, workers back) reaches the user's log as it did, and the store."""
+    space = _space(tmp_path, budget=3)
+    store = _study(tmp_path, space)
+    lost = "node 10.0.0.2:4000 (3cb8d965) lost; 1 node(s) left; its workers are replaced where the cluster ..."
+
+    class NewsPool(InProcessPool):
+        news = [[Note("node_lost", lost)], [], [Note("workers_back", "all 2 workers are running again")]]
+
+        def notes(self) -> list[Note]:
+            return self.news.pop(0) if self.news else []
+
+    out = io.StringIO()
+    StudyRun(space, store, "s", show_progress=False, pool=lambda cfg: NewsPool(FakeWorker, 2),
+             log=EventLog("plain", stream=out)).run()
+    assert [(e.kind, e.message) for e in store.study_events("s")] == \
+        [("node_lost", lost), ("workers_back", "all 2 workers are running again")]
+    assert f"worker: {lost}\n" in out.getvalue() and "worker: all 2 workers are running again" in out.getvalue()
 
 
 @pytest.mark.parametrize("deaths", [0, 100])

@@ -21,6 +21,7 @@ _WHERE = {
     "RunStats": "loop",
     "StudyRun": "loop",
     "InProcessPool": "pool",
+    "Note": "pool",
     "Outcome": "pool",
     "PoolError": "pool",
     "RayPool": "pool",

@@ -412,7 +412,10 @@ class StudyRun:
                     break  # nothing in flight, and no worker starting that there is work for
                 done = pool.wait(WAIT_S)
                 for note in pool.notes():
-                    self._say(note)
+                    self._say(note.message)
+                    # kept for `status` and the dashboard; a store that cannot take this small write
+                    # cannot take the results either, so it fails the run as they would
+                    self.store.add_study_event(self.study, note.kind, note.message)
                 t0 = time.perf_counter()
                 if done:
                     self._handle_all(done)

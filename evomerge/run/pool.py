@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from evomerge.space import portable_space
 from evomerge.workers import MergeWorker, WorkerConfig
@@ -114,6 +114,14 @@ class Outcome:
     died: str | None = None
 
 
+class Note(NamedTuple):
+    """One-line news about the pool: ``kind`` (``node_lost``, ``workers_back``) is what the run stores it
+    as, ``message`` the line the user reads."""
+
+    kind: str
+    message: str
+
+
 def slot_label(worker: str) -> str:
     """``worker 2`` for the pool's worker ``actor-2`` or ``inprocess-2``: how messages name a worker."""
     return "worker " + worker.rsplit("-", 1)[-1]
@@ -154,8 +162,8 @@ class WorkerPool(ABC):
         for one that cannot start)."""
         return 0
 
-    def notes(self) -> list[str]:
-        """One-line news about the pool since the last call (a node lost, workers back), for the user."""
+    def notes(self) -> list[Note]:
+        """News about the pool since the last call (a node lost, workers back), for the user and the store."""
         return []
 
     @abstractmethod
@@ -449,7 +457,7 @@ class RayPool(WorkerPool):
         models = len(cfg.sources) + (cfg.base is not None)
         self.say("worker", f"starting {workers} worker(s) on {'GPUs' if gpus >= 1 else 'CPUs'}; each loads "
                  f"{models} model(s) before its first candidate", workers=workers, models=models)
-        self._notes: list[str] = []
+        self._notes: list[Note] = []
         self._lost_nodes: set[str] = self._dead_nodes()  # nodes dead before this run are not news
         self._short = False  # whether some workers wait for capacity after a death
         self._checked = time.monotonic()
@@ -483,7 +491,7 @@ class RayPool(WorkerPool):
                  worker=slot, seconds=round(took, 2))
         if self._short and not self.starting_refs:
             self._short = False
-            self._notes.append(f"all {len(self.actors)} workers are running again")
+            self._notes.append(Note("workers_back", f"all {len(self.actors)} workers are running again"))
 
     def _dead_nodes(self) -> set[str]:
         try:
@@ -508,10 +516,11 @@ class RayPool(WorkerPool):
             if not n["Alive"] and n["NodeID"] not in self._lost_nodes:
                 self._lost_nodes.add(n["NodeID"])
                 addr = f"{n.get('NodeManagerAddress', '?')}:{n.get('NodeManagerPort', '?')}"
-                self._notes.append(f"node {addr} ({n['NodeID'][:8]}) lost; {alive} node(s) left; its workers "
-                                   "are replaced where the cluster has room, the search goes on meanwhile")
+                self._notes.append(Note("node_lost", f"node {addr} ({n['NodeID'][:8]}) lost; {alive} node(s) left; "
+                                        "its workers are replaced where the cluster has room, the search goes on "
+                                        "meanwhile"))
 
-    def notes(self) -> list[str]:
+    def notes(self) -> list[Note]:
         out, self._notes = self._notes, []
         return out
 
