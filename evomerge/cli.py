@@ -298,10 +298,10 @@ def resume(
 
 @app.command()
 def status(storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
-    """List the studies: state, candidates done of the budget, best value per objective, time taken."""
+    """List the studies: state, candidates done of the budget, best value per objective, time taken, nodes lost."""
     # SQLAlchemy and the view: not on --help or merge
     from evomerge.store import NoDatabaseFile
-    from evomerge.tables import status_rows, status_table
+    from evomerge.tables import status_events, status_rows, status_table
     from evomerge.view import StudyView
 
     # A "running" study whose run lease has lapsed reads "interrupted" (kill -9 or a lost node leaves
@@ -320,6 +320,9 @@ def status(storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
         print(f"no studies in {store.url_display}; start one with `evomerge search --space FILE`")
         return
     out_console().print(status_table(rows))
+    news = status_events(rows, width=98)
+    if news:  # a lost node, and whether the workers came back: the run printed it, the store kept it
+        print("\ncluster events:\n" + "\n".join(f"  {line}" for line in news))
 
 
 def _print_front(store, study: str, as_json: bool = False, wide: bool = False, storage: str | None = None) -> None:

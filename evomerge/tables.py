@@ -77,7 +77,48 @@ def status_rows(view: StudyView) -> list[dict[str, Any]]:
     for r in rows:
         r["best"] = view.best(r["study"]) if r.get("complete") else {}
         r["elapsed_s"] = elapsed_s(r)
+        r["events"] = view.events(r["study"], limit=STATUS_EVENTS)
     return rows
+
+
+STATUS_EVENTS = 20  # the newest events of each study that `status` reads (and `status --json` lists)
+_EVENT_TEXT = 64  # a message's first clauses up to this many characters: what happened, not the advice after
+
+
+def cluster_news(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The events that still matter: the latest node losses (those since the workers were last all
+    running) and the workers' return after them if it came; nothing when no node was lost."""
+    lost = [i for i, e in enumerate(events) if e["kind"] == "node_lost"]
+    if not lost:
+        return []
+    first = lost[-1]
+    while first > 0 and events[first - 1]["kind"] != "workers_back":
+        first -= 1
+    out = [e for e in events[first:lost[-1] + 1] if e["kind"] == "node_lost"]
+    back = next((e for e in events[lost[-1] + 1:] if e["kind"] == "workers_back"), None)
+    return out + ([back] if back is not None else [])
+
+
+def _event_text(message: str) -> str:
+    clauses = message.split("; ")
+    text = clauses[0]
+    for c in clauses[1:]:
+        if len(text) + 2 + len(c) > _EVENT_TEXT:
+            break
+        text += "; " + c
+    return text
+
+
+def status_events(rows: list[dict[str, Any]], width: int = 100) -> list[str]:
+    """One line per event that matters (``cluster_news``) of each study, at most ``width`` characters:
+    study, local time, what happened."""
+    news = [(r["study"], e) for r in rows for e in cluster_news(r.get("events", []))]
+    pad = max((len(name) for name, _ in news), default=0)
+    out = []
+    for name, e in news:
+        line = f"{name:<{pad}}  {e['time'].astimezone():%Y-%m-%d %H:%M}  {_event_text(e['message'])}"
+        out.append(line if len(line) <= width else line[:width - 1] + "…")
+    return out
 
 
 def status_table(rows: list[dict[str, Any]]) -> Table:

@@ -90,6 +90,11 @@ class StudyView:
         st = self.store.get_study(study)
         return effective_state(st.status, st.lease_expires, lease_owner=st.lease_owner)
 
+    def events(self, study: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """The study's run events (a node lost, workers back), oldest first, each as time, kind and
+        message; with ``limit``, the newest ``limit`` of them."""
+        return [e._asdict() for e in self.store.study_events(study, limit)]
+
     def objectives(self, study: str) -> list[ObjectiveDirection]:
         return [ObjectiveDirection(o["name"], o["direction"]) for o in self.store.get_study(study).objectives]
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from evomerge.cli import app
+from evomerge.cli import app, main
 from evomerge.genomes import SpaceError
 from evomerge.recipe import LayerGroup, Recipe
 from evomerge.run.progress import EventLog, SearchProgress, resolve_log_format
@@ -195,6 +195,31 @@ def test_status_shows_best_per_objective_and_elapsed(store: Store) -> None:
     buf = io.StringIO()
     Console(file=buf, width=100).print(status_table(rows))
     assert "arith 0.7, params 1503744" in buf.getvalue() and "4/10" in buf.getvalue()
+
+
+def test_status_shows_the_lost_nodes_that_matter(store: Store, tmp_path: Path, monkeypatch, capsys) -> None:
+    lost = "node 127.0.0.1:{} (3cb8d965) lost; {} node(s) left; its workers are replaced where the cluster " \
+           "has room, the search goes on meanwhile"
+    store.add_study_event("s", "node_lost", lost.format(40001, 3))
+    store.add_study_event("s", "workers_back", "all 4 workers are running again")  # an earlier loss, over
+    store.add_study_event("s", "node_lost", lost.format(33883, 2))
+    store.add_study_event("s", "node_lost", lost.format(33999, 1))
+
+    def status(*args: str) -> str:
+        monkeypatch.setattr(sys, "argv", ["evomerge", "status", "--storage", f"sqlite:///{tmp_path / 'f.db'}", *args])
+        main()
+        return capsys.readouterr().out
+
+    text = status()
+    news = text.split("cluster events:\n", 1)[1].splitlines()
+    assert [ln.split("  ")[-1] for ln in news] == ["node 127.0.0.1:33883 (3cb8d965) lost; 2 node(s) left",
+                                                   "node 127.0.0.1:33999 (3cb8d965) lost; 1 node(s) left"]
+    assert all(ln.startswith("  s  ") and len(ln) <= 100 for ln in news), news
+    store.add_study_event("s", "workers_back", "all 4 workers are running again")
+    assert status().splitlines()[-1].endswith("  all 4 workers are running again")
+    events = json.loads(status("--json"))[0]["events"]
+    assert [e["kind"] for e in events] == ["node_lost", "workers_back", "node_lost", "node_lost", "workers_back"]
+    assert events[2]["message"] == lost.format(33883, 2)  # the whole line the run printed
 
 
 # ---------------------------------------------------------------------------------- the run's log
