@@ -141,7 +141,7 @@ def test_read_only_get_only_and_assets_confined(tmp_path: Path) -> None:
         assert r.status_code == 200, path
         assert "script-src 'self'" in r.headers["content-security-policy"]
         assert r.headers["cache-control"] == ("no-store" if path.startswith("/api/") else "no-cache")
-    for study_api in ("study", "points", "hypervolume", "algorithm", "stamp"):
+    for study_api in ("study", "points", "hypervolume", "algorithm", "stamp", "events"):
         assert client.get(f"/api/{study_api}", params={"study": "s"}).status_code == 200
     plotly = client.get("/static/plotly.min.js")
     assert plotly.text.startswith("/*! plotly.js") and "scattergl" in plotly.text  # the package's own bundle
@@ -156,9 +156,26 @@ def test_read_only_get_only_and_assets_confined(tmp_path: Path) -> None:
         r = client.get(bad)
         assert r.status_code == 404 and b"import" not in r.content, bad
     paths = client.get("/api/openapi.json").json()["paths"]
-    assert {"/api/studies", "/api/points", "/api/candidate", "/api/hypervolume"} <= set(paths)
+    assert {"/api/studies", "/api/points", "/api/candidate", "/api/hypervolume", "/api/events"} <= set(paths)
     assert all(set(ops) == {"get"} for ops in paths.values())
     store.close()
+
+
+def test_events_api_lists_a_lost_node(url: str) -> None:
+    with Store(url) as st:
+        st.create_study("s", "models: {}\n", [{"name": "a", "direction": "maximize"}], 4)
+        for i in range(3):
+            st.add_study_event("s", "node_lost", f"node 10.0.0.{i}:1 (ab) lost; {2 - i} node(s) left")
+        st.add_study_event("s", "workers_back", "all 4 workers are running again")
+    with Store(url, read_only=True) as store:
+        client = TestClient(create_app(store))
+        got = client.get("/api/events", params={"study": "s"}).json()["events"]
+        assert [e["kind"] for e in got] == ["node_lost"] * 3 + ["workers_back"]
+        assert got[0]["message"] == "node 10.0.0.0:1 (ab) lost; 2 node(s) left" and got[0]["time"].endswith("+00:00")
+        newest = client.get("/api/events", params={"study": "s", "limit": 2}).json()["events"]
+        assert [e["message"] for e in newest] == [got[2]["message"], got[3]["message"]]
+        assert client.get("/api/events", params={"study": "nope"}).status_code == 404
+        assert client.get("/api/events", params={"study": "s", "limit": 0}).status_code == 422
 
 
 def test_front_mask_matches_the_front_module() -> None:

@@ -1,8 +1,8 @@
 """The dashboard in a real headless Chromium (Debian's ``chromium``, driven by Playwright; nothing
 downloads a browser): every page loads without a console error, the plots draw one point per scored
-candidate, clicking a front point opens that candidate, a study named like a script shows as text, a new
-result shows within 2 s. A screenshot of each page goes to ``$EVOMERGE_SCREENSHOTS`` (default: a
-temporary folder, printed)."""
+candidate, clicking a front point opens that candidate, a study named like a script (and a cluster event
+that reads like one) shows as text, a new result shows within 2 s. A screenshot of each page goes to
+``$EVOMERGE_SCREENSHOTS`` (default: a temporary folder, printed)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def site(tmp_path_factory):
     run_search(tmp, url, "demo", "nsga2", budget=24)
     run_search(tmp, url, "m2n2-demo", "m2n2", budget=12)
     run_search(tmp, url, XSS, "random", budget=5)
+    with Store(url) as st:  # what a run that lost a node stored, in a message that could be markup
+        st.add_study_event(XSS, "node_lost", f"node 10.0.0.2:4000 (3cb8d965) lost; 1 node(s) left {XSS}")
     store = Store(url, read_only=True)
     warm_up()  # as `evomerge dashboard` does: the first candidate page needs the mergekit translation
     with socket.socket() as s:
@@ -90,6 +92,7 @@ def test_every_page_loads_without_a_console_error(site) -> None:
 def test_plots_draw_every_scored_candidate_and_a_click_opens_it(site) -> None:
     page, errors = _open(site, "/study?name=demo")
     page.wait_for_function("document.body.dataset.loaded !== undefined")
+    assert not page.locator("#events-card").is_visible()  # its run lost no node
     pts = page.request.get(site["base"] + "/api/points?study=demo").json()
     scored = pts["scored"]
     assert scored == int(page.evaluate("document.body.dataset.loaded")) and scored > 10
@@ -129,6 +132,9 @@ def test_a_study_named_like_a_script_is_text(site) -> None:
     page.goto(site["base"] + "/study?name=" + quote(XSS))
     page.wait_for_function("document.body.dataset.loaded !== undefined")
     assert page.locator("#study-name").inner_text() == XSS and page.title().startswith(XSS)
+    assert page.locator("#events-card").is_visible()
+    lost = f"node 10.0.0.2:4000 (3cb8d965) lost; 1 node(s) left {XSS}"
+    assert page.locator("#events tbody td").nth(1).inner_text() == lost
     page.screenshot(path=str(site["shots"] / "study-xss.png"), full_page=True)
     assert errors == [] and page.evaluate("document.scripts.length") == 3  # and plotly
     page.close()

@@ -93,7 +93,7 @@ def create_app(store: Store, storage_arg: str = "") -> FastAPI:
     app = FastAPI(
         title="evomerge dashboard",
         description="Read-only JSON API over an evomerge study database: studies, candidates, fronts, "
-                    "the hypervolume series. Every route is GET; nothing writes to the store.",
+                    "the hypervolume series, the run's events. Every route is GET; nothing writes to the store.",
         version="1",
         docs_url=None, redoc_url=None,  # their pages load scripts from a CDN: /api draws the schema itself
         openapi_url="/api/openapi.json",
@@ -159,6 +159,13 @@ def create_app(store: Store, storage_arg: str = "") -> FastAPI:
              summary="Algorithm internals: M2N2's archive, MAP's surrogate predictions against results")
     def api_algorithm(study: str = Query(..., description="study name")) -> Any:
         return _Json(cache.get(("algo", study), _stamp(study), lambda: data.algorithm_state(view, study)))
+
+    @app.get("/api/events", response_class=_Json,
+             summary="The study's run events, oldest first: Ray nodes lost, workers back to full strength")
+    def api_events(study: str = Query(..., description="study name"),
+                   limit: int = Query(50, ge=1, le=1000, description="the newest this many")) -> Any:
+        # not cached: one indexed query of a few rows, and an event need not change the study's stamp
+        return _Json(data.events(view, study, limit))
 
     @app.get("/api/stamp", response_class=_Json,
              summary="What changes when the study changes (poll it, then fetch what you show)")

@@ -189,6 +189,12 @@ def hypervolume(view: StudyView, name: str) -> dict[str, Any]:
     }
 
 
+def events(view: StudyView, name: str, limit: int) -> dict[str, Any]:
+    """The study's newest ``limit`` run events (a node lost, workers back), oldest first."""
+    return {"events": [{"time": iso(e["time"]), "kind": e["kind"], "message": e["message"]}
+                       for e in view.events(name, limit)]}
+
+
 def stamp(view: StudyView, name: str) -> dict[str, Any]:
     return stamp_json(view.stamp(name))
 

@@ -1,5 +1,5 @@
 "use strict";
-// The Study page: the Pareto front on any two objectives, parallel coordinates, the hypervolume series,
+// The Study page: the cluster events of its run (a node lost), the Pareto front on any two objectives, parallel coordinates, the hypervolume series,
 // held-out scores, the worker timeline, failures and the algorithm's own state. Redrawn when the study
 // changes (the stamp is polled).
 (async function () {
@@ -12,7 +12,11 @@
   const title = EM.el("h1", {}, dot, EM.el("span", { id: "study-name", text: study }), " ", EM.el("span", { id: "state" }));
   const sub = EM.el("div", { class: "sub", id: "sub" });
   const stats = EM.el("div", { class: "stats", id: "stats" });
-  main.append(title, sub, stats);
+  const eventsBody = EM.el("div");
+  const events = EM.el("section", { class: "card", id: "events-card", hidden: "" }, EM.el("h2", { text: "Cluster events" }),
+    EM.el("p", { class: "help", text: "What the run reported about its Ray cluster: a node lost (its workers are replaced " +
+      "where the cluster has room, the search goes on meanwhile), and when all workers ran again." }), eventsBody);
+  main.append(title, sub, stats, events);
 
   const card = (id, heading, help, ...body) => {
     const c = EM.el("section", { class: "card", id }, EM.el("h2", { text: heading }),
@@ -49,7 +53,7 @@
   const algo = card("algorithm-card", "Algorithm", null, algoBody);
   main.append(pareto, parcoords, hv, gen, timeline, failures, algo);
 
-  let S = null, P = null, H = null, A = null;
+  let S = null, P = null, H = null, A = null, E = null;
 
   function fillAxes() {
     const names = S.objectives.map((o) => o.name);
@@ -327,10 +331,22 @@
       ": nothing of its own to show (M2N2 shows its archive and niches, MAP its surrogate)." }));
   }
 
+  function drawEvents() {
+    EM.clear(eventsBody);
+    events.hidden = !E.events.length;  // a study whose run lost no node shows nothing here
+    const body = EM.el("tbody");
+    for (const e of E.events.slice().reverse()) {
+      body.appendChild(EM.el("tr", { class: "event-" + e.kind }, EM.el("td", { text: new Date(e.time).toLocaleString() }),
+        EM.el("td", { text: e.message })));
+    }
+    eventsBody.appendChild(EM.el("table", { id: "events" }, EM.el("thead", {}, EM.el("tr", {},
+      EM.el("th", { text: "time (newest first)" }), EM.el("th", { text: "event" }))), body));
+  }
+
   // window.evomergeTimings: milliseconds each part took to draw, last time (the benchmark reads it)
   function drawAll() {
     const t = {};
-    for (const f of [header, fillAxes, drawPareto, drawParcoords, drawHV, drawHeldOut, drawTimeline, drawFailures, drawAlgorithm]) {
+    for (const f of [header, drawEvents, fillAxes, drawPareto, drawParcoords, drawHV, drawHeldOut, drawTimeline, drawFailures, drawAlgorithm]) {
       const t0 = performance.now(); f(); t[f.name] = Math.round(performance.now() - t0);
     }
     window.evomergeTimings = t;
@@ -340,8 +356,9 @@
     // the algorithm's own state is fetched for the algorithms that have one to show
     const own = !S || ["m2n2", "map", "map_async"].includes(S.algorithm);
     const t0 = performance.now();
-    [S, P, H, A] = await Promise.all([EM.api("/api/study", { study }), EM.api("/api/points", { study }),
-      EM.api("/api/hypervolume", { study }), own ? EM.api("/api/algorithm", { study }) : Promise.resolve({ algorithm: S.algorithm })]);
+    [S, P, H, A, E] = await Promise.all([EM.api("/api/study", { study }), EM.api("/api/points", { study }),
+      EM.api("/api/hypervolume", { study }), own ? EM.api("/api/algorithm", { study }) : Promise.resolve({ algorithm: S.algorithm }),
+      EM.api("/api/events", { study })]);
     const fetched = performance.now() - t0;
     await EM.plotlyReady();
     drawAll();
