@@ -99,6 +99,16 @@ def test_node_lost_with_no_spare_capacity_then_back(tmp_path: Path, fresh_pg_url
     assert any(re.search(r"died \((node lost or unreachable|process or its node gone)\)", ln) for ln in lines), \
         text[-3000:]
     assert "Traceback" not in text
+    # the run kept what it printed: the node lost, then all workers back once the new node joined
+    events = store.study_events("s")
+    kinds = [e.kind for e in events]
+    assert "node_lost" in kinds and "workers_back" in kinds[kinds.index("node_lost"):], events
+    lost = next(e.message for e in events if e.kind == "node_lost")
+    assert lost in text  # the stored message is the printed line
+    status = subprocess.run([sys.executable, "-c", "from evomerge.cli import main; main()", "status", "--storage",
+                             fresh_pg_url], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert status.returncode == 0 and " lost; " in status.stdout and "running again" in status.stdout, \
+        status.stdout + status.stderr
 
 
 @pytest.mark.slow
