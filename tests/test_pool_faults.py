@@ -116,6 +116,24 @@ def test_short_reason_reads_the_exit_detail_not_ray_list_of_causes() -> None:
     assert short_reason(_RayDeath(RAY_KILLED.split("\n")[0])) == "process or its node gone"
 
 
+def test_a_lost_node_and_the_workers_back_are_notes_of_their_kind() -> None:
+    """The RayPool's news, without a cluster: what it reads of Ray's node table, and what it says."""
+    pool = object.__new__(RayPool)  # only the node bookkeeping; no actor is started
+    node = {"NodeID": "3cb8d965" + "0" * 48, "Alive": True, "NodeManagerAddress": "10.0.0.2", "NodeManagerPort": 4000}
+    head = {"NodeID": "f" * 56, "Alive": True}
+    nodes = [head, node]
+    pool.ray = type("FakeRay", (), {"nodes": staticmethod(lambda: nodes)})()
+    pool._notes, pool._lost_nodes = [], set()
+    pool._name_lost_nodes()
+    assert pool.notes() == []
+    node["Alive"] = False
+    pool._name_lost_nodes()
+    pool._name_lost_nodes()  # named once
+    assert pool.notes() == [("node_lost", "node 10.0.0.2:4000 (3cb8d965) lost; 1 node(s) left; its workers are "
+                                          "replaced where the cluster has room, the search goes on meanwhile")]
+    assert pool.notes() == []
+
+
 def _ray_temp_with_a_foreign_cluster() -> Path:
     """A short Ray temp folder (Unix socket paths are limited) naming a cluster that is not ours."""
     tmp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
