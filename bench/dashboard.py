@@ -6,7 +6,8 @@ For each backend: writes the study (candidates, scores, the hypervolume series t
 recorder), starts `evomerge dashboard` on it (its own process, read-only), then measures
 - every JSON call: the first answer after the study changed (computed) and the median of ``--runs``
   repeats (answered from the cache until the study changes again);
-- page open: navigation until the page's data is drawn, in headless Chromium (Debian's package);
+- page open: navigation until the page's data is drawn, in headless Chromium (Debian's package), the median of
+  ``--runs`` opens, each of a study that just changed (``page_s_all``: every open);
 - update latency: a result written to the store until an open Study page has drawn it.
 Targets: a page under 2 s, a JSON call under 200 ms, an update under 2 s. PostgreSQL:
 ``$EVOMERGE_BENCH_POSTGRES`` (a URL of a server where the user may CREATE DATABASE), else root@127.0.0.1.
@@ -169,14 +170,14 @@ def measure(url: str, runs: int) -> dict:
                 out["json_ms"][name] = round(1000 * first, 1)
                 out["json_cached_ms"][name] = round(1000 * statistics.median(warm), 1)
                 out["bytes"][name] = size
-        out.update(_browser(base, url))
+        out.update(_browser(base, url, runs))
     finally:
         proc.terminate()
         proc.wait(10)
     return out
 
 
-def _browser(base: str, url: str) -> dict:
+def _browser(base: str, url: str, runs: int) -> dict:
     from playwright.sync_api import sync_playwright  # only here: the JSON half runs without a browser
 
     res: dict = {"page_s": {}}
@@ -190,14 +191,21 @@ def _browser(base: str, url: str) -> dict:
                  "study": (f"/study?name={STUDY}", "document.body.dataset.loaded !== undefined"),
                  "candidate": (f"/candidate?study={STUDY}&n=1000", "document.body.dataset.loaded !== undefined"),
                  "compare": (f"/compare?study={STUDY}", "document.body.dataset.loaded !== undefined")}
+        res["page_s_all"] = {}
         for name, (path, ready) in pages.items():
-            _add_result(url, len(res["page_s"]) + 1)  # every page is opened on a study that just changed
-            t = time.perf_counter()
-            page.goto(base + path)
-            page.wait_for_function(ready, timeout=60_000)
-            res["page_s"][name] = round(time.perf_counter() - t, 3)
-            if name == "study":  # where the study page's time went: fetching and each plot
-                res["study_page_ms"] = page.evaluate("window.evomergeTimings")
+            times = []
+            for k in range(runs):
+                # every open is of a study that just changed (nothing cached), from another page
+                _add_result(url, 1000 * (len(res["page_s"]) + 1) + k)
+                page.goto("about:blank")
+                t = time.perf_counter()
+                page.goto(base + path)
+                page.wait_for_function(ready, timeout=60_000)
+                times.append(time.perf_counter() - t)
+                if name == "study" and k == 0:  # where the study page's time went: fetching and each plot
+                    res["study_page_ms"] = page.evaluate("window.evomergeTimings")
+            res["page_s"][name] = round(statistics.median(times), 3)
+            res["page_s_all"][name] = [round(v, 3) for v in times]
         page.goto(base + f"/study?name={STUDY}")
         page.wait_for_function("document.body.dataset.loaded !== undefined", timeout=60_000)
         lat = []
