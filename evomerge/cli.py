@@ -378,11 +378,16 @@ def validate(space: SpaceOpt) -> None:
 
 
 @zoo_app.command("build")
-def zoo_build(force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False) -> None:
+def zoo_build(
+    force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
+    version: Annotated[int | None,
+                       typer.Option(help="an older zoo version (zoo://vN/NAME); default: the newest")] = None,
+) -> None:
     """Build (or reuse) the demo zoo: a tiny base model and experts trained here."""
-    from evomerge.zoo import build_zoo  # torch comes with a build, not with --help
+    from evomerge.zoo import ZOO_VERSION, build_zoo  # torch comes with a build, not with --help
 
-    path = build_zoo(force=force, log=lambda m: err.print(m, markup=False, highlight=False))
+    path = build_zoo(force=force, version=version or ZOO_VERSION,
+                     log=lambda m: err.print(m, markup=False, highlight=False))
     print(path)
 
 
