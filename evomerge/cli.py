@@ -380,8 +380,9 @@ def validate(space: SpaceOpt) -> None:
 @zoo_app.command("build")
 def zoo_build(
     force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
-    version: Annotated[int | None,
-                       typer.Option(help="an older zoo version (zoo://vN/NAME); default: the newest")] = None,
+    version: Annotated[int | None, typer.Option(
+        "--version", metavar="N", min=1, show_default=False,
+        help="the zoo version to build (zoo://vN/NAME names one)  [default: the newest]")] = None,
 ) -> None:
     """Build (or reuse) the demo zoo: a tiny base model and experts trained here."""
     from evomerge.zoo import ZOO_VERSION, build_zoo  # torch comes with a build, not with --help
