@@ -195,6 +195,11 @@ class SearchSpace(BaseModel):
         return any(r.startswith(ZOO_PREFIX) for r in self.model_refs)
 
     @property
+    def zoo_versions(self) -> list[int]:
+        """The demo zoo versions the space's zoo:// references name (zoo://NAME: the default one)."""
+        return sorted({parse_zoo_uri(r)[0] for r in self.model_refs if r.startswith(ZOO_PREFIX)})
+
+    @property
     def hub_models(self) -> list[str]:
         """The references that are hub ids: nothing on this machine to check, the workers fetch them."""
         refs = [r for r in self.model_refs if not r.startswith(ZOO_PREFIX) and not is_study_ref(r)]

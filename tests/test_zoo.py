@@ -15,6 +15,7 @@ from evomerge.zoo.lmeval_tasks import task_files, task_names
 ROOT = Path(__file__).resolve().parents[1]
 TASK_DIR = ROOT / "search_spaces" / "demo_tasks"
 TINY = 0.005  # steps_scale of the test builds: every step runs, each for a couple of updates
+OTHER = next(v for v in sorted(zoo.RECIPES, reverse=True) if v != zoo.ZOO_VERSION)  # a version not the default
 
 
 def test_generators_are_deterministic():
@@ -198,15 +199,16 @@ def test_default_dir_and_resolve(tmp_path, monkeypatch):
     assert zoo.resolve_zoo_uri("zoo://arith") == full / "arith"
     assert zoo.resolve_zoo_uri("zoo://base/") == full / "base"
     assert zoo.resolve_zoo_uri(f"zoo://v{zoo.ZOO_VERSION}/base") == full / "base"
-    # An older version is named by its number and lives in its own folder.
-    v1 = zoo.zoo_path(version=1)
-    assert v1 != full and v1.name.startswith("v1-")
+    # Another version is named by its number and lives in its own folder.
+    other = zoo.zoo_path(version=OTHER)
+    assert other != full and other.name.startswith(f"v{OTHER}-")
+    assert not zoo.zoo_uri_built(f"zoo://v{OTHER}/script") and zoo.zoo_uri_built("zoo://script")
     for m in zoo.ZOO_MODELS:
-        (v1 / m).mkdir(parents=True)
-        (v1 / m / "config.json").write_text("{}")
-    (v1 / zoo.COMPLETE).write_text("x\n")
-    assert zoo.resolve_zoo_uri("zoo://v1/script") == v1 / "script"
-    assert zoo.parse_zoo_uri("zoo://v1/script") == (1, "script")
+        (other / m).mkdir(parents=True)
+        (other / m / "config.json").write_text("{}")
+    (other / zoo.COMPLETE).write_text("x\n")
+    assert zoo.resolve_zoo_uri(f"zoo://v{OTHER}/script") == other / "script"
+    assert zoo.parse_zoo_uri(f"zoo://v{OTHER}/script") == (OTHER, "script")
     with pytest.raises(ValueError, match="unknown zoo version"):
         zoo.resolve_zoo_uri("zoo://v99/arith")
     with pytest.raises(ValueError, match="unknown zoo model"):
@@ -227,6 +229,7 @@ def test_fingerprint_tracks_the_recipe(monkeypatch):
     # Each version has its own fingerprint; v1's is the one its published builds carry (docs/benchmarks.md),
     # so a v1 zoo built before versions existed is found, not rebuilt.
     assert zoo.fingerprint(version=1) == "d0a8ce535701" != zoo.fingerprint(version=2)
+    assert zoo.fingerprint() == zoo.fingerprint(version=zoo.ZOO_VERSION)
     with pytest.raises(ValueError, match="unknown zoo version"):
         zoo.fingerprint(version=99)
 
@@ -274,10 +277,21 @@ def test_lm_eval_runs_the_shipped_yaml_on_a_zoo_model(tiny_zoo, tmp_path, monkey
         assert res["results"][name]["exact_match,none"] == pytest.approx(sum(hits) / 8)
 
 
-def test_older_version_builds_by_name(tiny_zoo, tmp_path):
+def test_other_version_builds_by_name(tiny_zoo, tmp_path):
     _, path, _, _ = tiny_zoo
-    v1 = zoo.build_zoo(tmp_path, steps_scale=TINY, log=None, evaluate=False, version=1)
-    assert v1 == zoo.zoo_path(tmp_path, steps_scale=TINY, version=1) and zoo.is_complete(v1)
-    assert v1.name.startswith("v1-") and path.name.startswith(f"v{zoo.ZOO_VERSION}-")
-    manifest = json.loads((v1 / "zoo.json").read_text())
-    assert manifest["version"] == 1 and manifest["recipe"]["base"]["mix"] == zoo.RECIPES[1]["base"]["mix"]
+    built = zoo.build_zoo(tmp_path, steps_scale=TINY, log=None, evaluate=False, version=OTHER)
+    assert built == zoo.zoo_path(tmp_path, steps_scale=TINY, version=OTHER) and zoo.is_complete(built)
+    assert built.name.startswith(f"v{OTHER}-") and path.name.startswith(f"v{zoo.ZOO_VERSION}-")
+    manifest = json.loads((built / "zoo.json").read_text())
+    assert manifest["version"] == OTHER
+    assert manifest["recipe"]["base"]["mix"] == zoo.RECIPES[OTHER]["base"]["mix"]
+
+
+def test_spaces_name_the_zoo_versions_they_merge():
+    from evomerge.space import load_space
+
+    spaces = ROOT / "search_spaces"
+    assert load_space(spaces / "demo.yaml").zoo_versions == [zoo.ZOO_VERSION]
+    assert load_space(spaces / "demo_cross.yaml").zoo_versions == [2]
+    with pytest.raises(ValueError, match="unknown zoo version"):
+        zoo.parse_zoo_uri("zoo://v0/base")
