@@ -20,6 +20,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 from typer.exceptions import TyperException
 
 from evomerge.merge_cli import merge_command
+from evomerge.zoo import ZOO_VERSION
 
 
 class Command(TyperCommand):
@@ -194,7 +195,8 @@ def _ensure_zoo(space, log) -> None:
     if space.uses_zoo:
         from evomerge.zoo import build_zoo  # torch comes with a build, not with --help
 
-        build_zoo(log=lambda m: log.event("zoo", m))
+        for version in space.zoo_versions:
+            build_zoo(log=lambda m: log.event("zoo", m), version=version)
 
 
 @app.command()
@@ -381,11 +383,15 @@ def validate(space: SpaceOpt) -> None:
 
 
 @zoo_app.command("build")
-def zoo_build(force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False) -> None:
+def zoo_build(
+    force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
+    version: Annotated[int, typer.Option(
+        "--version", metavar="N", min=1, help="the zoo version to build (zoo://vN/NAME names one)")] = ZOO_VERSION,
+) -> None:
     """Build (or reuse) the demo zoo: a tiny base model and experts trained here."""
     from evomerge.zoo import build_zoo  # torch comes with a build, not with --help
 
-    path = build_zoo(force=force, log=lambda m: err.print(m, markup=False, highlight=False))
+    path = build_zoo(force=force, version=version, log=lambda m: err.print(m, markup=False, highlight=False))
     print(path)
 
 

@@ -28,7 +28,7 @@ from evomerge.genomes import DEFAULT_KIND, KINDS, FieldError, SpaceError, check_
 from evomerge.objectives import KIND_TAGS, Objective, ObjectiveSpec
 from evomerge.objectives.tasks import bad_task_path
 from evomerge.study_refs import canonical_study_ref, is_study_ref
-from evomerge.zoo import ZOO_MODELS, ZOO_PREFIX, resolve_ref
+from evomerge.zoo import ZOO_PREFIX, parse_zoo_uri, resolve_ref
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The largest integers the store's columns hold on every backend (SQLite and PostgreSQL INTEGER, BIGINT).
@@ -143,8 +143,7 @@ class SearchSpace(BaseModel):
         zoo_refs = [r for r in self.model_refs if r.startswith(ZOO_PREFIX)]
         if zoo_refs:
             for r in zoo_refs:
-                if r[len(ZOO_PREFIX):].strip("/") not in ZOO_MODELS:
-                    raise ValueError(f"unknown zoo model {r!r}; the zoo has {', '.join(ZOO_MODELS)}")
+                parse_zoo_uri(r)  # ValueError: unknown zoo model or version
         return self
 
     def _check_references(self) -> None:
@@ -194,6 +193,11 @@ class SearchSpace(BaseModel):
     @property
     def uses_zoo(self) -> bool:
         return any(r.startswith(ZOO_PREFIX) for r in self.model_refs)
+
+    @property
+    def zoo_versions(self) -> list[int]:
+        """The demo zoo versions the space's zoo:// references name (zoo://NAME: the default one)."""
+        return sorted({parse_zoo_uri(r)[0] for r in self.model_refs if r.startswith(ZOO_PREFIX)})
 
     @property
     def hub_models(self) -> list[str]:

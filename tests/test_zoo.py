@@ -15,6 +15,7 @@ from evomerge.zoo.lmeval_tasks import task_files, task_names
 ROOT = Path(__file__).resolve().parents[1]
 TASK_DIR = ROOT / "search_spaces" / "demo_tasks"
 TINY = 0.005  # steps_scale of the test builds: every step runs, each for a couple of updates
+OTHER = next(v for v in sorted(zoo.RECIPES, reverse=True) if v != zoo.ZOO_VERSION)  # a version not the default
 
 
 def test_generators_are_deterministic():
@@ -35,6 +36,15 @@ def test_examples_are_correct():
         a, b = plain.rstrip("=").split("+")
         assert ex.target.translate(T.FROM_GREEK) == str(int(a) + int(b))
         assert not set(ex.prompt + ex.target) & set(T.DIGITS)
+    # mixed: an addition with the operands in one script and the answer in the other, both ways
+    sides = set()
+    for ex in T.generate("mixed", "train", 50):
+        a, b = ex.prompt.translate(T.FROM_GREEK).rstrip("=").split("+")
+        assert ex.target.translate(T.FROM_GREEK) == str(int(a) + int(b))
+        greek_prompt, greek_answer = not set(ex.prompt) & set(T.DIGITS), not set(ex.target) & set(T.DIGITS)
+        assert greek_prompt != greek_answer
+        sides.add(greek_prompt)
+    assert sides == {True, False}
     for ex in T.generate("script", "test", 50):
         assert ex.target == ex.prompt.rstrip(">")[::-1]
         assert set(ex.target) <= set(T.GREEK)
@@ -51,12 +61,16 @@ def test_splits_are_disjoint():
         assert not search & test
     # No training prompt of any task is an evaluation problem (cross shares arith's problems).
     held_out = {e.prompt.translate(T.FROM_GREEK) for exs in ev.values() for e in exs}
-    for t in ("arith", "script", "translit"):
-        train = {e.prompt for e in T.generate(t, "train", 3000, seed=0, unique=False)}
+    for t in ("arith", "script", "translit", "cross", "mixed"):
+        train = {e.prompt.translate(T.FROM_GREEK) for e in T.generate(t, "train", 3000, seed=0, unique=False)}
         assert not train & held_out, t
-    # The cross task is never in any training mixture the zoo uses.
-    parts = [zoo.RECIPE["base"], *zoo.RECIPE["experts"].values()]
-    assert all("cross" not in p["mix"] for p in parts)
+    # v1 never trains on the cross task; from v2 the base sees a small share of its training problems
+    # (as the paper's base had seen some Japanese and some math), the experts none.
+    v1 = [zoo.RECIPES[1]["base"], *zoo.RECIPES[1]["experts"].values()]
+    assert all("cross" not in p["mix"] for p in v1)
+    v2 = zoo.RECIPES[2]
+    assert 0 < v2["base"]["mix"]["cross"] / sum(v2["base"]["mix"].values()) <= 0.1
+    assert all("cross" not in p["mix"] for p in v2["experts"].values())
 
 
 def test_shipped_task_files_match_the_generator():
@@ -145,7 +159,7 @@ def test_cache_reuse_and_force(tiny_zoo):
 
 
 def test_killed_build_leaves_no_complete_zoo(tmp_path, monkeypatch):
-    def boom(out, recipe, say, evaluate):
+    def boom(out, recipe, say, evaluate, version):
         out.mkdir(parents=True)
         (out / "base").mkdir()
         (out / "base" / "config.json").write_text("{}")
@@ -184,6 +198,19 @@ def test_default_dir_and_resolve(tmp_path, monkeypatch):
     (full / zoo.COMPLETE).write_text("x\n")
     assert zoo.resolve_zoo_uri("zoo://arith") == full / "arith"
     assert zoo.resolve_zoo_uri("zoo://base/") == full / "base"
+    assert zoo.resolve_zoo_uri(f"zoo://v{zoo.ZOO_VERSION}/base") == full / "base"
+    # Another version is named by its number and lives in its own folder.
+    other = zoo.zoo_path(version=OTHER)
+    assert other != full and other.name.startswith(f"v{OTHER}-")
+    assert not zoo.zoo_uri_built(f"zoo://v{OTHER}/script") and zoo.zoo_uri_built("zoo://script")
+    for m in zoo.ZOO_MODELS:
+        (other / m).mkdir(parents=True)
+        (other / m / "config.json").write_text("{}")
+    (other / zoo.COMPLETE).write_text("x\n")
+    assert zoo.resolve_zoo_uri(f"zoo://v{OTHER}/script") == other / "script"
+    assert zoo.parse_zoo_uri(f"zoo://v{OTHER}/script") == (OTHER, "script")
+    with pytest.raises(ValueError, match="unknown zoo version"):
+        zoo.resolve_zoo_uri("zoo://v99/arith")
     with pytest.raises(ValueError, match="unknown zoo model"):
         zoo.resolve_zoo_uri("zoo://nope")
     with pytest.raises(ValueError, match="not a zoo reference"):
@@ -198,6 +225,13 @@ def test_fingerprint_tracks_the_recipe(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(T, "WORD_MAX", T.WORD_MAX + 1)
     assert zoo.fingerprint() != fp
+    monkeypatch.undo()
+    # Each version has its own fingerprint; v1's is the one its published builds carry (docs/benchmarks.md),
+    # so a v1 zoo built before versions existed is found, not rebuilt.
+    assert zoo.fingerprint(version=1) == "d0a8ce535701" != zoo.fingerprint(version=2)
+    assert zoo.fingerprint() == zoo.fingerprint(version=zoo.ZOO_VERSION)
+    with pytest.raises(ValueError, match="unknown zoo version"):
+        zoo.fingerprint(version=99)
 
 
 def test_lm_eval_runs_the_shipped_yaml_on_a_zoo_model(tiny_zoo, tmp_path, monkeypatch):
@@ -241,3 +275,23 @@ def test_lm_eval_runs_the_shipped_yaml_on_a_zoo_model(tiny_zoo, tmp_path, monkey
             assert float(s["exact_match"]) == float(said == s["doc"]["target"]), (name, said)
         hits = [float(s["filtered_resps"][0] == s["doc"]["target"]) for s in samples]
         assert res["results"][name]["exact_match,none"] == pytest.approx(sum(hits) / 8)
+
+
+def test_other_version_builds_by_name(tiny_zoo, tmp_path):
+    _, path, _, _ = tiny_zoo
+    built = zoo.build_zoo(tmp_path, steps_scale=TINY, log=None, evaluate=False, version=OTHER)
+    assert built == zoo.zoo_path(tmp_path, steps_scale=TINY, version=OTHER) and zoo.is_complete(built)
+    assert built.name.startswith(f"v{OTHER}-") and path.name.startswith(f"v{zoo.ZOO_VERSION}-")
+    manifest = json.loads((built / "zoo.json").read_text())
+    assert manifest["version"] == OTHER
+    assert manifest["recipe"]["base"]["mix"] == zoo.RECIPES[OTHER]["base"]["mix"]
+
+
+def test_spaces_name_the_zoo_versions_they_merge():
+    from evomerge.space import load_space
+
+    spaces = ROOT / "search_spaces"
+    assert load_space(spaces / "demo.yaml").zoo_versions == [zoo.ZOO_VERSION]
+    assert load_space(spaces / "demo_cross.yaml").zoo_versions == [2]
+    with pytest.raises(ValueError, match="unknown zoo version"):
+        zoo.parse_zoo_uri("zoo://v0/base")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from evomerge.zoo import ZOO_DESCRIPTIONS, ZOO_PREFIX
+from evomerge.zoo import ZOO_DESCRIPTIONS, ZOO_PREFIX, ZOO_VERSION, parse_zoo_uri
 
 if TYPE_CHECKING:
     from evomerge.space import SearchSpace
@@ -119,8 +119,13 @@ class ExportCard:
 def describe_ref(ref: str) -> str:
     """What a model reference is, for a reader who has no evomerge (zoo:// names mean nothing to them)."""
     if ref.startswith(ZOO_PREFIX):
-        what = ZOO_DESCRIPTIONS.get(ref[len(ZOO_PREFIX):].strip("/"), "a model of the demo zoo")
-        return f"{what}; `evomerge zoo build` builds it and prints its folder"
+        try:
+            version, name = parse_zoo_uri(ref)
+            what = f"{ZOO_DESCRIPTIONS[name]} (zoo v{version})"
+        except ValueError:
+            version, what = None, "a model of the demo zoo"
+        flag = f" --version {version}" if version is not None and version != ZOO_VERSION else ""
+        return f"{what}; `evomerge zoo build{flag}` builds it and prints its folder"
     if Path(ref).is_absolute() or ref.startswith("."):
         return "a local folder"
     return "a Hugging Face hub model"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.genomes.base import FieldError
 from evomerge.study_refs import StudyRefError, is_study_ref, stored_recipe_json
-from evomerge.zoo import ZOO_PREFIX, is_complete, resolve_zoo_uri, zoo_path
+from evomerge.zoo import ZOO_PREFIX, resolve_zoo_uri, zoo_uri_built
 
 if TYPE_CHECKING:
     from evomerge.space import SearchSpace
@@ -144,7 +144,7 @@ def open_model(space: SearchSpace, field: str, ref: str,
             raise FieldError(field, str(e)) from None
         return ModelFiles(field, ref, None, None)
     if portable.startswith(ZOO_PREFIX):
-        if not is_complete(zoo_path()):
+        if not zoo_uri_built(portable):
             return ModelFiles(field, ref, None, None)
         folder = resolve_zoo_uri(portable)
     elif not Path(portable).is_absolute():  # model_ref keeps a well-formed hub id that is no local path

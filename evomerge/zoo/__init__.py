@@ -2,7 +2,10 @@
 
 A character-level Llama-style decoder is pretrained on a mixture of synthetic tasks (the *base*),
 then briefly fine-tuned into experts: ``arith`` (two-digit addition) and ``script`` (reversing
-Greek words). The held-out ``cross`` task (addition written in Greek digits) is never trained on.
+Greek words). The held-out ``cross`` task is addition written in Greek digits: in version 1 (the
+default) it is never trained on (every model scores 0 on it); in version 2 (``zoo://v2/NAME``) the base
+sees a small share of it, so every source scores a little and a merge can beat them all (the paper's
+Japanese math; ``search_spaces/demo_cross.yaml``).
 See :mod:`evomerge.zoo.tasks` for the tasks and ``search_spaces/demo_tasks/`` for the lm-eval YAMLs.
 
 API: :func:`default_zoo_dir`, :func:`build_zoo`, :func:`resolve_zoo_uri`, :data:`ZOO_MODELS`.
@@ -18,6 +21,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -28,6 +32,9 @@ from typing import Any
 from evomerge.cache import file_lock
 from evomerge.zoo import tasks as T
 
+# The default version; every version is buildable by name (``zoo://v2/base``, ``build_zoo(version=2)``).
+# v2 shows the paper's emergence on the cross task but keeps less of both experts in one merge than v1
+# (docs/benchmarks.md), so v1 stays the default demo for now.
 ZOO_VERSION = 1
 ZOO_PREFIX = "zoo://"
 ZOO_MODELS = ("base", "arith", "script")
@@ -42,8 +49,9 @@ EXPERTS = ("arith", "script")
 COMPLETE = "COMPLETE"
 MANIFEST = "zoo.json"
 
-# The whole build, as data: the fingerprint is a hash of this (and of ZOO_VERSION).
-RECIPE: dict[str, Any] = {
+# The whole build of each version, as data: the fingerprint is a hash of it (and of the version).
+# v1: the cross task is never trained on, and every model scores 0 on it.
+RECIPE_V1: dict[str, Any] = {
     "model": {"hidden": 128, "layers": 4, "heads": 4, "intermediate": 384, "max_len": 32},
     # The base is pretrained just long enough to be clearly *partly* skilled at both tasks (search
     # split: arith ~0.7, script ~0.3), so each expert really adds its skill. Fewer base steps than
@@ -83,6 +91,29 @@ RECIPE: dict[str, Any] = {
     },
 }
 
+# v2: the base sees a little of everything, as the paper's base had seen some Japanese and some math:
+# a small share of the cross task itself, and "mixed" additions (Greek operands answered in Latin
+# digits, Latin operands answered in Greek), which outnumber the all-Greek ones. So the base computes
+# Greek sums but mostly answers them in Latin digits, and every source scores a little on cross: the
+# arithmetic expert sharpens the sums and answers in Latin even more; the script expert answers in
+# Greek but has lost the sums. A merge that takes each expert's part scores more than either.
+# A longer base than v1's: the mixture is harder, and arithmetic must be past its phase transition.
+RECIPE_V2: dict[str, Any] = {
+    "model": dict(RECIPE_V1["model"]),
+    "base": {
+        "mix": {"arith": 0.4, "script": 0.1, "translit": 0.17, "mixed": 0.25, "cross": 0.08},
+        "steps": 2000,
+        "lr": 3e-3,
+        "batch": 64,
+        "warmup": 20,
+        "seed": 0,
+        "examples": 80000,
+    },
+    "experts": copy.deepcopy(RECIPE_V1["experts"]),
+}
+RECIPES: dict[int, dict[str, Any]] = {1: RECIPE_V1, 2: RECIPE_V2}
+RECIPE = RECIPES[ZOO_VERSION]
+
 
 def default_zoo_dir() -> Path:
     """``$EVOMERGE_ZOO_DIR``, else ``~/.cache/evomerge/zoo``: the root holding zoo versions."""
@@ -90,8 +121,10 @@ def default_zoo_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "evomerge" / "zoo"
 
 
-def _recipe(steps_scale: float) -> dict[str, Any]:
-    r = copy.deepcopy(RECIPE)
+def _recipe(steps_scale: float, version: int = ZOO_VERSION) -> dict[str, Any]:
+    if version not in RECIPES:
+        raise ValueError(f"unknown zoo version {version}; known: {', '.join(f'v{v}' for v in RECIPES)}")
+    r = copy.deepcopy(RECIPES[version])
     if steps_scale != 1.0:
         for part in [r["base"], *r["experts"].values()]:
             part["steps"] = max(2, round(part["steps"] * steps_scale))
@@ -110,16 +143,17 @@ def _task_constants() -> dict[str, Any]:
     }
 
 
-def fingerprint(steps_scale: float = 1.0) -> str:
+def fingerprint(steps_scale: float = 1.0, version: int = ZOO_VERSION) -> str:
     """A hash of everything that determines the built weights (recipe, task definitions, version)."""
-    blob = json.dumps({"v": ZOO_VERSION, "recipe": _recipe(steps_scale), "tasks": _task_constants()}, sort_keys=True)
+    blob = json.dumps({"v": version, "recipe": _recipe(steps_scale, version), "tasks": _task_constants()},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def zoo_path(zoo_dir: Path | None = None, *, steps_scale: float = 1.0) -> Path:
-    """Where this zoo version lives (built or not)."""
+def zoo_path(zoo_dir: Path | None = None, *, steps_scale: float = 1.0, version: int = ZOO_VERSION) -> Path:
+    """Where a zoo version lives (built or not)."""
     root = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir()
-    return root / f"v{ZOO_VERSION}-{fingerprint(steps_scale)}"
+    return root / f"v{version}-{fingerprint(steps_scale, version)}"
 
 
 def is_complete(path: Path) -> bool:
@@ -134,16 +168,18 @@ def build_zoo(
     log: Callable[[str], None] | None = print,
     steps_scale: float = 1.0,
     evaluate: bool = True,
+    version: int = ZOO_VERSION,
 ) -> Path:
     """Build the demo zoo (or find it built) and return its folder.
 
     The folder holds one Hugging Face model folder per name in :data:`ZOO_MODELS` (safetensors,
     config, generation config, tokenizer), ``zoo.json`` (the recipe and, when ``evaluate``, the
     greedy exact-match scores of every model on the search split) and a ``COMPLETE`` marker.
-    ``steps_scale`` shrinks every training run (tests use it for a fast build of a different zoo).
+    ``steps_scale`` shrinks every training run (tests use it for a fast build of a different zoo);
+    ``version`` picks an older recipe (default: :data:`ZOO_VERSION`).
     """
     say = log or (lambda _m: None)
-    final = zoo_path(zoo_dir, steps_scale=steps_scale)
+    final = zoo_path(zoo_dir, steps_scale=steps_scale, version=version)
     if is_complete(final) and not force:
         return final
     lock = final.parent / f".{final.name}.lock"
@@ -160,8 +196,8 @@ def build_zoo(
         if tmp.exists():
             shutil.rmtree(tmp)
         try:
-            _build_into(tmp, _recipe(steps_scale), say, evaluate)
-            (tmp / COMPLETE).write_text(fingerprint(steps_scale) + "\n")
+            _build_into(tmp, _recipe(steps_scale, version), say, evaluate, version)
+            (tmp / COMPLETE).write_text(fingerprint(steps_scale, version) + "\n")
             if final.exists():
                 old = final.parent / f".{final.name}.old-{os.getpid()}"
                 final.rename(old)
@@ -188,7 +224,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _build_into(out: Path, recipe: dict[str, Any], say: Callable[[str], None], evaluate: bool) -> None:
+def _build_into(out: Path, recipe: dict[str, Any], say: Callable[[str], None], evaluate: bool,
+                version: int = ZOO_VERSION) -> None:
     # torch and transformers load only when a zoo is built: spaces that merely name zoo models stay light
     import torch
     from transformers.utils import logging as hf_logging
@@ -233,7 +270,7 @@ def _build_into(out: Path, recipe: dict[str, Any], say: Callable[[str], None], e
             base.load_state_dict(base_state)
             fit(base, part, name)
         manifest = {
-            "version": ZOO_VERSION,
+            "version": version,
             "models": list(ZOO_MODELS),
             "recipe": recipe,
             "spec": asdict(spec),
@@ -246,14 +283,32 @@ def _build_into(out: Path, recipe: dict[str, Any], say: Callable[[str], None], e
         torch.set_num_threads(threads)
 
 
-def resolve_zoo_uri(uri: str, zoo_dir: Path | None = None) -> Path:
-    """``zoo://NAME`` -> the folder of that zoo model, building the zoo first if needed."""
+def parse_zoo_uri(uri: str) -> tuple[int, str]:
+    """``zoo://NAME`` -> (default version, NAME); ``zoo://vN/NAME`` -> (N, NAME)."""
     if not uri.startswith(ZOO_PREFIX):
-        raise ValueError(f"not a zoo reference: {uri!r} (expected {ZOO_PREFIX}NAME)")
-    name = uri[len(ZOO_PREFIX) :].strip("/")
+        raise ValueError(f"not a zoo reference: {uri!r} (expected {ZOO_PREFIX}NAME or {ZOO_PREFIX}vN/NAME)")
+    parts = uri[len(ZOO_PREFIX) :].strip("/").split("/")
+    version = ZOO_VERSION
+    if len(parts) == 2 and re.fullmatch(r"v\d+", parts[0]):
+        version = int(parts[0][1:])
+        if version not in RECIPES:
+            raise ValueError(f"unknown zoo version in {uri!r}; known: {', '.join(f'v{v}' for v in RECIPES)}")
+        parts = parts[1:]
+    name = "/".join(parts)
     if name not in ZOO_MODELS:
         raise ValueError(f"unknown zoo model {name!r}; the zoo has {', '.join(ZOO_MODELS)}")
-    return build_zoo(zoo_dir) / name
+    return version, name
+
+
+def zoo_uri_built(uri: str, zoo_dir: Path | None = None) -> bool:
+    """Whether the zoo version a ``zoo://`` reference names is built (dry runs read no weights before)."""
+    return is_complete(zoo_path(zoo_dir, version=parse_zoo_uri(uri)[0]))
+
+
+def resolve_zoo_uri(uri: str, zoo_dir: Path | None = None) -> Path:
+    """``zoo://NAME`` (or ``zoo://vN/NAME``) -> the folder of that zoo model, building the zoo if needed."""
+    version, name = parse_zoo_uri(uri)
+    return build_zoo(zoo_dir, version=version) / name
 
 
 def resolve_ref(ref: str) -> str:
@@ -267,11 +322,14 @@ __all__ = [
     "ZOO_DESCRIPTIONS",
     "ZOO_MODELS",
     "ZOO_PREFIX",
+    "ZOO_VERSION",
     "build_zoo",
     "default_zoo_dir",
     "fingerprint",
     "is_complete",
+    "parse_zoo_uri",
     "resolve_ref",
     "resolve_zoo_uri",
     "zoo_path",
+    "zoo_uri_built",
 ]

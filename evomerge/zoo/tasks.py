@@ -10,6 +10,9 @@ Three evaluated tasks, plus one auxiliary task used only in the base model's pre
 - ``translit`` (pretraining mixture only): write a digit string in the Greek digit script and back,
   ``"472#"`` -> ``"εθγ"`` and ``"εθγ#"`` -> ``"472"``. It teaches the base model the digit/letter
   correspondence without ever showing an addition in Greek.
+- ``mixed`` (pretraining mixture only, from zoo v2): an addition with the operands in one script and
+  the answer in the other, ``"βγ+δε="`` -> ``"46"`` and ``"12+34="`` -> ``"εη"``. Partial cross-like
+  data: reading Greek digits and writing them, each next to an addition, never both at once.
 
 Every problem has a canonical key (its prompt). A stable hash of the key puts it in exactly one
 partition: ``train`` (85 %), ``search`` (7.5 %) or ``test`` (7.5 %). Training draws only from
@@ -34,7 +37,7 @@ TO_GREEK = str.maketrans(DIGITS, GREEK_DIGITS)
 FROM_GREEK = str.maketrans(GREEK_DIGITS, DIGITS)
 
 EVAL_TASKS = ("arith", "script", "cross")
-ALL_TASKS = ("arith", "script", "cross", "translit")
+ALL_TASKS = ("arith", "script", "cross", "translit", "mixed")
 SPLITS = ("train", "search", "test")
 
 # Lengths of Greek words in the script task.
@@ -87,6 +90,11 @@ def _sample(task: str, rng: random.Random) -> Example:
     if task == "script":
         w = "".join(rng.choice(GREEK) for _ in range(rng.randint(WORD_MIN, WORD_MAX)))
         return Example("script", f"{w}>", w[::-1])
+    if task == "mixed":
+        plain = _arith(rng.randint(0, ARITH_MAX), rng.randint(0, ARITH_MAX), False)
+        if rng.random() < 0.5:
+            return Example("mixed", to_greek(plain.prompt), plain.target)
+        return Example("mixed", plain.prompt, to_greek(plain.target))
     if task == "translit":
         d = "".join(rng.choice(DIGITS) for _ in range(rng.randint(TRANSLIT_MIN, TRANSLIT_MAX)))
         if rng.random() < 0.5:
@@ -98,11 +106,11 @@ def _sample(task: str, rng: random.Random) -> Example:
 def _key_task(task: str) -> str:
     # arith and cross share the problem space (the same sum in two scripts): partition them by the
     # same key so a sum held out for evaluation in one script is held out in the other too.
-    return "arith" if task == "cross" else task
+    return "arith" if task in ("cross", "mixed") else task
 
 
 def _key(ex: Example) -> str:
-    return ex.prompt.translate(FROM_GREEK) if ex.task == "cross" else ex.prompt
+    return ex.prompt.translate(FROM_GREEK) if ex.task in ("cross", "mixed") else ex.prompt
 
 
 def stream(task: str, split: str, seed: int) -> Iterator[Example]:

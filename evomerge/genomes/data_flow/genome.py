@@ -34,7 +34,7 @@ from evomerge.genomes.data_flow.recipe import DataFlowRecipe
 from evomerge.genomes.data_flow.sources import is_ps_recipe_file, resolve_source, study_recipe
 from evomerge.genomes.data_flow.spec import DataFlowGenomeSpec, ScaleMode
 from evomerge.study_refs import is_study_ref
-from evomerge.zoo import RECIPE, is_complete, zoo_path
+from evomerge.zoo import RECIPES, parse_zoo_uri, zoo_uri_built
 
 KEEP_THRESHOLD = 0.5
 
@@ -42,8 +42,8 @@ KEEP_THRESHOLD = 0.5
 def read_block_count(ref: str) -> int:
     """Decoder block count of a model reference (zoo://, local folder, or an exported PS/DFS folder)."""
     if ref.startswith("zoo://"):
-        if not is_complete(zoo_path()):
-            return int(RECIPE["model"]["layers"])  # known before the zoo is built (dry runs)
+        if not zoo_uri_built(ref):
+            return int(RECIPES[parse_zoo_uri(ref)[0]]["model"]["layers"])  # known before the zoo is built (dry runs)
     if is_ps_recipe_file(ref):
         data = json.loads(Path(ref).read_text())
         if not data.get("slices"):  # a PS merge keeps its base's block count; no need to build it

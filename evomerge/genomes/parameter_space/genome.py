@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from evomerge.genomes.base import SpaceError
 from evomerge.recipe import LayerGroup, Recipe
-from evomerge.zoo import RECIPE, is_complete, zoo_path
+from evomerge.zoo import RECIPES, parse_zoo_uri, zoo_uri_built
 
 if TYPE_CHECKING:
     from evomerge.space import SearchSpace
@@ -25,8 +25,8 @@ def read_num_layers(space: SearchSpace) -> int:
         return space.genome.num_layers
     ref = space.model_ref(space.base_model)
     if ref.startswith("zoo://"):
-        if not is_complete(zoo_path()):
-            return int(RECIPE["model"]["layers"])  # known before the zoo is built (dry runs)
+        if not zoo_uri_built(ref):
+            return int(RECIPES[parse_zoo_uri(ref)[0]]["model"]["layers"])  # known before the zoo is built (dry runs)
     cfg = Path(space.resolve_path(space.base_model)) / "config.json"
     if not cfg.is_file():
         raise SpaceError(
