@@ -542,16 +542,20 @@ class MAP(Algorithm):
                 "generation": self._generation, "phase": self.phase(), "points": self._points,
                 "fits": self._fits, "current": cur}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _load_points(self, state: dict[str, Any]) -> None:
+        """What every MAP variant's state holds: the header, the variant, the counters and the points."""
         self._check_header(state)
         if state.get("variant") != self.variant:
-            raise ValueError(f"map: state has variant {state.get('variant')!r}, this one {self.variant!r}")
+            raise ValueError(f"{self.name}: state has variant {state.get('variant')!r}, this one {self.variant!r}")
         self._reset()
         self._next_key = int(state["next_key"])
         self._generation = int(state["generation"])
         self._points = [{"key": int(p["key"]), "x": [float(v) for v in p["x"]],
                          "values": None if p["values"] is None else [float(v) for v in p["values"]]}
                         for p in state["points"]]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load_points(state)
         self._fits = [dict(f) for f in state["fits"]]
         c = state.get("current")
         if c is not None:

@@ -219,15 +219,7 @@ class MAPAsync(MAP):
                 "handed_since_fit": self._handed_since_fit, "pool": self._pool, "pool_round": self._pool_round}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._check_header(state)
-        if state.get("variant") != self.variant:
-            raise ValueError(f"map_async: state has variant {state.get('variant')!r}, this one {self.variant!r}")
-        self._reset()
-        self._next_key = int(state["next_key"])
-        self._generation = int(state["generation"])
-        self._points = [{"key": int(p["key"]), "x": [float(v) for v in p["x"]],
-                         "values": None if p["values"] is None else [float(v) for v in p["values"]]}
-                        for p in state["points"]]
+        self._load_points(state)
         self._fits = copy.deepcopy(state["fits"])
         self._pending = {int(k): [float(v) for v in x] for k, x in state["pending"]}
         self._design_handed = int(state["design_handed"])
