@@ -8,8 +8,9 @@ trying another expert recipe on the same base costs only the expert. Scores (the
 match, as its lm-eval YAMLs score) the base, the experts, uniform task arithmetic over a weight grid,
 and ``--samples`` random per-group task-arithmetic merges (embed, each block, head; weights in [0, 2])
 ranked by the cross search split, which approximates what the demo search finds on that zoo.
-Ends with ``RESULT {"sources", "grid", "random_best", "cross_test_ratio"}``: the cross test of the random
-merge with the best cross search score over the best source's.
+Ends with ``RESULT {"sources", "grid", "random_best", "cross_test_ratio", "balanced"}``: the cross test of
+the random merge with the best cross search score over the best source's, and the grid or random merge
+that keeps the largest worst-case fraction of each expert's own search score (``kept``).
 """
 
 from __future__ import annotations
@@ -111,19 +112,33 @@ def main() -> None:
     groups = {k: group_of(k, layers) for k in base}
     rng = random.Random(0)
     best = None
+    samples: list = []
     for _ in range(args.samples):
         w = [[rng.uniform(0, 2) for _ in range(layers + 2)] for _ in names]
         merged = {k: base[k] + sum(w[j][groups[k]] * taus[n][k] for j, n in enumerate(names)) for k in base}
-        s = probe.score(merged, ["cross_search"])
+        s = probe.score(merged, quick)
+        samples.append((w, s))
         if best is None or s["cross_search"] > best[0]:
             best = (s["cross_search"], w, merged)
     assert best is not None
     random_best = {"weights": [[round(x, 3) for x in r] for r in best[1]], "scores": probe.score(best[2])}
     print("random best", json.dumps(random_best), flush=True)
+    # the balanced merge: the largest worst-case fraction of each expert's own search score (grid and samples)
+    own = {n: sources[n][f"{n}_search"] for n in names}
+
+    def kept(s: dict) -> float:
+        return min(s[f"{n}_search"] / own[n] if own[n] else 0.0 for n in names)
+
+    pool = [(k, s) for k, s in grid.items()] + [(w, s) for w, s in samples]
+    bal = max(pool, key=lambda ks: kept(ks[1]))
+    balanced = {"merge": bal[0] if isinstance(bal[0], str) else [[round(x, 3) for x in r] for r in bal[0]],
+                "search": bal[1], "kept": round(kept(bal[1]), 3)}
+    print("balanced best", json.dumps(balanced), flush=True)
     best_source = max(s["cross_test"] for s in sources.values())
     ratio = round(random_best["scores"]["cross_test"] / best_source, 3) if best_source else None
     print("RESULT " + json.dumps({"recipe": _hash(recipe), "sources": sources, "grid": grid,
-                                  "random_best": random_best, "cross_test_ratio": ratio}))
+                                  "random_best": random_best, "cross_test_ratio": ratio,
+                                  "balanced": balanced}))
 
 
 if __name__ == "__main__":

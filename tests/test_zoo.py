@@ -65,12 +65,13 @@ def test_splits_are_disjoint():
         train = {e.prompt.translate(T.FROM_GREEK) for e in T.generate(t, "train", 3000, seed=0, unique=False)}
         assert not train & held_out, t
     # v1 never trains on the cross task; from v2 the base sees a small share of its training problems
-    # (as the paper's base had seen some Japanese and some math), the experts none.
+    # (as the paper's base had seen some Japanese and some math), the experts a sliver (at most 2%): enough
+    # that each scores a little on cross, too little to learn it.
     v1 = [zoo.RECIPES[1]["base"], *zoo.RECIPES[1]["experts"].values()]
     assert all("cross" not in p["mix"] for p in v1)
     v2 = zoo.RECIPES[2]
     assert 0 < v2["base"]["mix"]["cross"] / sum(v2["base"]["mix"].values()) <= 0.1
-    assert all("cross" not in p["mix"] for p in v2["experts"].values())
+    assert all(0 < p["mix"]["cross"] / sum(p["mix"].values()) <= 0.02 for p in v2["experts"].values())
 
 
 def test_shipped_task_files_match_the_generator():

@@ -33,8 +33,8 @@ from evomerge.cache import file_lock
 from evomerge.zoo import tasks as T
 
 # The default version; every version is buildable by name (``zoo://v2/base``, ``build_zoo(version=2)``).
-# v2 shows the paper's emergence on the cross task but keeps less of both experts in one merge than v1
-# (docs/benchmarks.md), so v1 stays the default demo for now.
+# v2 shows the paper's emergence on the cross task (docs/benchmarks.md); v1 stays the default demo, whose
+# published builds and studies carry v1's fingerprint.
 ZOO_VERSION = 1
 ZOO_PREFIX = "zoo://"
 ZOO_MODELS = ("base", "arith", "script")
@@ -94,9 +94,8 @@ RECIPE_V1: dict[str, Any] = {
 # v2: the base sees a little of everything, as the paper's base had seen some Japanese and some math:
 # a small share of the cross task itself, and "mixed" additions (Greek operands answered in Latin
 # digits, Latin operands answered in Greek), which outnumber the all-Greek ones. So the base computes
-# Greek sums but mostly answers them in Latin digits, and every source scores a little on cross: the
-# arithmetic expert sharpens the sums and answers in Latin even more; the script expert answers in
-# Greek but has lost the sums. A merge that takes each expert's part scores more than either.
+# Greek sums but mostly answers them in Latin digits, and every source scores a little on cross; a
+# searched merge scores about twice the best source there while another keeps ~90% of both experts.
 # A longer base than v1's: the mixture is harder, and arithmetic must be past its phase transition.
 RECIPE_V2: dict[str, Any] = {
     "model": dict(RECIPE_V1["model"]),
@@ -111,6 +110,13 @@ RECIPE_V2: dict[str, Any] = {
     },
     "experts": copy.deepcopy(RECIPE_V1["experts"]),
 }
+# Each expert rehearses a sliver of the other side, as real fine-tunes keep some general data: the script
+# expert 5% Latin sums (without them it answers Latin sums in Greek and no merge keeps both skills) and
+# 1% all-Greek sums, the arithmetic expert 1.5% all-Greek sums. So every source scores a little on cross
+# (0.02-0.18 on its test split) and the shares sit just past a sharp threshold (0.5% leaves an expert at
+# 0.000, 2% at 0.5-0.9): docs/benchmarks.md.
+RECIPE_V2["experts"]["script"]["mix"] = {"script": 0.94, "arith": 0.05, "cross": 0.01}
+RECIPE_V2["experts"]["arith"]["mix"] = {"arith": 0.985, "cross": 0.015}
 RECIPES: dict[int, dict[str, Any]] = {1: RECIPE_V1, 2: RECIPE_V2}
 RECIPE = RECIPES[ZOO_VERSION]
 
