@@ -20,7 +20,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 from typer.exceptions import TyperException
 
 from evomerge.merge_cli import merge_command
-from evomerge.zoo import ZOO_VERSION
+from evomerge.zoo import RECIPES, ZOO_VERSION
 
 
 class Command(TyperCommand):
@@ -389,6 +389,8 @@ def zoo_build(
         "--version", metavar="N", min=1, help="the zoo version to build (zoo://vN/NAME names one)")] = ZOO_VERSION,
 ) -> None:
     """Build (or reuse) the demo zoo: a tiny base model and experts trained here."""
+    if version not in RECIPES:
+        raise UserError(f"--version {version}: unknown zoo version; known: {', '.join(str(v) for v in RECIPES)}")
     from evomerge.zoo import build_zoo  # torch comes with a build, not with --help
 
     path = build_zoo(force=force, version=version, log=lambda m: err.print(m, markup=False, highlight=False))

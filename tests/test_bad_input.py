@@ -137,6 +137,7 @@ USAGE_ERRORS = {
     "candidate_not_int": ["export", "s", "--candidate", "abc", "--out", "o"],
     "missing_argument": ["resume"],
     "merge_without_out": ["merge", "x.yaml"],
+    "zoo_version_unknown": ["zoo", "build", "--version", "9"],
 }
 
 
