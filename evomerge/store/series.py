@@ -30,6 +30,12 @@ COLUMNS = ("number", "state", "operator", "generation", "worker", "attempts", "s
            "estimated")
 
 
+def _estimated() -> Any:
+    """A candidate's ``timings.estimated`` in SQL (NULL unless its scores are anchor estimates): the
+    queries' twin of ``CandidateRow.estimated``."""
+    return Candidate.timings["estimated"].as_float()
+
+
 def _time(v: datetime | str | None) -> datetime | None:
     return aware(datetime.fromisoformat(v) if isinstance(v, str) else v)
 
@@ -151,7 +157,7 @@ class SeriesMethods:
                 select(Candidate.number, Candidate.state, Candidate.operator, Candidate.generation,
                        Candidate.worker, Candidate.attempts, started, finished,
                        func.substr(Candidate.error, 1, _ERROR_CHARS), Candidate.proposal_key,
-                       Candidate.timings["estimated"].as_float())
+                       _estimated())
                 .where(Candidate.study_id == sid, Candidate.number > int(after))
                 .order_by(Candidate.number)
             ).all()
@@ -181,7 +187,7 @@ class SeriesMethods:
             rows = conn.execute(
                 select(C.number, C.state, C.operator, C.generation, C.worker, C.attempts,
                        self._epoch(C.started), self._epoch(C.finished), error,
-                       C.timings["estimated"].as_float().is_not(None))
+                       _estimated().is_not(None))
                 .where(C.study_id == sid)
                 .order_by(C.number)
             ).all()
@@ -210,7 +216,7 @@ class SeriesMethods:
                 select(Score.objective, func.min(Score.value), func.max(Score.value))
                 .join(Candidate, Candidate.id == Score.candidate_id)
                 .where(Candidate.study_id == sid, Candidate.state == "complete",
-                       Candidate.timings["estimated"].as_float().is_(None))
+                       _estimated().is_(None))
                 .group_by(Score.objective)
             ).all()
         return {obj: (lo, hi) for obj, lo, hi in rows}
