@@ -227,9 +227,11 @@ def test_fingerprint_tracks_the_recipe(monkeypatch):
     monkeypatch.setattr(T, "WORD_MAX", T.WORD_MAX + 1)
     assert zoo.fingerprint() != fp
     monkeypatch.undo()
-    # Each version has its own fingerprint; v1's is the one its published builds carry (docs/benchmarks.md),
-    # so a v1 zoo built before versions existed is found, not rebuilt.
-    assert zoo.fingerprint(version=1) == "d0a8ce535701" != zoo.fingerprint(version=2)
+    # Each version has its own fingerprint, the one its published builds and figures carry
+    # (docs/benchmarks.md), so a zoo built before versions existed, or before v2 became the default, is
+    # found, not rebuilt.
+    assert zoo.fingerprint(version=1) == "d0a8ce535701"
+    assert zoo.fingerprint(version=2) == "b927cb2f4a7d"
     assert zoo.fingerprint() == zoo.fingerprint(version=zoo.ZOO_VERSION)
     with pytest.raises(ValueError, match="unknown zoo version"):
         zoo.fingerprint(version=99)
@@ -292,7 +294,8 @@ def test_spaces_name_the_zoo_versions_they_merge():
     from evomerge.space import load_space
 
     spaces = ROOT / "search_spaces"
-    assert load_space(spaces / "demo.yaml").zoo_versions == [zoo.ZOO_VERSION]
-    assert load_space(spaces / "demo_cross.yaml").zoo_versions == [2]
+    # The demo merges the default version, the one that shows the emergence on the cross task.
+    assert load_space(spaces / "demo.yaml").zoo_versions == [zoo.ZOO_VERSION] == [2]
+    assert zoo.parse_zoo_uri("zoo://base") == (2, "base") and zoo.parse_zoo_uri("zoo://v1/base") == (1, "base")
     with pytest.raises(ValueError, match="unknown zoo version"):
         zoo.parse_zoo_uri("zoo://v0/base")

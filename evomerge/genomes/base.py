@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from evomerge.zoo import ZOO_DESCRIPTIONS, ZOO_PREFIX, ZOO_VERSION, parse_zoo_uri
+from evomerge.zoo import ZOO_DESCRIPTIONS, ZOO_PREFIX, ZOO_VERSION, build_command, parse_zoo_uri
 
 if TYPE_CHECKING:
     from evomerge.space import SearchSpace
@@ -123,9 +123,8 @@ def describe_ref(ref: str) -> str:
             version, name = parse_zoo_uri(ref)
             what = f"{ZOO_DESCRIPTIONS[name]} (zoo v{version})"
         except ValueError:
-            version, what = None, "a model of the demo zoo"
-        flag = f" --version {version}" if version is not None and version != ZOO_VERSION else ""
-        return f"{what}; `evomerge zoo build{flag}` builds it and prints its folder"
+            version, what = ZOO_VERSION, "a model of the demo zoo"
+        return f"{what}; `{build_command(version)}` builds it and prints its folder"
     if Path(ref).is_absolute() or ref.startswith("."):
         return "a local folder"
     return "a Hugging Face hub model"

@@ -13,7 +13,7 @@ from evomerge.genomes.base import ExportCard, card_sections
 from evomerge.merge.build import merge_to_folder
 from evomerge.merge.mergekit_export import dump_mergekit_yaml, recipe_to_mergekit
 from evomerge.recipe import Recipe
-from evomerge.zoo import ZOO_PREFIX, resolve_ref
+from evomerge.zoo import ZOO_PREFIX, build_command, parse_zoo_uri, resolve_ref
 
 
 def model_card(recipe: Recipe, card: ExportCard, mergekit_note: str) -> str:
@@ -85,8 +85,9 @@ def mergekit_text(recipe: Recipe, card: ExportCard) -> str | None:
     names, root = portable_names(recipe, card)
     head = [f"# candidate {card.number} of evomerge study {card.study}, as a mergekit config."]
     if root is not None:
-        what = ("the demo zoo's folder (`evomerge zoo build` prints it)" if any(
-            r.startswith(ZOO_PREFIX) for r in [recipe.base, *recipe.sources]) else "the space file's folder")
+        zoo = [r for r in [recipe.base, *recipe.sources] if r.startswith(ZOO_PREFIX)]
+        what = (f"the demo zoo's folder (`{build_command(parse_zoo_uri(zoo[0])[0])}` prints it)" if zoo
+                else "the space file's folder")
         head += [f"# Model paths are relative to {what}: {root}",
                  f"# so run it from there:  cd {root} && mergekit-yaml /path/to/mergekit_config.yml OUT"]
     return "\n".join(head) + "\n" + dump_mergekit_yaml(_renamed(mk, names))
