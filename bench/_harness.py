@@ -48,8 +48,8 @@ class Evaluations:
     def __init__(self, space: SearchSpace):
         from evomerge.zoo import build_zoo
 
-        if space.uses_zoo:
-            build_zoo(log=lambda m: print(m, file=sys.stderr))
+        for version in space.zoo_versions:
+            build_zoo(log=lambda m: print(m, file=sys.stderr), version=version)
         self.space = space
         self.genome = make_genome(space)
         self.names = [o.name for o in space.objectives]

@@ -48,10 +48,10 @@ def main() -> None:
         ev = Evaluations(space)
     assert ev.genome.dim == 2, ev.genome.gene_names()
     directions = [o.direction for o in space.objectives]
-    ref = accuracy_reference(2, directions)
+    ref = accuracy_reference(len(directions), directions)
 
     t0 = time.perf_counter()
-    algo = make_algorithm("map", dim=2, directions=directions, seed=args.seed, links=["sigmoid", "sigmoid"],
+    algo = make_algorithm("map", dim=2, directions=directions, seed=args.seed, links=["sigmoid"] * len(directions),
                           front_rounds=args.front_rounds)
     map_points: list[tuple[int, list[float], list[float] | None]] = []
     front_keys: set[int] = set()

@@ -6,7 +6,7 @@
 Every registered evomerge algorithm runs on search_spaces/demo.yaml's genome and objectives with equal
 budgets and several seeds (at least 5: a rank test on fewer cannot reach p < 0.05); `pymoo_nsga2` is
 evomerge's `nsga2` (it is pymoo's NSGA-II), reported under both names, as `pymoo_nsga3` is `nsga3`.
-Hypervolume uses the fixed accuracy reference point (both objectives in [0, 1]). For every pair of
+Hypervolume uses the fixed accuracy reference point (every objective in [0, 1]). For every pair of
 algorithms a two-sided Mann-Whitney U test on the final hypervolumes of the seeds (scipy; the seeds of
 two algorithms are independent runs, not paired) says whether they differ; the best of evomerge's own
 algorithms (everything but Optuna's samplers, pymoo's NSGA-II/III and random) is set against Optuna's
