@@ -96,13 +96,14 @@ def study_rows(db: Path) -> int:
 # ------------------------------------------------------------------------------------- the corpus
 
 DEMO_YAML = yaml.safe_dump(demo_data(), sort_keys=False)
+BUDGET = f"budget: {demo_data()['budget']}"
 
 BAD_SPACES: dict[str, bytes] = {
     "not_utf8": DEMO_YAML.encode() + b"\n# caf\xe9\n",
     "utf16": DEMO_YAML.encode("utf-16"),
     "int_5000_digits": DEMO_YAML.replace("seed: 0", "seed: " + "1" * 5000).encode(),
-    "budget_1e25": DEMO_YAML.replace("budget: 150", "budget: 10000000000000000000000000").encode(),
-    "budget_2_31": DEMO_YAML.replace("budget: 150", f"budget: {2**31}").encode(),
+    "budget_1e25": DEMO_YAML.replace(BUDGET, "budget: 10000000000000000000000000").encode(),
+    "budget_2_31": DEMO_YAML.replace(BUDGET, f"budget: {2**31}").encode(),
     "seed_1e25": DEMO_YAML.replace("seed: 0", "seed: 10000000000000000000000000").encode(),
     "seed_negative": DEMO_YAML.replace("seed: 0", "seed: -5").encode(),  # numpy, optuna, pymoo: seeds >= 0
     "nested_too_deep": b"models: " + b"[" * 5000 + b"]" * 5000 + b"\n",
@@ -114,6 +115,8 @@ BAD_SPACES: dict[str, bytes] = {
 @pytest.mark.parametrize("case", sorted(BAD_SPACES))
 @pytest.mark.parametrize("command", ["validate", "search"])
 def test_bad_space_is_one_line_and_creates_no_study(case: str, command: str, tmp_path: Path) -> None:
+    # a case whose edit no longer matches demo.yaml would run the whole demo search, not fail in one line
+    assert BAD_SPACES[case] != DEMO_YAML.encode(), case
     space = tmp_path / "space.yaml"
     space.write_bytes(BAD_SPACES[case])
     db = tmp_path / "s.db"
