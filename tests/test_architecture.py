@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,16 @@ def test_nothing_cites_files_outside_the_repository():
         if "DESIGN.md" in line or "DESIGN section" in line
     ]
     assert not hits, "cites a design file users do not have: " + ", ".join(hits)
+
+
+def test_no_merge_conflict_markers():
+    # a conflicted merge once landed in README.md with both sides of a table row: git does not refuse it
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    marker = re.compile(r"^(<{7} |={7}$|>{7} )", re.M)
+    hits = []
+    for name in tracked:
+        p = ROOT / name
+        if p.suffix in {".py", ".md", ".yaml", ".yml", ".toml", ".c", ".h", ".js", ".html", ".css", ".sh", ".txt"} \
+                and p.is_file() and marker.search(p.read_text(errors="replace")):
+            hits.append(name)
+    assert not hits, "merge conflict markers in: " + ", ".join(hits)
