@@ -136,6 +136,9 @@ def run_algorithm(ev: Evaluations, name: str, budget: int, seed: int, fidelity: 
                 plan = plan_anchors({n: np.array([r[n] for r in refs]) for n in staged}, fid_settings.fraction,
                                     seed % (2**32))
             fidelity = {**fid_settings.model_dump(), "anchors": plan}
+        if fidelity is not None:  # the driver's reference point: every objective of the demo is an accuracy
+            dirs = [o.direction for o in ev.space.objectives]
+            fidelity = {**fidelity, "reference": accuracy_reference(len(dirs), dirs).tolist()}
         if fidelity is not None:
             done = [v for i, v in enumerate(out) if v is not None and i not in estimated]
             if done:

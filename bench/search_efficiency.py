@@ -1,7 +1,7 @@
 """Search efficiency on the demo zoo: hypervolume against number of evaluations for every algorithm.
 
-    python bench/search_efficiency.py [--quick] [--budget 60] [--seeds 5] [--plot docs/search_efficiency.png]
-        [--fidelity racing|anchors [--fidelity-fraction 0.25]]
+    python bench/search_efficiency.py [--quick] [--budget 60] [--seeds 5] [--jobs 2] [--plot docs/search_efficiency.png]
+        [--fidelity racing|anchors [--fidelity-fraction 0.25] [--fidelity-z Z] [--fidelity-gain G]]
 
 Every registered evomerge algorithm runs on search_spaces/demo.yaml's genome and objectives with equal
 budgets and several seeds (at least 5: a rank test on fewer cannot reach p < 0.05); `pymoo_nsga2` is
@@ -13,17 +13,21 @@ algorithms (everything but Optuna's samplers, pymoo's NSGA-II/III and random) is
 best and pymoo's best. `--quick` scores each objective on 50 examples instead of 200, budget 40.
 `--fidelity` also runs nsga2 with cheaper fitness (`racing`: multi-fidelity racing on a first slice;
 `anchors`: anchor-subset estimation) and reports the share of examples scored and its final
-hypervolume (the front fully scored) over nsga2's without it. Prints a table and last `RESULT <json>`.
+hypervolume (the front fully scored) over nsga2's without it. `--jobs N` runs the (algorithm, seed) runs
+in N processes, each with its own resident worker (the same results: evaluation is deterministic). Prints
+a table and last `RESULT <json>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from _harness import Evaluations, accuracy_reference, demo_space, hv_curve, run_algorithm
@@ -66,6 +70,49 @@ def family(name: str) -> str:
     return "baseline" if name in BASELINES else "evomerge"
 
 
+_EV: Evaluations | None = None  # this process's resident worker and score cache
+
+
+def _start(limit: int | None, threads: int | None) -> None:
+    global _EV
+    if threads:  # one process per core: torch's own threads would fight over the cores
+        import torch
+
+        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as d:
+        _EV = Evaluations(demo_space(Path(d), limit=limit))
+
+
+def _run(name: str, seed: int, budget: int, fidelity: dict | None) -> dict:
+    """One search: its hypervolume curve and, with ``fidelity`` ({"mode", ...settings}), the share of the
+    examples it scored and the anchor estimates' errors."""
+    ev = _EV
+    ev.fidelity, ev.estimate_errors = [], []
+    calls, seconds = ev.calls, ev.seconds
+    settings = SETTINGS.get(name, {})
+    if fidelity is None:
+        vals = run_algorithm(ev, name, budget, seed, **settings)
+    elif fidelity["mode"] == "racing":
+        fid = {k: v for k, v in fidelity.items() if k != "mode"}
+        vals = run_algorithm(ev, name, budget, seed, fidelity=fid, **settings)
+    else:
+        vals = run_algorithm(ev, name, budget, seed, anchors={k: v for k, v in fidelity.items() if k != "mode"},
+                             **settings)
+    directions = [o.direction for o in ev.space.objectives]
+    return {"curve": hv_curve(vals, directions, accuracy_reference(len(directions), directions)),
+            "evals": len(vals), "share": sum(ev.fidelity) / len(ev.fidelity) if ev.fidelity else 1.0,
+            "errors": list(ev.estimate_errors), "calls": ev.calls - calls, "seconds": ev.seconds - seconds}
+
+
+def _run_all(jobs: list[tuple], n: int, limit: int | None) -> list[dict]:
+    if n <= 1:
+        _start(limit, None)
+        return [_run(*j) for j in jobs]
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch or thread state
+    with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_start, initargs=(limit, 1)) as pool:
+        return list(pool.map(_run, *zip(*jobs, strict=True)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, default=60)
@@ -82,6 +129,9 @@ def main() -> None:
                     help="the same as --fidelity racing --fidelity-fraction FRACTION (kept for older commands)")
     ap.add_argument("--fidelity-z", type=float, default=None, help="anchors: error bars of optimism (default 2)")
     ap.add_argument("--min-reference", type=int, default=None, help="anchors: fully scored candidates first")
+    ap.add_argument("--fidelity-gain", type=float, default=None,
+                    help="finish only candidates whose optimistic scores add this share of the front's hypervolume")
+    ap.add_argument("--jobs", type=int, default=1, help="processes running searches side by side")
     args = ap.parse_args()
     if args.multi_fidelity is not None:
         args.fidelity, args.fidelity_fraction = "racing", args.multi_fidelity
@@ -90,43 +140,45 @@ def main() -> None:
     names = args.algorithms or sorted(REGISTRY)
     if args.fidelity and "nsga2" not in names:
         names = [*names, "nsga2"]  # the full-evaluation search the cheaper one is compared with
-    with tempfile.TemporaryDirectory() as d:
-        space = demo_space(Path(d), limit=limit)
-        ev = Evaluations(space)
-    directions = [o.direction for o in space.objectives]
-    ref = accuracy_reference(len(directions), directions)
-    curves: dict[str, list[list[float]]] = {}
+    fid = None
+    if args.fidelity == "racing":
+        fid = {"mode": "racing", "fraction": args.fidelity_fraction, "bound": "hoeffding", "delta": 0.05}
+    elif args.fidelity == "anchors":
+        fid = {"mode": "anchors", "fraction": args.fidelity_fraction}
+        for key, value in (("z", args.fidelity_z), ("min_reference", args.min_reference)):
+            if value is not None:
+                fid[key] = value
+    if fid is not None and args.fidelity_gain is not None:
+        fid["min_gain"] = args.fidelity_gain
+    jobs = [(name, seed, budget, None) for name in names for seed in range(seeds)]
+    if fid is not None:
+        jobs += [("nsga2", seed, budget, fid) for seed in range(seeds)]
     t0 = time.perf_counter()
-    for name in names:
-        for seed in range(seeds):
-            vals = run_algorithm(ev, name, budget, seed, **SETTINGS.get(name, {}))
-            curves.setdefault(name, []).append(hv_curve(vals, directions, ref))
-            print(f"{name:>13} seed {seed}: {len(vals)} evals, HV {curves[name][-1][-1]:.4f}", file=sys.stderr)
+    runs = _run_all(jobs, args.jobs, limit)
+    curves: dict[str, list[list[float]]] = {}
+    fid_runs = []
+    for (name, seed, _, f), r in zip(jobs, runs, strict=True):
+        if f is None:
+            curves.setdefault(name, []).append(r["curve"])
+            print(f"{name:>13} seed {seed}: {r['evals']} evals, HV {r['curve'][-1]:.4f}", file=sys.stderr)
+        else:
+            fid_runs.append(r)
+            print(f"{'nsga2+' + args.fidelity:>13} seed {seed}: {r['evals']} evals, HV {r['curve'][-1]:.4f}, "
+                  f"{100 * r['share']:.0f}% of the examples", file=sys.stderr)
+    calls, seconds = sum(r["calls"] for r in runs), sum(r["seconds"] for r in runs)
     finals = {name: [c[-1] for c in cs] for name, cs in curves.items()}
     hv = {name: summary(f) for name, f in finals.items()}
     result: dict = {"budget": budget, "seeds": seeds, "limit": limit, "hv": hv}
-    if args.fidelity:
-        fr = args.fidelity_fraction
-        fid_finals, shares, errors = [], [], []
-        for seed in range(seeds):
-            ev.fidelity = []
-            ev.estimate_errors = []
-            if args.fidelity == "racing":
-                fid = {"fraction": fr, "bound": "hoeffding", "delta": 0.05}
-                vals = run_algorithm(ev, "nsga2", budget, seed, fidelity=fid, **SETTINGS["nsga2"])
-            else:
-                anchors = {"fraction": fr}
-                if args.fidelity_z is not None:
-                    anchors["z"] = args.fidelity_z
-                if args.min_reference is not None:
-                    anchors["min_reference"] = args.min_reference
-                vals = run_algorithm(ev, "nsga2", budget, seed, anchors=anchors, **SETTINGS["nsga2"])
-            fid_finals.append(hv_curve(vals, directions, ref)[-1])
-            shares.append(sum(ev.fidelity) / len(ev.fidelity))
-            errors += ev.estimate_errors
-        mf = {"algorithm": "nsga2", "mode": args.fidelity, "fraction": fr, "z": args.fidelity_z,
-              "min_reference": args.min_reference, "hv": summary(fid_finals),
-              "examples_scored": round(statistics.mean(shares), 4)}
+    if fid is not None:
+        fid_finals = [r["curve"][-1] for r in fid_runs]
+        shares = [r["share"] for r in fid_runs]
+        errors = [e for r in fid_runs for e in r["errors"]]
+        mf = {"algorithm": "nsga2", "mode": args.fidelity, "fraction": args.fidelity_fraction, "z": args.fidelity_z,
+              "min_reference": args.min_reference, "min_gain": args.fidelity_gain, "hv": summary(fid_finals),
+              "hv_per_seed": [round(v, 4) for v in fid_finals],
+              "full_hv_per_seed": [round(v, 4) for v in finals["nsga2"]],
+              "examples_scored": round(statistics.mean(shares), 4),
+              "examples_scored_per_seed": [round(v, 4) for v in shares]}
         if errors:
             mf["estimate_abs_error"] = {"mean": round(statistics.mean(errors), 4), "max": round(max(errors), 4),
                                         "n": len(errors)}
@@ -164,7 +216,7 @@ def main() -> None:
     for pair, t in tests.items():
         if t["p"] < 0.05:
             print(f"  differ (p < 0.05): {pair} (p = {t['p']:.3f})")
-    print(f"evaluations run: {ev.calls} ({ev.seconds:.0f}s), cached repeats free; wall {time.perf_counter() - t0:.0f}s")
+    print(f"evaluations run: {calls} ({seconds:.0f}s), cached repeats free; wall {time.perf_counter() - t0:.0f}s")
     if args.plot:
         import matplotlib
 

@@ -149,7 +149,7 @@ def _run_study(space, store, study: str, workers: int, ray_address: str | None, 
     fid = [t["fidelity"] for t in s.timings if "fidelity" in t]
     if fid:
         stopped = sum(1 for t in s.timings if t.get("pruned"))
-        how = "were estimated from their anchors" if any(t.get("estimated") for t in s.timings) else \
+        how = "were estimated from their anchors" if space.evaluation.multi_fidelity.method == "anchors" else \
             "stopped after the first slice"
         log.event("run", f"multi-fidelity: scored {100 * sum(fid) / len(fid):.0f}% of the examples full "
                   f"evaluations need; {stopped} of {len(fid)} candidates {how}")

@@ -58,6 +58,10 @@ class MultiFidelity(BaseModel):
     # (below 0: finished only when the estimate passes the front by -z error bars; the others stay estimates,
     # which are no results: never on the front, nor in the best scores or the hypervolume)
     z: float = Field(default=2.0, ge=-5.0, le=100.0)
+    # a candidate is finished only when its optimistic scores would add at least this share of the front's
+    # hypervolume (0: whenever they are not dominated). With three or more objectives most of NSGA-II's
+    # children are non-dominated by a sliver; finishing only those that move the front keeps the cost down.
+    min_gain: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
 def optimistic_value(samples: list[float], n_total: int, direction: str, fid: MultiFidelity) -> float:
@@ -75,14 +79,22 @@ def optimistic_value(samples: list[float], n_total: int, direction: str, fid: Mu
     return hi if direction == "maximize" else lo
 
 
-def can_reach_front(optimistic: list[float], front: list[list[float]], directions: list[str]) -> bool:
-    """False when some front member dominates even the optimistic scores."""
+def can_reach_front(optimistic: list[float], front: list[list[float]], directions: list[str],
+                    min_gain: float = 0.0, reference: list[float] | None = None) -> bool:
+    """False when some front member dominates even the optimistic scores, or (``min_gain`` > 0, with the
+    study's hypervolume ``reference`` point in minimization form) when they would add less than
+    ``min_gain`` of the front's hypervolume."""
     if not front:
         return True
     F = frontlib.to_minimization(front, directions)
     o = frontlib.to_minimization([optimistic], directions)[0]
     dominated = np.all(F <= o, axis=1) & np.any(F < o, axis=1)
-    return not bool(dominated.any())
+    if dominated.any():
+        return False
+    if min_gain <= 0.0 or reference is None:
+        return True
+    hv = frontlib.hypervolume(F, reference)
+    return hv <= 0.0 or frontlib.hypervolume(np.vstack([F, o]), reference) - hv >= min_gain * hv
 
 
 # ------------------------------------------------------------------------------------ anchor subsets

@@ -121,12 +121,13 @@ class MergeWorker:
             if objective_names is not None:
                 objs = [o for o in self.objectives if o.name in objective_names]
             if fidelity is not None and front:
-                settings = {k: v for k, v in fidelity.items() if k != "anchors"}
+                settings = {k: v for k, v in fidelity.items() if k not in ("anchors", "reference")}
                 fid = MultiFidelity.model_validate(settings)
                 if fid.method == "anchors":
-                    out, extra = self._anchored(objs, front, fid, fidelity.get("anchors") or {})
+                    out, extra = self._anchored(objs, front, fid, fidelity.get("anchors") or {},
+                                                fidelity.get("reference"))
                 else:
-                    out, extra = self._staged(objs, front, fid)
+                    out, extra = self._staged(objs, front, fid, fidelity.get("reference"))
             else:
                 out, extra = self.evaluator.evaluate(self.model, objs), {}
             t2 = time.perf_counter()
@@ -142,7 +143,8 @@ class MergeWorker:
             res.error = f"{type(e).__name__}: {e}\n{tb}"
         return res.to_dict()
 
-    def _anchored(self, objs: list[Objective], front: list[list[float]], fid: MultiFidelity, plan: dict):
+    def _anchored(self, objs: list[Objective], front: list[list[float]], fid: MultiFidelity, plan: dict,
+                  reference: list[float] | None = None):
         """Anchors first (``plan``: per objective its anchors, weights and error bar, from the driver); the
         rest only when the estimate plus ``z`` error bars could reach the front. Without a plan for an
         objective (too few fully scored candidates yet) it is scored in full."""
@@ -167,7 +169,7 @@ class MergeWorker:
         seen = sum(len(plan[o.name]["indices"]) for o in staged)
         full = sum(n.values())
         bar = sum(float(plan[o.name]["error"]) for o in staged) / len(staged)
-        if not can_reach_front(optimistic, front, [o.direction for o in objs]):
+        if not can_reach_front(optimistic, front, [o.direction for o in objs], fid.min_gain, reference):
             for o in staged:  # the estimate stands for the score; its anchor scores are no per-example list
                 out[o.name] = ObjectiveResult(est[o.name], [])
             return {o.name: out[o.name] for o in objs}, {"fidelity": seen / full, "pruned": 1.0,
@@ -187,7 +189,8 @@ class MergeWorker:
         return {o.name: out[o.name] for o in objs}, {"fidelity": 1.0, "anchor_error": sum(errors) / len(errors),
                                                       "error_bar": bar}
 
-    def _staged(self, objs: list[Objective], front: list[list[float]], fid: MultiFidelity):
+    def _staged(self, objs: list[Objective], front: list[list[float]], fid: MultiFidelity,
+                reference: list[float] | None = None):
         """Slice first, then the rest if the optimistic scores are not dominated by the front."""
         staged = [o for o in objs if supports_fidelity(o)]
         if not staged:
@@ -202,8 +205,10 @@ class MergeWorker:
             else first[o.name].value
             for o in objs
         ]
-        if not can_reach_front(optimistic, front, [o.direction for o in objs]):
-            return first, {"fidelity": seen / full, "pruned": 1.0}
+        if not can_reach_front(optimistic, front, [o.direction for o in objs], fid.min_gain, reference):
+            # a slice mean stands for the full score: an estimate, never a front member (with ``min_gain`` it
+            # need not be dominated)
+            return first, {"fidelity": seen / full, "pruned": 1.0, "estimated": 1.0}
         todo = [o for o in staged if n[o.name] > k]
         rest = self.evaluator.evaluate(self.model, todo, window=(k, max(n.values()))) if todo else {}
         out = dict(first)

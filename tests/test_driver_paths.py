@@ -111,3 +111,37 @@ budget: 3
     with sqlite3.connect(db) as con:
         assert con.execute("select count(*) from studies").fetchone()[0] == 1
         assert con.execute("select count(*) from candidates").fetchone()[0] == 0
+
+
+def test_min_gain_through_the_driver(tmp_path: Path, family, one_torch_thread) -> None:
+    base, experts = family
+    (tmp_path / "scorer.py").write_text(SCORER)
+    p = tmp_path / "s.yaml"
+    text = SPACE.format(base=base, e0=experts[0], e1=experts[1])
+    p.write_text(text.replace("delta: 0.2", "delta: 0.2, min_gain: 0.2"))
+    space = load_space(p)
+    store = Store(f"sqlite:///{tmp_path / 'd.db'}")
+    store.create_study("s", dump_space(space), [{"name": "a", "direction": "maximize"},
+                                                {"name": "b", "direction": "maximize"}], budget=space.budget)
+    run = StudyRun(space, store, "s", show_progress=False,
+                   pool=lambda cfg: InProcessPool.from_config(worker_config(space), workers=2))
+    run.run()
+    assert store.get_study("s").status == "done"
+    _, args = run._fidelity_args()
+    assert args["min_gain"] == 0.2 and args["reference"] == store.get_study("s").reference_point
+    cands = store.candidates("s")
+    full = [c for c in cands if not (c.timings or {}).get("pruned")]
+    F = np.array([[c.scores["a"], c.scores["b"]] for c in full])
+    fid = space.evaluation.multi_fidelity
+    # a stopped candidate that no fully scored one dominates was not dominated when it was sent out either
+    # (the front then is dominated by the final one): only the gain rule can have stopped it
+    by_gain = []
+    for c in cands:
+        if (c.timings or {}).get("pruned"):
+            samples = store.sample_scores("s", c.number)
+            best = np.array([optimistic_value(samples[n], 40, "maximize", fid) for n in ("a", "b")])
+            if not np.any(np.all(F >= best, axis=1) & np.any(F > best, axis=1)):
+                by_gain.append(c.number)
+    assert by_gain, "min_gain stopped no candidate that dominance alone would have finished"
+    front = {c.number for c in StudyView(store).front("s")}
+    assert front and front <= {c.number for c in full}

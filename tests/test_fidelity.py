@@ -37,6 +37,23 @@ def test_can_reach_front() -> None:
     assert not can_reach_front([0.9, 5.0], [[0.9, 4.0]], ["maximize", "minimize"])
 
 
+def test_min_gain_finishes_only_what_moves_the_front() -> None:
+    from evomerge import front as frontlib
+
+    dirs = ["maximize", "maximize"]
+    ref = frontlib.reference_point_from_bounds([(0.0, 1.0)] * 2, dirs).tolist()
+    front = [[0.6, 0.4], [0.4, 0.6]]  # hypervolume 0.45 (the reference point lies 0.1 below 0 on each axis)
+    sliver, side = [0.61, 0.41], [0.7, 0.3]  # add 0.0071 (1.6%) and 0.04 (8.9%)
+    for point, gain, finished in [(sliver, 0.0, True), (sliver, 0.015, True), (sliver, 0.02, False),
+                                  (side, 0.08, True), (side, 0.1, False)]:
+        assert can_reach_front(point, front, dirs, gain, ref) is finished, (point, gain)
+    assert can_reach_front([0.5, 0.3], front, dirs, 0.0, ref) is False  # dominated stays dominated
+    assert can_reach_front(sliver, front, dirs, 0.5, None) is True  # no reference point: dominance only
+    assert MultiFidelity(min_gain=0.01).min_gain == 0.01
+    with pytest.raises(ValueError):
+        MultiFidelity(min_gain=1.0)
+
+
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     from evomerge.run import worker_config
@@ -86,7 +103,7 @@ def test_staged_evaluation_finishes_or_stops(worker) -> None:
     stopped = w.evaluate(3, recipe, front=[[1.0, 1.0]], fidelity=fid)
     # (the tiny zoo's models are far from perfect, so the first slice has a wrong answer in each task)
     assert all(min(full["samples"][n][:10]) < 1.0 for n in ("arith", "script"))
-    assert stopped["timings"]["pruned"] == 1.0
+    assert stopped["timings"]["pruned"] == 1.0 and stopped["timings"]["estimated"] == 1.0  # a slice mean
     assert stopped["timings"]["fidelity"] == pytest.approx((10 + 10) / (40 + 24))
     assert len(stopped["samples"]["arith"]) == 10
     assert stopped["scores"]["arith"] == pytest.approx(sum(full["samples"]["arith"][:10]) / 10)
@@ -151,6 +168,8 @@ def test_subset_window_scores_exactly_those_examples(worker) -> None:
 
 
 def test_anchored_evaluation_finishes_front_candidates_and_estimates_the_rest(worker) -> None:
+    import numpy as np
+
     w, recipe = worker
     full = w.evaluate(1, recipe)
     plan = {"arith": {"indices": [0, 9, 21, 33], "weights": [0.25, 0.25, 0.25, 0.25], "error": 0.05, "n": 40},
@@ -167,6 +186,20 @@ def test_anchored_evaluation_finishes_front_candidates_and_estimates_the_rest(wo
     assert stopped["timings"]["pruned"] == 1.0 and stopped["timings"]["estimated"] == 1.0
     assert stopped["timings"]["fidelity"] == pytest.approx(6 / 64)
     assert stopped["scores"] == pytest.approx(est) and stopped["samples"] == {"arith": [], "script": []}
+    # a front its estimate (z = 0) passes by a sliver: finished when the sliver is gain enough, else estimated
+    from evomerge import front as frontlib
+
+    dirs = ["maximize", "maximize"]
+    ref = frontlib.reference_point_from_bounds([(0.0, 1.0)] * 2, dirs).tolist()
+    sliver = [[est["arith"] - 0.002, est["script"] - 0.002]]
+    F = frontlib.to_minimization(sliver, dirs)
+    hv = frontlib.hypervolume(F, ref)
+    g = (frontlib.hypervolume(np.vstack([F, frontlib.to_minimization([list(est.values())], dirs)]), ref) - hv) / hv
+    assert 0.0 < g < 0.4, (est, g)
+    for gain, finished in [(g / 2, True), (2 * g, False)]:
+        with_gain = {**fid, "z": 0.0, "min_gain": gain, "reference": ref}
+        t = w.evaluate(5, recipe, front=sliver, fidelity=with_gain)["timings"]
+        assert (t["fidelity"] == 1.0) is finished and (t.get("estimated") == 1.0) is not finished, gain
     # no plan yet (too few fully scored candidates): scored in full
     early = w.evaluate(4, recipe, front=[[1.0, 1.0]], fidelity={**fid, "anchors": {}})
     assert early["samples"] == full["samples"] and "pruned" not in early["timings"]

@@ -100,6 +100,7 @@ class StudyRun:
         self._ref_fixed = False
         self.hv_series = HypervolumeSeries(store, study, self.names, self.directions)
         self._anchors: AnchorPlanner | None = None
+        self._reference: list[float] | None = None  # the study's hypervolume reference point, once fixed
         self._niches: dict[int, Any] = {}  # told since the last checkpoint, written with it
 
     # -- store <-> algorithm ----------------------------------------------------------------
@@ -310,6 +311,11 @@ class StudyRun:
             if self._anchors is None:
                 self._anchors = AnchorPlanner(self.store, self.study, self.space, fid)
             args["anchors"] = self._anchors.plan()
+        if fid.min_gain > 0.0:
+            if self._reference is None:
+                self._fix_reference_point()
+                self._reference = self.store.get_study(self.study).reference_point
+            args["reference"] = self._reference
         return (F[nd].tolist(), args)
 
     def _say(self, line: str) -> None:
