@@ -27,7 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from _harness import Evaluations, accuracy_reference, demo_space, hv_curve, run_algorithm
@@ -110,7 +110,13 @@ def _run_all(jobs: list[tuple], n: int, limit: int | None) -> list[dict]:
         return [_run(*j) for j in jobs]
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch or thread state
     with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_start, initargs=(limit, 1)) as pool:
-        return list(pool.map(_run, *zip(*jobs, strict=True)))
+        futures = {pool.submit(_run, *j): i for i, j in enumerate(jobs)}
+        out: list[dict] = [{}] * len(jobs)
+        for done, f in enumerate(as_completed(futures), 1):  # a line per finished search: runs take minutes
+            i = futures[f]
+            out[i] = f.result()
+            print(f"[{done}/{len(jobs)}] {jobs[i][0]} seed {jobs[i][1]} done", file=sys.stderr, flush=True)
+        return out
 
 
 def main() -> None:
