@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import statistics
 import sys
@@ -43,7 +44,7 @@ BASELINES = {"random"}
 SETTINGS = {
     "nsga2": {"pop_size": 12},
     "optuna_nsga2": {"population_size": 12},
-    "nsga3": {"pop_size": 12, "n_partitions": 11},
+    "nsga3": {"pop_size": 12, "n_partitions": None},  # fitted to the objectives by _partitions
     "m2n2": {"pop": 12},
     "map": {"front_rounds": None},
 }
@@ -70,6 +71,15 @@ def family(name: str) -> str:
     return "baseline" if name in BASELINES else "evomerge"
 
 
+def _partitions(n_obj: int, pop: int) -> int:
+    """The most Das-Dennis partitions whose reference directions, C(p + n_obj - 1, n_obj - 1), fit in the
+    population: more directions than individuals leave some unserved (pymoo warns)."""
+    p = 1
+    while math.comb(p + n_obj, n_obj - 1) <= pop:
+        p += 1
+    return p
+
+
 _EV: Evaluations | None = None  # this process's resident worker and score cache
 
 
@@ -89,7 +99,9 @@ def _run(name: str, seed: int, budget: int, fidelity: dict | None) -> dict:
     ev = _EV
     ev.fidelity, ev.estimate_errors = [], []
     calls, seconds = ev.calls, ev.seconds
-    settings = SETTINGS.get(name, {})
+    settings = dict(SETTINGS.get(name, {}))
+    if "n_partitions" in settings:  # NSGA-III's reference directions fitted to the objectives and population
+        settings["n_partitions"] = _partitions(len(ev.space.objectives), settings["pop_size"])
     if fidelity is None:
         vals = run_algorithm(ev, name, budget, seed, **settings)
     elif fidelity["mode"] == "racing":
