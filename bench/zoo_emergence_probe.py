@@ -18,12 +18,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from evomerge.zoo import numerics  # noqa: E402
+from evomerge.zoo.numerics import is_pinned, pinned_environ  # noqa: E402
+
+if not is_pinned():  # train as the zoo build does: its numerics are read when torch loads
+    os.execve(sys.executable, [sys.executable, *sys.argv], pinned_environ())
 
 import torch  # noqa: E402
 
@@ -90,7 +97,7 @@ def main() -> None:
     recipe = json.loads(args.recipe.read_text()) if args.recipe else RECIPES[args.version]
     probe = Probe(recipe, args.cache)
     # the scratch key covers what else makes the weights: the model's shape and the task definitions
-    scratch = _hash([recipe["model"], "".join(T.alphabet()), T.ARITH_MAX, T.WORD_MIN, T.WORD_MAX])
+    scratch = _hash([recipe["model"], "".join(T.alphabet()), T.ARITH_MAX, T.WORD_MIN, T.WORD_MAX, numerics.TAG])
     base, base_key = probe.fit(recipe["base"], None, scratch)
     sources = {"base": probe.score(base)}
     taus = {}

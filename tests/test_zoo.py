@@ -160,7 +160,7 @@ def test_cache_reuse_and_force(tiny_zoo):
 
 
 def test_killed_build_leaves_no_complete_zoo(tmp_path, monkeypatch):
-    def boom(out, recipe, say, evaluate, version):
+    def boom(out, recipe, say, evaluate, version, steps_scale):
         out.mkdir(parents=True)
         (out / "base").mkdir()
         (out / "base" / "config.json").write_text("{}")
@@ -227,11 +227,16 @@ def test_fingerprint_tracks_the_recipe(monkeypatch):
     monkeypatch.setattr(T, "WORD_MAX", T.WORD_MAX + 1)
     assert zoo.fingerprint() != fp
     monkeypatch.undo()
+    # the pinned numerics are part of what makes the weights (v1 keeps the fingerprint it always had)
+    v1 = zoo.fingerprint(version=1)
+    monkeypatch.setattr(zoo.numerics, "TAG", "other")
+    assert zoo.fingerprint() != fp and zoo.fingerprint(version=1) == v1
+    monkeypatch.undo()
     # Each version has its own fingerprint, the one its published builds and figures carry
     # (docs/benchmarks.md), so a zoo built before versions existed, or before v2 became the default, is
     # found, not rebuilt.
     assert zoo.fingerprint(version=1) == "d0a8ce535701"
-    assert zoo.fingerprint(version=2) == "b927cb2f4a7d"
+    assert zoo.fingerprint(version=2) == "8312bcbfb3e9"
     assert zoo.fingerprint() == zoo.fingerprint(version=zoo.ZOO_VERSION)
     with pytest.raises(ValueError, match="unknown zoo version"):
         zoo.fingerprint(version=99)
@@ -299,3 +304,25 @@ def test_spaces_name_the_zoo_versions_they_merge():
     assert zoo.parse_zoo_uri("zoo://base") == (2, "base") and zoo.parse_zoo_uri("zoo://v1/base") == (1, "base")
     with pytest.raises(ValueError, match="unknown zoo version"):
         zoo.parse_zoo_uri("zoo://v0/base")
+
+
+@pytest.mark.slow
+def test_builds_are_the_same_whatever_the_cpu_offers(tmp_path, monkeypatch):
+    """The build's numerics are pinned (AVX2 code paths, one thread), so a machine whose MKL would pick its
+    best kernels builds the same weights as one limited to AVX2 (unpinned, the two differ on an AVX-512
+    machine after a few steps)."""
+    digests = []
+    for isa in ("AVX512", "AVX2"):
+        if isa == "AVX2":  # MKL limited as on a CPU without AVX-512
+            monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", isa)
+        else:
+            monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", isa.lower())  # the user's own setting is overridden
+        path = zoo.build_zoo(tmp_path / isa, steps_scale=TINY, log=None, evaluate=False)
+        manifest = json.loads((path / "zoo.json").read_text())
+        assert manifest["numerics"]["pinned"] and manifest["numerics"]["env"]["MKL_CBWR"] == "AVX2,STRICT"
+        digests.append(manifest["weights_sha256"])
+    assert set(digests[0]) == set(zoo.ZOO_MODELS) and digests[0] == digests[1]
+    from evomerge.zoo.build import weights_digest
+
+    assert weights_digest(tmp_path / "AVX2" / path.name / "base") == digests[0]["base"]
