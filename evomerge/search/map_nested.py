@@ -95,7 +95,10 @@ class NestedMAP(Algorithm):
         if len(self.bounded) != self.n_obj:
             raise ValueError(f"map_nested: bounded needs {self.n_obj} entries, got {bounded}")
         # Two genes: a small NSGA population finds the surrogates' front as well as MAP's default one.
-        self.map_settings = {"n_front": 8, "nsga_pop_size": 16, "nsga_generations": 20, **(s["map_settings"] or {})}
+        # n_design 12 (2 x terms, the paper's): every step but the last only picks a merge to go on with,
+        # so its design stays as small as the quadratic allows.
+        self.map_settings = {"n_front": 8, "nsga_pop_size": 16, "nsga_generations": 20, "n_design": 12,
+                             **(s["map_settings"] or {})}
         for reserved in ("front_rounds", "links", "max_evals"):
             if reserved in self.map_settings:
                 raise ValueError(f"map_nested: map_settings may not set {reserved!r} (nested MAP sets it)")
