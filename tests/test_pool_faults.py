@@ -200,7 +200,7 @@ def test_search_with_a_broken_model_stops_in_one_line_then_resumes(tmp_path: Pat
     `resume` finishes. The Ray temp folder names a foreign cluster, which `search` must not join."""
     from evomerge.zoo import build_zoo
 
-    zoo = build_zoo(log=lambda m: None)
+    zoo = build_zoo(tmp_path / "zoo", steps_scale=0.02, log=None, evaluate=False)  # weak models, the real path
     models = tmp_path / "models"
     for name in ("base", "arith", "script"):
         shutil.copytree(zoo / name, models / name)
@@ -278,7 +278,7 @@ def test_killing_the_driver_process_group_leaves_no_worker(tmp_path: Path) -> No
 
     from evomerge.zoo import build_zoo
 
-    zoo = build_zoo(log=lambda m: None)
+    zoo = build_zoo(tmp_path / "zoo", steps_scale=0.02, log=None, evaluate=False)  # weak models, the real path
     sp = tmp_path / "space.yaml"
     sp.write_text(f"""
 base_model: {zoo / "base"}
