@@ -74,6 +74,7 @@ from typing import Any
 
 import numpy as np
 
+from evomerge import front as frontlib
 from evomerge.search.base import Algorithm, Proposal, SearchContext, normalize_directions, register
 from evomerge.search.kriging import fit_residual, predict_residual, sq_dists
 from evomerge.search.quadratic import (  # noqa: F401 - part of this module's API (tests, nested MAP)
@@ -431,8 +432,6 @@ class MAP(Algorithm):
         that repeat a part of it already evaluated. The reference point is the worst of the real and
         predicted values plus a tenth of their range. Once no row gains, the rest are spread
         (``spread_subset``) over the rows left."""
-        from evomerge import front as frontlib
-
         if len(F) <= n:
             return np.arange(len(F))
         _, Y = self._ok_data()
