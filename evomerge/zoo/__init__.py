@@ -244,8 +244,12 @@ def _build_into(out: Path, recipe: dict[str, Any], say: Callable[[str], None], e
     :mod:`evomerge.zoo.numerics`), relaying its progress lines."""
     cmd = [sys.executable, "-m", "evomerge.zoo.build", str(out), str(version), repr(steps_scale),
            "1" if evaluate else "0"]
+    env = pinned_environ()
+    # the package as this process found it (a source tree on sys.path, not only an installed one)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]),
+                                                    env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a chatty stderr cannot stall the build
-        proc = subprocess.Popen(cmd, env=pinned_environ(), stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
