@@ -1,6 +1,7 @@
 """Multi-node scenario on one machine: a Ray head and two worker nodes on 127.0.0.1 (each its own
 `ray start`, own ports, own temp folder, Ray's token auth), `evomerge` drivers joining with
-`--ray-address`, PostgreSQL as the store (a database of its own, dropped at the end), the demo zoo's models.
+`--ray-address`, PostgreSQL as the store (a database of its own, dropped at the end), the demo zoo's models
+(`--quick`: a short build of the zoo, in the work folder).
 
 Cases, one row each (candidates, attempts, wall time):
   spread         4 workers on 2 nodes of 2 CPUs each (the head has none): all four evaluate, the search ends.
@@ -43,8 +44,8 @@ CLI = [sys.executable, "-m", "evomerge.cli"]
 WORKERS = 4
 
 SPACE = """
-base_model: zoo://base
-models: [zoo://arith, zoo://script]
+base_model: {base}
+models: [{arith}, {script}]
 genome: {{method: task_arithmetic, layer_groups: 2}}
 objectives:
   - {{name: arith, task: demo_arith_search, metric: "exact_match,none", limit: {limit}}}
@@ -56,11 +57,16 @@ seed: 0
 """
 
 
+# The models: the demo zoo's, or (``--quick``) a short build of it, whose weak models exercise the same
+# paths (the full build trains for minutes; the scenarios test the cluster, not the scores).
+MODELS = {m: f"zoo://{m}" for m in ("base", "arith", "script")}
+
+
 def write_space(d: Path, name: str, budget: int, algorithm: str = "nsga2", limit: int = 16) -> Path:
     settings = ", settings: {pop_size: 8}" if algorithm == "nsga2" else ""
     p = d / f"{name}.yaml"
     p.write_text(SPACE.format(algorithm=algorithm, settings=settings, budget=budget, limit=limit,
-                              tasks=ROOT / "search_spaces" / "demo_tasks"))
+                              tasks=ROOT / "search_spaces" / "demo_tasks", **MODELS))
     return p
 
 
@@ -238,6 +244,11 @@ def main() -> None:
     a = ap.parse_args()
     work = a.work or Path.cwd() / "multinode_work"
     work.mkdir(parents=True, exist_ok=True)
+    if a.quick:
+        from evomerge.zoo import build_zoo  # only the quick run builds (a short zoo of its own)
+
+        short = build_zoo(work / "zoo", steps_scale=0.02, log=None, evaluate=False)
+        MODELS.update({m: str(short / m) for m in MODELS})
     sc = Scenario(a.quick, work)
     t0 = time.monotonic()
     try:
