@@ -160,7 +160,7 @@ def test_cache_reuse_and_force(tiny_zoo):
 
 
 def test_killed_build_leaves_no_complete_zoo(tmp_path, monkeypatch):
-    def boom(out, recipe, say, evaluate, version, steps_scale):
+    def boom(out, say, evaluate, version, steps_scale):
         out.mkdir(parents=True)
         (out / "base").mkdir()
         (out / "base" / "config.json").write_text("{}")

@@ -210,7 +210,7 @@ def build_zoo(
         if tmp.exists():
             shutil.rmtree(tmp)
         try:
-            _build_into(tmp, _recipe(steps_scale, version), say, evaluate, version, steps_scale)
+            _build_into(tmp, say, evaluate, version, steps_scale)
             (tmp / COMPLETE).write_text(fingerprint(steps_scale, version) + "\n")
             if final.exists():
                 old = final.parent / f".{final.name}.old-{os.getpid()}"
@@ -238,10 +238,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _build_into(out: Path, recipe: dict[str, Any], say: Callable[[str], None], evaluate: bool,
-                version: int = ZOO_VERSION, steps_scale: float = 1.0) -> None:
-    """Train the zoo into ``out`` in a fresh interpreter with pinned numerics (see
-    :mod:`evomerge.zoo.numerics`), relaying its progress lines."""
+def _build_into(out: Path, say: Callable[[str], None], evaluate: bool, version: int = ZOO_VERSION,
+                steps_scale: float = 1.0) -> None:
+    """Train the zoo of ``version`` (its recipe at ``steps_scale``) into ``out`` in a fresh interpreter with
+    pinned numerics (see :mod:`evomerge.zoo.numerics`), relaying its progress lines."""
     cmd = [sys.executable, "-m", "evomerge.zoo.build", str(out), str(version), repr(steps_scale),
            "1" if evaluate else "0"]
     env = pinned_environ()
