@@ -74,10 +74,14 @@ def grid_hypervolume(f: Callable[[list[float]], list[float]], g: int = GRID) -> 
     return hypervolume([f([a, b]) for a in axis for b in axis])
 
 
+def make_map(seed: int, settings: dict[str, Any]):
+    return make_algorithm("map", dim=2, directions=DIRECTIONS, seed=seed, links=["sigmoid"] * 3,
+                          **{"front_rounds": 3, **settings})
+
+
 def run_map(f: Callable[[list[float]], list[float]], seed: int, settings: dict[str, Any]) -> list[list[float]]:
     """Every value MAP evaluated, driven like bench/map_surrogate.py (batches of 64 asks)."""
-    algo = make_algorithm("map", dim=2, directions=DIRECTIONS, seed=seed, links=["sigmoid"] * 3,
-                          **{"front_rounds": 3, **settings})
+    algo = make_map(seed, settings)
     values: list[list[float]] = []
     while not algo.done():
         props = algo.ask(64)
@@ -110,6 +114,10 @@ def main() -> None:
                     help="a MAP setting (value as JSON, else a string); repeatable")
     args = ap.parse_args()
     settings = parse_set(args.set)
+    try:  # a bad setting is a one-line error before any run, not a traceback after the first grid
+        make_map(0, settings)
+    except (TypeError, ValueError) as e:
+        ap.error(f"--set: {e}")
 
     ratios: list[float] = []
     evals: set[int] = set()
