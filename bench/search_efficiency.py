@@ -1,7 +1,8 @@
 """Search efficiency on the demo zoo: hypervolume against number of evaluations for every algorithm.
 
     python bench/search_efficiency.py [--quick] [--budget 60] [--seeds 5] [--jobs 2] [--plot docs/search_efficiency.png]
-        [--fidelity racing|anchors [--fidelity-fraction 0.25] [--fidelity-z Z] [--fidelity-gain G]]
+        [--fidelity racing|anchors [--fidelity-fraction 0.25] [--fidelity-z Z] [--fidelity-gain G]
+         [--fidelity-confirm F [--fidelity-confirm-z Z]] [--fidelity-budget N]]
 
 Every registered evomerge algorithm runs on search_spaces/demo.yaml's genome and objectives with equal
 budgets and several seeds (at least 5: a rank test on fewer cannot reach p < 0.05); `pymoo_nsga2` is
@@ -13,7 +14,10 @@ algorithms (everything but Optuna's samplers, pymoo's NSGA-II/III and random) is
 best and pymoo's best. `--quick` scores each objective on 50 examples instead of 200, budget 40.
 `--fidelity` also runs nsga2 with cheaper fitness (`racing`: multi-fidelity racing on a first slice;
 `anchors`: anchor-subset estimation) and reports the share of examples scored and its final
-hypervolume (the front fully scored) over nsga2's without it. `--jobs N` runs the (algorithm, seed) runs
+hypervolume (the front fully scored) over nsga2's without it. `--fidelity-budget N` gives the cheaper
+search N candidates instead of the budget (a user who pays per example scored can afford more of them):
+`examples_scored_fraction` is then its examples over the full search's, `examples_per_candidate` its share
+of each candidate's examples. `--jobs N` runs the (algorithm, seed) runs
 in N processes, each with its own resident worker (the same results: evaluation is deterministic). Prints
 a table and last `RESULT <json>`.
 """
@@ -113,6 +117,7 @@ def _run(name: str, seed: int, budget: int, fidelity: dict | None) -> dict:
     directions = [o.direction for o in ev.space.objectives]
     return {"curve": hv_curve(vals, directions, accuracy_reference(len(directions), directions)),
             "evals": len(vals), "share": sum(ev.fidelity) / len(ev.fidelity) if ev.fidelity else 1.0,
+            "examples": sum(ev.fidelity) if ev.fidelity else float(len(vals)),  # in candidates' worth
             "errors": list(ev.estimate_errors), "calls": ev.calls - calls, "seconds": ev.seconds - seconds}
 
 
@@ -149,6 +154,11 @@ def main() -> None:
     ap.add_argument("--min-reference", type=int, default=None, help="anchors: fully scored candidates first")
     ap.add_argument("--fidelity-gain", type=float, default=None,
                     help="finish only candidates whose optimistic scores add this share of the front's hypervolume")
+    ap.add_argument("--fidelity-confirm", type=float, default=None,
+                    help="anchors: score candidates passing the first gate on this larger share before finishing")
+    ap.add_argument("--fidelity-confirm-z", type=float, default=None, help="anchors: the second gate's error bars")
+    ap.add_argument("--fidelity-budget", type=int, default=None,
+                    help="candidates of the cheaper search (default: --budget), to compare at equal examples scored")
     ap.add_argument("--jobs", type=int, default=1, help="processes running searches side by side")
     args = ap.parse_args()
     if args.multi_fidelity is not None:
@@ -163,24 +173,28 @@ def main() -> None:
         fid = {"mode": "racing", "fraction": args.fidelity_fraction, "bound": "hoeffding", "delta": 0.05}
     elif args.fidelity == "anchors":
         fid = {"mode": "anchors", "fraction": args.fidelity_fraction}
-        for key, value in (("z", args.fidelity_z), ("min_reference", args.min_reference)):
+        for key, value in (("z", args.fidelity_z), ("min_reference", args.min_reference),
+                           ("confirm", args.fidelity_confirm), ("confirm_z", args.fidelity_confirm_z)):
             if value is not None:
                 fid[key] = value
     if fid is not None and args.fidelity_gain is not None:
         fid["min_gain"] = args.fidelity_gain
     jobs = [(name, seed, budget, None) for name in names for seed in range(seeds)]
     if fid is not None:
-        jobs += [("nsga2", seed, budget, fid) for seed in range(seeds)]
+        jobs += [("nsga2", seed, args.fidelity_budget or budget, fid) for seed in range(seeds)]
     t0 = time.perf_counter()
     runs = _run_all(jobs, args.jobs, limit)
     curves: dict[str, list[list[float]]] = {}
     fid_runs = []
+    full_examples: dict[int, float] = {}  # per seed: the examples the full-evaluation nsga2 scored
     for (name, seed, _, f), r in zip(jobs, runs, strict=True):
         if f is None:
             curves.setdefault(name, []).append(r["curve"])
+            if name == "nsga2":
+                full_examples[seed] = r["examples"]
             print(f"{name:>13} seed {seed}: {r['evals']} evals, HV {r['curve'][-1]:.4f}", file=sys.stderr)
         else:
-            fid_runs.append(r)
+            fid_runs.append((seed, r))
             print(f"{'nsga2+' + args.fidelity:>13} seed {seed}: {r['evals']} evals, HV {r['curve'][-1]:.4f}, "
                   f"{100 * r['share']:.0f}% of the examples", file=sys.stderr)
     calls, seconds = sum(r["calls"] for r in runs), sum(r["seconds"] for r in runs)
@@ -188,15 +202,20 @@ def main() -> None:
     hv = {name: summary(f) for name, f in finals.items()}
     result: dict = {"budget": budget, "seeds": seeds, "limit": limit, "hv": hv}
     if fid is not None:
-        fid_finals = [r["curve"][-1] for r in fid_runs]
-        shares = [r["share"] for r in fid_runs]
-        errors = [e for r in fid_runs for e in r["errors"]]
+        fid_finals = [r["curve"][-1] for _, r in fid_runs]
+        # the cost against the full search of the same seed: equal to the per-candidate share at equal budgets
+        shares = [r["examples"] / full_examples[seed] for seed, r in fid_runs]
+        per_candidate = [r["share"] for _, r in fid_runs]
+        errors = [e for _, r in fid_runs for e in r["errors"]]
         mf = {"algorithm": "nsga2", "mode": args.fidelity, "fraction": args.fidelity_fraction, "z": args.fidelity_z,
-              "min_reference": args.min_reference, "min_gain": args.fidelity_gain, "hv": summary(fid_finals),
+              "min_reference": args.min_reference, "min_gain": args.fidelity_gain, "confirm": args.fidelity_confirm,
+              "confirm_z": args.fidelity_confirm_z, "hv": summary(fid_finals),
               "hv_per_seed": [round(v, 4) for v in fid_finals],
               "full_hv_per_seed": [round(v, 4) for v in finals["nsga2"]],
               "examples_scored": round(statistics.mean(shares), 4),
-              "examples_scored_per_seed": [round(v, 4) for v in shares]}
+              "examples_scored_per_seed": [round(v, 4) for v in shares],
+              "candidates": args.fidelity_budget or budget,
+              "examples_per_candidate": round(statistics.mean(per_candidate), 4)}
         if errors:
             mf["estimate_abs_error"] = {"mean": round(statistics.mean(errors), 4), "max": round(max(errors), 4),
                                         "n": len(errors)}
@@ -204,7 +223,8 @@ def main() -> None:
         result["examples_scored_fraction"] = mf["examples_scored"]
         result["hv_ratio_to_full"] = round(statistics.mean(fid_finals) / statistics.mean(finals["nsga2"]), 4)
         print(f"nsga2 with {args.fidelity}: HV {mf['hv']['mean']:.4f} ({result['hv_ratio_to_full']:.3f} of full) "
-              f"with {100 * mf['examples_scored']:.0f}% of the examples scored", file=sys.stderr)
+              f"with {100 * mf['examples_scored']:.0f}% of the examples scored ({mf['candidates']} candidates, "
+              f"{100 * mf['examples_per_candidate']:.0f}% of each one's examples)", file=sys.stderr)
     if "nsga2" in hv:
         hv["pymoo_nsga2"] = hv["nsga2"]
     if "nsga3" in hv:

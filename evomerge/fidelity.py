@@ -30,6 +30,12 @@ the front by ``-z`` error bars. NSGA-II's children sit so close to its front tha
 reach it, and finishing them all scores most examples; with ``z < 0`` the near misses keep their estimate.
 Such an estimate may lie beyond the front, so an estimated candidate is never a front member, nor counted
 in the best scores or the hypervolume (``CandidateRow.estimated``): the front is always fully scored.
+
+``confirm`` adds a second stage between the anchors and the finish: a larger anchor subset holding the
+first (fitted the same way, every example counting toward its nearest anchor), with its own estimator and
+cross-validated error bar. The anchors' estimate only screens (it needs half of ``min_gain``); the finish is
+decided on the larger subset's tighter estimate, so fewer of the candidates that would move the front are
+left as estimates, and the estimates the algorithm is told of the near misses are closer to their scores.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import math
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge import front as frontlib
 
@@ -62,6 +68,18 @@ class MultiFidelity(BaseModel):
     # hypervolume (0: whenever they are not dominated). With three or more objectives most of NSGA-II's
     # children are non-dominated by a sliver; finishing only those that move the front keeps the cost down.
     min_gain: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # anchors: a second, larger anchor subset (this share of the examples, holding the first) that a candidate
+    # passing the first gate is scored on before the finish decision, which is then made on its tighter
+    # estimate with ``confirm_z`` error bars; the first gate asks half of ``min_gain``. None: one stage.
+    confirm: float | None = Field(default=None, gt=0.0, lt=1.0)
+    confirm_z: float = Field(default=0.0, ge=-5.0, le=100.0)
+
+    @model_validator(mode="after")
+    def _confirm_is_larger(self) -> MultiFidelity:
+        if self.confirm is not None and (self.method != "anchors" or self.confirm <= self.fraction):
+            raise ValueError(f"confirm ({self.confirm}) is a second, larger anchor subset: it needs method: anchors "
+                             f"and a share above fraction ({self.fraction})")
+        return self
 
 
 def optimistic_value(samples: list[float], n_total: int, direction: str, fid: MultiFidelity) -> float:
@@ -120,10 +138,11 @@ def _kmeans(X: np.ndarray, k: int, seed: int, iters: int = 25) -> np.ndarray:
     return labels
 
 
-def fit_anchors(S: np.ndarray, k: int, seed: int = 0) -> tuple[list[int], list[float]]:
+def fit_anchors(S: np.ndarray, k: int, seed: int = 0, keep: list[int] | None = None) -> tuple[list[int], list[float]]:
     """Anchor examples and their weights from ``S`` (reference candidates x examples, scores in [0, 1]):
     examples clustered by their scores across the candidates, the one nearest each centre its anchor,
-    weighted by its cluster's share of the examples. Anchors come back ascending."""
+    weighted by its cluster's share of the examples. With ``keep`` (a first stage's anchors) those are
+    anchors too, and every example counts toward the anchor nearest it. Anchors come back ascending."""
     S = np.asarray(S, dtype=float)
     n = S.shape[1]
     if k >= n:
@@ -136,6 +155,10 @@ def fit_anchors(S: np.ndarray, k: int, seed: int = 0) -> tuple[list[int], list[f
         centre = X[members].mean(axis=0)
         nearest = int(members[np.argmin(((X[members] - centre) ** 2).sum(axis=1))])
         picks[nearest] = picks.get(nearest, 0.0) + len(members) / n
+    if keep is not None:
+        order = sorted(set(picks) | {int(i) for i in keep})
+        near = np.argmin(((X[:, None, :] - X[order][None, :, :]) ** 2).sum(axis=2), axis=1)
+        return order, [float(v) for v in np.bincount(near, minlength=len(order)) / n]
     order = sorted(picks)
     return order, [picks[i] for i in order]
 
@@ -179,19 +202,29 @@ def estimate(entry: dict, anchor_scores: list[float]) -> float:
     return estimate_from_anchors(anchor_scores, entry["weights"])
 
 
-def anchor_errors(S: np.ndarray, k: int, seed: int = 0, folds: int = 4) -> dict[str, float]:
+def _fit_stages(S: np.ndarray, ks: list[int], seed: int) -> tuple[list[int], list[float]]:
+    """The last of nested anchor subsets of sizes ``ks`` (each holding the one before)."""
+    idx, w = fit_anchors(S, ks[0], seed)
+    for k in ks[1:]:
+        idx, w = fit_anchors(S, k, seed, keep=idx)
+    return idx, w
+
+
+def anchor_errors(S: np.ndarray, k: int | list[int], seed: int = 0, folds: int = 4) -> dict[str, float]:
     """Root-mean-square error of each estimator (``irt``, ``mean``) of a candidate's mean score,
     cross-validated over the reference candidates (anchors and difficulties learned without the fold they
-    estimate); at least half an example."""
+    estimate); at least half an example. A list ``k``: the last of nested subsets, the earlier ones refitted
+    per fold too."""
     S = np.asarray(S, dtype=float)
     m, n = S.shape
+    ks = [k] if isinstance(k, int) else list(k)
     folds = max(2, min(folds, m))
     errs: dict[str, list[float]] = {"irt": [], "mean": []}
     for f in range(folds):
         held = np.arange(m) % folds == f
         if held.all() or not held.any():
             continue
-        idx, w = fit_anchors(S[~held], k, seed)
+        idx, w = _fit_stages(S[~held], ks, seed)
         b = list(item_difficulty(S[~held]))
         truth = S[held].mean(axis=1)
         errs["irt"].extend(np.array([estimate_irt(list(r[idx]), idx, b) for r in S[held]]) - truth)
@@ -199,20 +232,29 @@ def anchor_errors(S: np.ndarray, k: int, seed: int = 0, folds: int = 4) -> dict[
     return {name: max(float(np.sqrt(np.mean(np.square(e)))) if e else 1.0, 0.5 / n) for name, e in errs.items()}
 
 
-def plan_anchors(samples: dict[str, np.ndarray], fraction: float, seed: int = 0) -> dict[str, dict]:
+def _stage(S: np.ndarray, ks: list[int], seed: int) -> dict:
+    idx, w = _fit_stages(S, ks, seed)
+    errors = anchor_errors(S, ks, seed)
+    irt = errors["irt"] < errors["mean"]  # the estimator that did better on the study's own candidates
+    return {"indices": idx, "weights": w, "n": S.shape[1], "estimator": "irt" if irt else "mean",
+            "difficulty": [float(v) for v in item_difficulty(S)] if irt else None,
+            "error": errors["irt" if irt else "mean"]}
+
+
+def plan_anchors(samples: dict[str, np.ndarray], fraction: float, seed: int = 0,
+                 confirm: float | None = None) -> dict[str, dict]:
     """Per objective: its anchors, their weights and the estimate's error bar, as plain data for a worker.
-    ``samples`` maps an objective to its reference matrix (fully scored candidates x examples)."""
+    ``samples`` maps an objective to its reference matrix (fully scored candidates x examples). With
+    ``confirm``, each entry holds under ``"confirm"`` a second entry of the same form: the larger subset
+    (that share of the examples) holding the first, with its own estimator and error bar."""
     plan = {}
     for name, S in samples.items():
         S = np.clip(np.nan_to_num(np.asarray(S, dtype=float), nan=0.0), 0.0, 1.0)
         n = S.shape[1]
         k = max(1, min(n, math.ceil(fraction * n)))
-        idx, w = fit_anchors(S, k, seed)
-        errors = anchor_errors(S, k, seed)
-        irt = errors["irt"] < errors["mean"]  # the estimator that did better on the study's own candidates
-        plan[name] = {"indices": idx, "weights": w, "n": n, "estimator": "irt" if irt else "mean",
-                      "difficulty": [float(v) for v in item_difficulty(S)] if irt else None,
-                      "error": errors["irt" if irt else "mean"]}
+        plan[name] = _stage(S, [k], seed)
+        if confirm is not None:
+            plan[name]["confirm"] = _stage(S, [k, max(k, min(n, math.ceil(confirm * n)))], seed)
     return plan
 
 

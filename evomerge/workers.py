@@ -146,8 +146,10 @@ class MergeWorker:
     def _anchored(self, objs: list[Objective], front: list[list[float]], fid: MultiFidelity, plan: dict,
                   reference: list[float] | None = None):
         """Anchors first (``plan``: per objective its anchors, weights and error bar, from the driver); the
-        rest only when the estimate plus ``z`` error bars could reach the front. Without a plan for an
-        objective (too few fully scored candidates yet) it is scored in full."""
+        rest only when the estimate plus ``z`` error bars could reach the front. With ``confirm``, a candidate
+        passing that gate (at half of ``min_gain``) is scored on the plan's larger subset first and finished only
+        when that estimate plus ``confirm_z`` error bars could reach it. Without a plan for an objective (too
+        few fully scored candidates yet) it is scored in full."""
         staged = [o for o in objs if supports_fidelity(o) and o.name in plan]
         if not staged:
             return self.evaluator.evaluate(self.model, objs), {"fidelity": 1.0}
@@ -160,30 +162,44 @@ class MergeWorker:
         rest = [o for o in objs if o not in staged]
         if rest:
             out.update(self.evaluator.evaluate(self.model, rest))
-        first = {}
+        scores: dict[str, dict[int, float]] = {}
         for o in staged:
-            first.update(self.evaluator.evaluate(self.model, [o], window=Subset(plan[o.name]["indices"])))
-        est = {o.name: estimate(plan[o.name], first[o.name].samples) for o in staged}
-        optimistic = [estimate_bounds(est[o.name], float(plan[o.name]["error"]), fid.z, o.direction)
-                      if o.name in est else out[o.name].value for o in objs]
-        seen = sum(len(plan[o.name]["indices"]) for o in staged)
-        full = sum(n.values())
-        bar = sum(float(plan[o.name]["error"]) for o in staged) / len(staged)
-        if not can_reach_front(optimistic, front, [o.direction for o in objs], fid.min_gain, reference):
-            for o in staged:  # the estimate stands for the score; its anchor scores are no per-example list
-                out[o.name] = ObjectiveResult(est[o.name], [])
-            return {o.name: out[o.name] for o in objs}, {"fidelity": seen / full, "pruned": 1.0,
-                                                          "estimated": 1.0, "error_bar": bar}
+            idx = [int(i) for i in plan[o.name]["indices"]]
+            r = self.evaluator.evaluate(self.model, [o], window=Subset(idx))[o.name]
+            scores[o.name] = dict(zip(idx, r.samples, strict=True))
+        dirs = [o.direction for o in objs]
+        entries = {o.name: plan[o.name] for o in staged}
+        gain = fid.min_gain / 2 if fid.confirm is not None else fid.min_gain
+        z = fid.z
+        for stage in ("anchors", "confirm"):
+            if stage == "confirm":
+                entries = {o.name: plan[o.name].get("confirm") or plan[o.name] for o in staged}
+                gain, z = fid.min_gain, fid.confirm_z
+                for o in staged:  # the larger subset's examples not scored yet
+                    more = [int(i) for i in entries[o.name]["indices"] if int(i) not in scores[o.name]]
+                    if more:
+                        r = self.evaluator.evaluate(self.model, [o], window=Subset(more))[o.name]
+                        scores[o.name].update(zip(more, r.samples, strict=True))
+            est = {o.name: estimate(entries[o.name], [scores[o.name][int(i)] for i in entries[o.name]["indices"]])
+                   for o in staged}
+            optimistic = [estimate_bounds(est[o.name], float(entries[o.name]["error"]), z, o.direction)
+                          if o.name in est else out[o.name].value for o in objs]
+            seen = sum(len(scores[o.name]) for o in staged)
+            bar = sum(float(entries[o.name]["error"]) for o in staged) / len(staged)
+            if not can_reach_front(optimistic, front, dirs, gain, reference):
+                for o in staged:  # the estimate stands for the score; its anchor scores are no per-example list
+                    out[o.name] = ObjectiveResult(est[o.name], [])
+                return {o.name: out[o.name] for o in objs}, {"fidelity": seen / sum(n.values()), "pruned": 1.0,
+                                                              "estimated": 1.0, "error_bar": bar}
+            if fid.confirm is None:
+                break
         errors = []
         for o in staged:
-            anchors = [int(i) for i in plan[o.name]["indices"]]
-            taken = set(anchors)
-            others = Subset(i for i in range(n[o.name]) if i not in taken)
-            scores = dict(zip(anchors, first[o.name].samples, strict=True))
+            others = Subset(i for i in range(n[o.name]) if i not in scores[o.name])
             if others:
-                scores.update(zip(others, self.evaluator.evaluate(self.model, [o], window=others)[o.name].samples,
-                                  strict=True))
-            samples = [scores[i] for i in range(n[o.name])]
+                r = self.evaluator.evaluate(self.model, [o], window=others)[o.name]
+                scores[o.name].update(zip(others, r.samples, strict=True))
+            samples = [scores[o.name][i] for i in range(n[o.name])]
             out[o.name] = ObjectiveResult(float(sum(samples) / len(samples)), samples)
             errors.append(abs(est[o.name] - out[o.name].value))
         return {o.name: out[o.name] for o in objs}, {"fidelity": 1.0, "anchor_error": sum(errors) / len(errors),

@@ -250,3 +250,57 @@ def test_a_negative_z_finishes_only_estimates_past_the_front_by_a_margin() -> No
     assert MultiFidelity(method="anchors", z=-0.5).z == -0.5
     with pytest.raises(ValueError):
         MultiFidelity(method="anchors", z=-6)
+
+
+def test_a_confirm_stage_is_a_larger_subset_holding_the_anchors_with_a_smaller_error_bar() -> None:
+    from evomerge.fidelity import plan_anchors
+
+    ref = _irt(30, 200, 3)
+    plan = plan_anchors({"t": ref}, fraction=0.05, confirm=0.25)["t"]
+    second = plan["confirm"]
+    assert set(plan["indices"]) < set(second["indices"]) and second["indices"] == sorted(second["indices"])
+    assert len(plan["indices"]) <= 10 < len(second["indices"]) <= 60 and second["n"] == 200
+    assert sum(second["weights"]) == pytest.approx(1.0) and min(second["weights"]) > 0.0
+    assert second["error"] < plan["error"]  # more anchors, a tighter estimate
+    assert "confirm" not in plan_anchors({"t": ref}, fraction=0.05)["t"]
+    assert plan_anchors({"t": ref}, fraction=0.05, confirm=0.25) == plan_anchors({"t": ref}, fraction=0.05,
+                                                                                  confirm=0.25)
+    with pytest.raises(ValueError, match="larger anchor subset"):
+        MultiFidelity(method="anchors", fraction=0.2, confirm=0.1)
+    with pytest.raises(ValueError, match="method: anchors"):
+        MultiFidelity(fraction=0.05, confirm=0.25)
+
+
+def test_a_candidate_passing_the_anchors_is_confirmed_on_the_larger_subset_before_it_is_finished(worker) -> None:
+    w, recipe = worker
+    full = w.evaluate(1, recipe)
+
+    def entry(idx: list[int], n: int, error: float) -> dict:
+        return {"indices": idx, "weights": [1.0 / len(idx)] * len(idx), "error": error, "n": n}
+
+    def plan(e1: float) -> dict:
+        return {"arith": {**entry([0, 9, 21, 33], 40, e1), "confirm": entry([0, 5, 9, 14, 21, 27, 33, 38], 40, 0.5)},
+                "script": {**entry([2, 11], 24, e1), "confirm": entry([2, 6, 11, 17, 20], 24, 0.5)}}
+
+    def run(front: list[list[float]], e1: float, confirm_z: float) -> dict:
+        fid = MultiFidelity(method="anchors", fraction=0.1, z=2.0, confirm=0.2, confirm_z=confirm_z).model_dump()
+        res = w.evaluate(2, recipe, front=front, fidelity={**fid, "anchors": plan(e1)})
+        assert not res["error"], res["error"]
+        return res
+
+    # the anchors' estimate (error 0) is dominated by a perfect front: stopped after the anchors
+    first = run([[1.0, 1.0]], 0.0, 2.0)
+    assert first["timings"]["estimated"] == 1.0 and first["timings"]["fidelity"] == pytest.approx(6 / 64)
+    # the anchors' optimistic bound (error 0.5, z 2) passes; the larger subset's pessimistic one (z -5) does not
+    second = run([[0.01, 0.01]], 0.5, -5.0)
+    assert second["timings"]["estimated"] == 1.0 and second["timings"]["fidelity"] == pytest.approx(13 / 64)
+    conf = plan(0.5)
+    expect = {n: sum(full["samples"][n][i] for i in conf[n]["confirm"]["indices"]) / len(conf[n]["confirm"]["indices"])
+              for n in conf}
+    assert second["scores"] == pytest.approx(expect) and second["samples"] == {"arith": [], "script": []}
+    # both gates pass: finished, every example scored once, the same scores as a full evaluation
+    done = run([[0.01, 0.01]], 0.5, 2.0)
+    assert done["timings"]["fidelity"] == 1.0 and "estimated" not in done["timings"]
+    assert done["samples"] == full["samples"] and done["scores"] == pytest.approx(full["scores"])
+    assert done["timings"]["anchor_error"] == pytest.approx(
+        sum(abs(expect[n] - full["scores"][n]) for n in conf) / 2)
