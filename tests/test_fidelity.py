@@ -261,6 +261,7 @@ def test_a_confirm_stage_is_a_larger_subset_holding_the_anchors_with_a_smaller_e
     assert set(plan["indices"]) < set(second["indices"]) and second["indices"] == sorted(second["indices"])
     assert len(plan["indices"]) <= 10 < len(second["indices"]) <= 60 and second["n"] == 200
     assert sum(second["weights"]) == pytest.approx(1.0) and min(second["weights"]) > 0.0
+    assert second["estimator"] == "mean" and second["difficulty"] is None
     assert second["error"] < plan["error"]  # more anchors, a tighter estimate
     assert "confirm" not in plan_anchors({"t": ref}, fraction=0.05)["t"]
     assert plan_anchors({"t": ref}, fraction=0.05, confirm=0.25) == plan_anchors({"t": ref}, fraction=0.05,
