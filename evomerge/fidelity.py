@@ -34,9 +34,10 @@ in the best scores or the hypervolume (``CandidateRow.estimated``): the front is
 ``confirm`` adds a second stage between the anchors and the finish: a larger anchor subset holding the
 first (fitted the same way, every example counting toward its nearest anchor), estimated by its weighted
 anchor mean with a cross-validated error bar (not the Rasch fit, whose prior and difficulties pull the
-candidates beyond the reference ones, those the finish decides on, back toward them). The anchors' estimate only screens (it needs half of ``min_gain``); the finish is
-decided on the larger subset's tighter estimate, so fewer of the candidates that would move the front are
-left as estimates, and the estimates the algorithm is told of the near misses are closer to their scores.
+candidates beyond the reference ones, those the finish decides on, back toward them). The anchors'
+estimate only screens (it needs half of ``min_gain``); the finish is decided on the larger subset's tighter
+estimate, so fewer of the candidates that would move the front are left as estimates, and the estimates the
+algorithm is told of the near misses are closer to their scores.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ def fit_anchors(S: np.ndarray, k: int, seed: int = 0, keep: list[int] | None = N
     """Anchor examples and their weights from ``S`` (reference candidates x examples, scores in [0, 1]):
     examples clustered by their scores across the candidates, the one nearest each centre its anchor,
     weighted by its cluster's share of the examples. With ``keep`` (a first stage's anchors) those are
-    anchors too, and every example counts toward the anchor nearest it. Anchors come back ascending."""
+    anchors too, and every example counts toward the anchor nearest it. Anchors come back ascending; there
+    are fewer than ``k`` when fewer distinct patterns exist (m reference candidates give at most 2^m)."""
     S = np.asarray(S, dtype=float)
     n = S.shape[1]
     if k >= n:
