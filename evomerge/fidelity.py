@@ -70,7 +70,7 @@ class MultiFidelity(BaseModel):
     # hypervolume (0: whenever they are not dominated). With three or more objectives most of NSGA-II's
     # children are non-dominated by a sliver; finishing only those that move the front keeps the cost down.
     min_gain: float = Field(default=0.0, ge=0.0, lt=1.0)
-    # anchors: a second, larger anchor subset (this share of the examples, holding the first) that a candidate
+    # anchors: a second, larger anchor subset (the first plus this share's worth of clusters) that a candidate
     # passing the first gate is scored on before the finish decision, which is then made on its tighter
     # estimate with ``confirm_z`` error bars; the first gate asks half of ``min_gain``. None: one stage.
     confirm: float | None = Field(default=None, gt=0.0, lt=1.0)
@@ -144,8 +144,9 @@ def fit_anchors(S: np.ndarray, k: int, seed: int = 0, keep: list[int] | None = N
     """Anchor examples and their weights from ``S`` (reference candidates x examples, scores in [0, 1]):
     examples clustered by their scores across the candidates, the one nearest each centre its anchor,
     weighted by its cluster's share of the examples. With ``keep`` (a first stage's anchors) those are
-    anchors too, and every example counts toward the anchor nearest it. Anchors come back ascending; there
-    are fewer than ``k`` when fewer distinct patterns exist (m reference candidates give at most 2^m)."""
+    anchors too (up to ``k`` + len(keep) in all), and every example counts toward the anchor nearest it.
+    Anchors come back ascending; the k clusters give fewer when fewer distinct patterns exist (m reference
+    candidates give at most 2^m)."""
     S = np.asarray(S, dtype=float)
     n = S.shape[1]
     if k >= n:
@@ -250,7 +251,8 @@ def plan_anchors(samples: dict[str, np.ndarray], fraction: float, seed: int = 0,
     """Per objective: its anchors, their weights and the estimate's error bar, as plain data for a worker.
     ``samples`` maps an objective to its reference matrix (fully scored candidates x examples). With
     ``confirm``, each entry holds under ``"confirm"`` a second entry of the same form: the larger subset
-    (that share of the examples) holding the first, estimated by its weighted mean, with its error bar."""
+    (the first plus the anchors of that share of the examples' worth of clusters), estimated by its weighted
+    mean, with its error bar."""
     plan = {}
     for name, S in samples.items():
         S = np.clip(np.nan_to_num(np.asarray(S, dtype=float), nan=0.0), 0.0, 1.0)
