@@ -1,6 +1,7 @@
 """Search efficiency on the demo zoo: hypervolume against number of evaluations for every algorithm.
 
-    python bench/search_efficiency.py [--quick] [--budget 60] [--seeds 5] [--jobs 2] [--plot docs/search_efficiency.png]
+    python bench/search_efficiency.py [--quick] [--budget 60] [--seeds 5] [--first-seed 0] [--jobs 2]
+        [--plot docs/search_efficiency.png]
         [--fidelity racing|anchors [--fidelity-fraction 0.25] [--fidelity-z Z] [--fidelity-gain G]
          [--fidelity-confirm F [--fidelity-confirm-z Z]] [--fidelity-budget N]]
 
@@ -140,6 +141,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, default=60)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="run seeds first-seed .. first-seed + seeds - 1 (to add seeds to an earlier run)")
     ap.add_argument("--quick", action="store_true", help="50 examples per objective, budget 40")
     ap.add_argument("--limit", type=int, default=None, help="score each objective on this many examples")
     ap.add_argument("--algorithms", nargs="*", default=None)
@@ -179,9 +182,10 @@ def main() -> None:
                 fid[key] = value
     if fid is not None and args.fidelity_gain is not None:
         fid["min_gain"] = args.fidelity_gain
-    jobs = [(name, seed, budget, None) for name in names for seed in range(seeds)]
+    seed_list = range(args.first_seed, args.first_seed + seeds)
+    jobs = [(name, seed, budget, None) for name in names for seed in seed_list]
     if fid is not None:
-        jobs += [("nsga2", seed, args.fidelity_budget or budget, fid) for seed in range(seeds)]
+        jobs += [("nsga2", seed, args.fidelity_budget or budget, fid) for seed in seed_list]
     t0 = time.perf_counter()
     runs = _run_all(jobs, args.jobs, limit)
     curves: dict[str, list[list[float]]] = {}
@@ -200,7 +204,7 @@ def main() -> None:
     calls, seconds = sum(r["calls"] for r in runs), sum(r["seconds"] for r in runs)
     finals = {name: [c[-1] for c in cs] for name, cs in curves.items()}
     hv = {name: summary(f) for name, f in finals.items()}
-    result: dict = {"budget": budget, "seeds": seeds, "limit": limit, "hv": hv}
+    result: dict = {"budget": budget, "seeds": seeds, "first_seed": args.first_seed, "limit": limit, "hv": hv}
     if fid is not None:
         fid_finals = [r["curve"][-1] for _, r in fid_runs]
         # the cost against the full search of the same seed: equal to the per-candidate share at equal budgets
