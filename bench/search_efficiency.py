@@ -39,6 +39,7 @@ from pathlib import Path
 from _harness import Evaluations, accuracy_reference, demo_space, hv_curve, run_algorithm
 from scipy.stats import mannwhitneyu
 
+from evomerge.fidelity import MultiFidelity
 from evomerge.search import REGISTRY
 
 # pymoo's algorithms as pymoo ships them (evomerge only wraps them in ask/tell) and Optuna's samplers.
@@ -182,6 +183,11 @@ def main() -> None:
                 fid[key] = value
     if fid is not None and args.fidelity_gain is not None:
         fid["min_gain"] = args.fidelity_gain
+    if fid is not None:  # checked here, in one line, not as a traceback from each search process
+        try:
+            MultiFidelity(**{k: v for k, v in fid.items() if k != "mode"}, method=fid["mode"])
+        except ValueError as e:
+            ap.error(f"--fidelity settings: {e.errors()[0]['msg'] if hasattr(e, 'errors') else e}")
     seed_list = range(args.first_seed, args.first_seed + seeds)
     jobs = [(name, seed, budget, None) for name in names for seed in seed_list]
     if fid is not None:
