@@ -162,37 +162,33 @@ class MergeWorker:
         rest = [o for o in objs if o not in staged]
         if rest:
             out.update(self.evaluator.evaluate(self.model, rest))
-        scores: dict[str, dict[int, float]] = {}
-        for o in staged:
-            idx = [int(i) for i in plan[o.name]["indices"]]
-            r = self.evaluator.evaluate(self.model, [o], window=Subset(idx))[o.name]
-            scores[o.name] = dict(zip(idx, r.samples, strict=True))
+        # Each stage: the subsets to score (each holding the one before), its error bars of optimism and the
+        # share of the front's hypervolume it must add. The anchors alone, or they screen and confirm decides.
+        first = {o.name: plan[o.name] for o in staged}
+        stages = [(first, fid.z, fid.min_gain)]
+        if fid.confirm is not None:
+            stages = [(first, fid.z, fid.min_gain / 2),
+                      ({o.name: plan[o.name].get("confirm") or plan[o.name] for o in staged}, fid.confirm_z,
+                       fid.min_gain)]
         dirs = [o.direction for o in objs]
-        entries = {o.name: plan[o.name] for o in staged}
-        gain = fid.min_gain / 2 if fid.confirm is not None else fid.min_gain
-        z = fid.z
-        for stage in ("anchors", "confirm"):
-            if stage == "confirm":
-                entries = {o.name: plan[o.name].get("confirm") or plan[o.name] for o in staged}
-                gain, z = fid.min_gain, fid.confirm_z
-                for o in staged:  # the larger subset's examples not scored yet
-                    more = [int(i) for i in entries[o.name]["indices"] if int(i) not in scores[o.name]]
-                    if more:
-                        r = self.evaluator.evaluate(self.model, [o], window=Subset(more))[o.name]
-                        scores[o.name].update(zip(more, r.samples, strict=True))
+        scores: dict[str, dict[int, float]] = {o.name: {} for o in staged}
+        for entries, z, gain in stages:
+            for o in staged:  # the examples of this stage's subset not scored yet
+                more = [int(i) for i in entries[o.name]["indices"] if int(i) not in scores[o.name]]
+                if more:
+                    r = self.evaluator.evaluate(self.model, [o], window=Subset(more))[o.name]
+                    scores[o.name].update(zip(more, r.samples, strict=True))
             est = {o.name: estimate(entries[o.name], [scores[o.name][int(i)] for i in entries[o.name]["indices"]])
                    for o in staged}
             optimistic = [estimate_bounds(est[o.name], float(entries[o.name]["error"]), z, o.direction)
                           if o.name in est else out[o.name].value for o in objs]
-            seen = sum(len(scores[o.name]) for o in staged)
             bar = sum(float(entries[o.name]["error"]) for o in staged) / len(staged)
             if not can_reach_front(optimistic, front, dirs, gain, reference):
                 for o in staged:  # the estimate stands for the score; its anchor scores are no per-example list
                     out[o.name] = ObjectiveResult(est[o.name], [])
+                seen = sum(len(scores[o.name]) for o in staged)
                 return {o.name: out[o.name] for o in objs}, {"fidelity": seen / sum(n.values()), "pruned": 1.0,
                                                               "estimated": 1.0, "error_bar": bar}
-            if fid.confirm is None:
-                break
         errors = []
         for o in staged:
             others = Subset(i for i in range(n[o.name]) if i not in scores[o.name])
