@@ -64,6 +64,15 @@ def fresh_pg_url(pg_admin_url):
 
 
 
+@pytest.fixture(scope="session")
+def short_zoo(tmp_path_factory):
+    """A short build of the demo zoo: weak models, the real build path, built once for the tests that need
+    real models but not their scores. Shared: a test that alters a model copies it first."""
+    from evomerge.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"), steps_scale=0.02, log=None, evaluate=False)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Torch on one thread for a module of tiny models (more threads only contend on a small machine)."""

@@ -15,19 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.zoo import build_zoo
-
 ROOT = Path(__file__).resolve().parents[1]
 EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
 TASKS = ROOT / "search_spaces" / "demo_tasks"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory) -> Path:
-    # A short build of the real zoo pipeline: the models are weak, the path is the same.
-    return build_zoo(tmp_path_factory.mktemp("zoo"), steps_scale=0.02, log=lambda m: None)
 
 
 def env_for(tmp: Path) -> dict[str, str]:
@@ -96,9 +88,9 @@ def wait_for_complete(dbfile: Path, n: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"fewer than {n} candidates completed in {timeout}s")
 
 
-def test_search_status_front_export(tiny_zoo: Path, tmp_path: Path) -> None:
+def test_search_status_front_export(short_zoo: Path, tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'e.db'}"
-    sp = space_file(tmp_path, tiny_zoo, budget=8)
+    sp = space_file(tmp_path, short_zoo, budget=8)
     r = run(["search", "--space", str(sp), "--workers", "2", "--storage", db, "--study", "s1",
              "--no-progress"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -149,13 +141,13 @@ def test_search_status_front_export(tiny_zoo: Path, tmp_path: Path) -> None:
     assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
 
 
-def test_interrupt_kill_and_resume(tiny_zoo: Path, tmp_path: Path) -> None:
+def test_interrupt_kill_and_resume(short_zoo: Path, tmp_path: Path) -> None:
     dbfile = tmp_path / "r.db"
     db = f"sqlite:///{dbfile}"
     # large enough that the search cannot finish between the poll that sees 2 results and the signal
     # (a candidate takes ~0.1 s on the tiny zoo; 12 once finished first on a quiet machine)
     budget = 40
-    sp = space_file(tmp_path, tiny_zoo, budget=budget)
+    sp = space_file(tmp_path, short_zoo, budget=budget)
     args = ["search", "--space", str(sp), "--workers", "2", "--storage", db, "--study", "r", "--no-progress"]
 
     # Ctrl-C: the driver stops cleanly and says how to go on.
@@ -193,12 +185,12 @@ def test_interrupt_kill_and_resume(tiny_zoo: Path, tmp_path: Path) -> None:
         assert after[n] == row
 
 
-def test_second_driver_is_refused(tiny_zoo: Path, tmp_path: Path) -> None:
+def test_second_driver_is_refused(short_zoo: Path, tmp_path: Path) -> None:
     from evomerge.space import dump_space, load_space
     from evomerge.store import Store
 
     db = f"sqlite:///{tmp_path / 'l.db'}"
-    sp = load_space(space_file(tmp_path, tiny_zoo, budget=4))
+    sp = load_space(space_file(tmp_path, short_zoo, budget=4))
     store = Store(db)
     store.create_study("busy", space_yaml=dump_space(sp), objectives=[{"name": "arith", "direction": "maximize"},
                        {"name": "script", "direction": "maximize"}], budget=4)
@@ -243,12 +235,12 @@ def test_validate_and_dry_run_shipped_spaces(name: str, tmp_path: Path) -> None:
         assert "= 204 genes" in r.stdout  # (32 blocks + embed + head) x 3 models x (weight, density)
 
 
-def test_data_flow_search_and_export(tiny_zoo: Path, tmp_path: Path) -> None:
+def test_data_flow_search_and_export(short_zoo: Path, tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'd.db'}"
     sp = tmp_path / "dfs.yaml"
     sp.write_text(
         f"""
-models: [{tiny_zoo / "arith"}, {tiny_zoo / "script"}]
+models: [{short_zoo / "arith"}, {short_zoo / "script"}]
 genome: {{type: data_flow, repeats: 1, scales: per_layer}}
 objectives:
   - {{name: arith, task: demo_arith_search, metric: "exact_match,none", limit: 8}}
@@ -287,9 +279,9 @@ seed: 1
         assert got[name].value == pytest.approx(value, abs=1e-12)
 
 
-def test_search_on_postgresql(tiny_zoo: Path, tmp_path: Path, fresh_pg_url: str) -> None:
+def test_search_on_postgresql(short_zoo: Path, tmp_path: Path, fresh_pg_url: str) -> None:
     """The cluster setting: the same search with the study in PostgreSQL, then a resume of a done study."""
-    sp = space_file(tmp_path, tiny_zoo, budget=4, algorithm="random")
+    sp = space_file(tmp_path, short_zoo, budget=4, algorithm="random")
     r = run(["search", "--space", str(sp), "--workers", "2", "--storage", fresh_pg_url, "--study", "pg",
              "--no-progress"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -209,12 +209,10 @@ def test_no_lm_eval_evaluator_without_lm_eval_objectives(tok) -> None:
 
 
 @pytest.fixture(scope="module")
-def worker_space(tmp_path_factory):
+def worker_space(tmp_path_factory, short_zoo):
     """A space beside its scorer file: a python objective and the lm-eval task on the same data."""
-    from evomerge.zoo import build_zoo
-
     d = tmp_path_factory.mktemp("space")
-    zoo = build_zoo(d / "zoo", steps_scale=0.02, log=None, evaluate=False)  # weak models, the real path
+    zoo = short_zoo
     shutil.copy(FIXTURES / "scorers.py", d / "my_scorers.py")
     data = DEMO_TASKS / "data" / "arith_search.jsonl"
     p = d / "s.yaml"

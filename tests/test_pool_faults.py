@@ -194,13 +194,11 @@ def _env(tmp: Path, ray_tmp: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_search_with_a_broken_model_stops_in_one_line_then_resumes(tmp_path: Path) -> None:
+def test_search_with_a_broken_model_stops_in_one_line_then_resumes(tmp_path: Path, short_zoo: Path) -> None:
     """End to end: a model whose weights cannot be loaded (its header intact, so the space validates)
     stops `search` with exit 2 and the worker's own error; nothing is charged; once the weights are back,
     `resume` finishes. The Ray temp folder names a foreign cluster, which `search` must not join."""
-    from evomerge.zoo import build_zoo
-
-    zoo = build_zoo(tmp_path / "zoo", steps_scale=0.02, log=None, evaluate=False)  # weak models, the real path
+    zoo = short_zoo
     models = tmp_path / "models"
     for name in ("base", "arith", "script"):
         shutil.copytree(zoo / name, models / name)
@@ -270,15 +268,13 @@ def _session_processes(ray_tmp: Path, driver: int) -> list[tuple[int, str]]:
 
 
 @pytest.mark.slow
-def test_killing_the_driver_process_group_leaves_no_worker(tmp_path: Path) -> None:
+def test_killing_the_driver_process_group_leaves_no_worker(tmp_path: Path, short_zoo: Path) -> None:
     """kill -9 of the process group of a search with workers evaluating: 10 seconds later no process of
     its Ray session is left (the workers run in process groups of their own, and end with the raylet)."""
     import signal
     import time
 
-    from evomerge.zoo import build_zoo
-
-    zoo = build_zoo(tmp_path / "zoo", steps_scale=0.02, log=None, evaluate=False)  # weak models, the real path
+    zoo = short_zoo
     sp = tmp_path / "space.yaml"
     sp.write_text(f"""
 base_model: {zoo / "base"}
