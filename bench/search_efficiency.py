@@ -3,7 +3,7 @@
     python bench/search_efficiency.py [--quick] [--budget 60] [--seeds 5] [--first-seed 0] [--jobs 2]
         [--plot docs/search_efficiency.png]
         [--fidelity racing|anchors [--fidelity-fraction 0.25] [--fidelity-z Z] [--fidelity-gain G]
-         [--fidelity-confirm F [--fidelity-confirm-z Z]] [--fidelity-budget N]]
+         [--fidelity-confirm F [--fidelity-confirm-z Z]] [--fidelity-budget N] [--fidelity-algorithm nsga2]]
 
 Every registered evomerge algorithm runs on search_spaces/demo.yaml's genome and objectives with equal
 budgets and several seeds (at least 5: a rank test on fewer cannot reach p < 0.05); `pymoo_nsga2` is
@@ -13,9 +13,10 @@ algorithms a two-sided Mann-Whitney U test on the final hypervolumes of the seed
 two algorithms are independent runs, not paired) says whether they differ; the best of evomerge's own
 algorithms (everything but Optuna's samplers, pymoo's NSGA-II/III and random) is set against Optuna's
 best and pymoo's best. `--quick` scores each objective on 50 examples instead of 200, budget 40.
-`--fidelity` also runs nsga2 with cheaper fitness (`racing`: multi-fidelity racing on a first slice;
-`anchors`: anchor-subset estimation) and reports the share of examples scored and its final
-hypervolume (the front fully scored) over nsga2's without it. `--fidelity-budget N` gives the cheaper
+`--fidelity` also runs one algorithm (`--fidelity-algorithm`, default nsga2) with cheaper fitness
+(`racing`: multi-fidelity racing on a first slice; `anchors`: anchor-subset estimation) and reports the
+share of examples scored and its final hypervolume (the front fully scored) over the same algorithm's
+without it. `--fidelity-budget N` gives the cheaper
 search N candidates instead of the budget (a user who pays per example scored can afford more of them):
 `examples_scored_fraction` is then its examples over the full search's, `examples_per_candidate` its share
 of each candidate's examples. `--jobs N` runs the (algorithm, seed) runs
@@ -149,7 +150,8 @@ def main() -> None:
     ap.add_argument("--algorithms", nargs="*", default=None)
     ap.add_argument("--plot", type=Path, default=None, help="write hypervolume curves to this PNG")
     ap.add_argument("--fidelity", choices=["racing", "anchors"], default=None,
-                    help="also run nsga2 with cheaper fitness and compare it with nsga2 fully scored")
+                    help="also run --fidelity-algorithm with cheaper fitness and compare it with its full scoring")
+    ap.add_argument("--fidelity-algorithm", default="nsga2", help="the algorithm searched with cheaper fitness")
     ap.add_argument("--fidelity-fraction", type=float, default=0.25,
                     help="racing: the first slice; anchors: the share of examples in the anchor subset")
     ap.add_argument("--multi-fidelity", type=float, default=None, metavar="FRACTION",
@@ -170,8 +172,12 @@ def main() -> None:
     budget, limit = (40, 50) if args.quick else (args.budget, args.limit)
     seeds = args.seeds
     names = args.algorithms or sorted(REGISTRY)
-    if args.fidelity and "nsga2" not in names:
-        names = [*names, "nsga2"]  # the full-evaluation search the cheaper one is compared with
+    for name in [*names, args.fidelity_algorithm]:
+        if name not in REGISTRY:
+            ap.error(f"unknown algorithm {name!r} (known: {', '.join(sorted(REGISTRY))})")
+    cheap = args.fidelity_algorithm
+    if args.fidelity and cheap not in names:
+        names = [*names, cheap]  # the full-evaluation search the cheaper one is compared with
     fid = None
     if args.fidelity == "racing":
         fid = {"mode": "racing", "fraction": args.fidelity_fraction, "bound": "hoeffding", "delta": 0.05}
@@ -191,21 +197,21 @@ def main() -> None:
     seed_list = range(args.first_seed, args.first_seed + seeds)
     jobs = [(name, seed, budget, None) for name in names for seed in seed_list]
     if fid is not None:
-        jobs += [("nsga2", seed, args.fidelity_budget or budget, fid) for seed in seed_list]
+        jobs += [(cheap, seed, args.fidelity_budget or budget, fid) for seed in seed_list]
     t0 = time.perf_counter()
     runs = _run_all(jobs, args.jobs, limit)
     curves: dict[str, list[list[float]]] = {}
     fid_runs = []
-    full_examples: dict[int, float] = {}  # per seed: the examples the full-evaluation nsga2 scored
+    full_examples: dict[int, float] = {}  # per seed: the examples the full-evaluation search scored
     for (name, seed, _, f), r in zip(jobs, runs, strict=True):
         if f is None:
             curves.setdefault(name, []).append(r["curve"])
-            if name == "nsga2":
+            if name == cheap:
                 full_examples[seed] = r["examples"]
             print(f"{name:>13} seed {seed}: {r['evals']} evals, HV {r['curve'][-1]:.4f}", file=sys.stderr)
         else:
             fid_runs.append((seed, r))
-            print(f"{'nsga2+' + args.fidelity:>13} seed {seed}: {r['evals']} evals, HV {r['curve'][-1]:.4f}, "
+            print(f"{cheap + '+' + args.fidelity:>13} seed {seed}: {r['evals']} evals, HV {r['curve'][-1]:.4f}, "
                   f"{100 * r['share']:.0f}% of the examples", file=sys.stderr)
     calls, seconds = sum(r["calls"] for r in runs), sum(r["seconds"] for r in runs)
     finals = {name: [c[-1] for c in cs] for name, cs in curves.items()}
@@ -217,11 +223,11 @@ def main() -> None:
         shares = [r["examples"] / full_examples[seed] for seed, r in fid_runs]
         per_candidate = [r["share"] for _, r in fid_runs]
         errors = [e for _, r in fid_runs for e in r["errors"]]
-        mf = {"algorithm": "nsga2", "mode": args.fidelity, "fraction": args.fidelity_fraction, "z": args.fidelity_z,
+        mf = {"algorithm": cheap, "mode": args.fidelity, "fraction": args.fidelity_fraction, "z": args.fidelity_z,
               "min_reference": args.min_reference, "min_gain": args.fidelity_gain, "confirm": args.fidelity_confirm,
               "confirm_z": args.fidelity_confirm_z, "hv": summary(fid_finals),
               "hv_per_seed": [round(v, 4) for v in fid_finals],
-              "full_hv_per_seed": [round(v, 4) for v in finals["nsga2"]],
+              "full_hv_per_seed": [round(v, 4) for v in finals[cheap]],
               "examples_scored": round(statistics.mean(shares), 4),
               "examples_scored_per_seed": [round(v, 4) for v in shares],
               "candidates": args.fidelity_budget or budget,
@@ -231,8 +237,8 @@ def main() -> None:
                                         "n": len(errors)}
         result["multi_fidelity"] = mf
         result["examples_scored_fraction"] = mf["examples_scored"]
-        result["hv_ratio_to_full"] = round(statistics.mean(fid_finals) / statistics.mean(finals["nsga2"]), 4)
-        print(f"nsga2 with {args.fidelity}: HV {mf['hv']['mean']:.4f} ({result['hv_ratio_to_full']:.3f} of full) "
+        result["hv_ratio_to_full"] = round(statistics.mean(fid_finals) / statistics.mean(finals[cheap]), 4)
+        print(f"{cheap} with {args.fidelity}: HV {mf['hv']['mean']:.4f} ({result['hv_ratio_to_full']:.3f} of full) "
               f"with {100 * mf['examples_scored']:.0f}% of the examples scored ({mf['candidates']} candidates, "
               f"{100 * mf['examples_per_candidate']:.0f}% of each one's examples)", file=sys.stderr)
     if "nsga2" in hv:
