@@ -223,7 +223,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "ja_math.yaml", "dfs_demo.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_anchors.yaml", "ja_math.yaml", "dfs_demo.yaml"])
 def test_validate_and_dry_run_shipped_spaces(name: str, tmp_path: Path) -> None:
     space = ROOT / "search_spaces" / name
     r = run(["validate", "--space", str(space)], tmp_path)
@@ -290,3 +290,45 @@ def test_search_on_postgresql(short_zoo: Path, tmp_path: Path, fresh_pg_url: str
     again = run(["resume", "pg", "--storage", fresh_pg_url, "--no-progress"], tmp_path)
     assert again.returncode == 0 and "Pareto front of pg" in again.stdout
     assert status(tmp_path, fresh_pg_url)["pg"]["attempts"] == st["attempts"]
+
+
+def test_map_with_anchor_estimates_keeps_a_fully_scored_front(short_zoo: Path, tmp_path: Path) -> None:
+    """Cheaper fitness on the surrogate search (the setting docs/benchmarks.md measures): MAP's design and
+    front rounds run on anchor estimates, most candidates are estimated, and every front member is scored
+    on every example."""
+    sp = tmp_path / "map.yaml"
+    sp.write_text(f"""
+base_model: {short_zoo / "base"}
+models: [{short_zoo / "arith"}, {short_zoo / "script"}]
+genome: {{method: task_arithmetic, layer_groups: 2}}
+objectives:
+  - {{name: arith, task: demo_arith_search, metric: "exact_match,none", limit: 32}}
+  - {{name: script, task: demo_script_search, metric: "exact_match,none", limit: 32}}
+algorithm: {{name: map, settings: {{n_design: 10, n_front: 4, variant: diagonal, front_rounds: null}}}}
+evaluation:
+  batch_size: 32
+  task_paths: [{TASKS}]
+  multi_fidelity: {{method: anchors, fraction: 0.1, min_reference: 4, z: 0.5, confirm: 0.3}}
+budget: 18
+seed: 1
+""")
+    db = tmp_path / "m.db"
+    r = run(["search", "--space", str(sp), "--workers", "1", "--storage", f"sqlite:///{db}", "--study", "m",
+             "--no-progress"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute("select number, generation, timings from candidates where state = 'complete'").fetchall()
+    finally:
+        con.close()
+    assert len(rows) == 18
+    timings = {n: json.loads(t) for n, _, t in rows}
+    estimated = {n for n, t in timings.items() if "estimated" in t}
+    assert {g for _, g, _ in rows} >= {0, 1}  # the design and at least one front round
+    assert estimated and len(estimated) < 18 - 4  # the first 4 are references, scored in full
+    assert all(timings[n]["fidelity"] < 1.0 for n in estimated)
+    fr = run(["front", "m", "--json", "--storage", f"sqlite:///{db}"], tmp_path)
+    assert fr.returncode == 0, fr.stderr
+    front = {c["candidate"] for c in json.loads(fr.stdout)}
+    assert front and not front & estimated
+    assert all(timings[n].get("fidelity", 1.0) == 1.0 for n in front)

@@ -45,7 +45,7 @@ budget: 10
 """
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "ja_math.yaml", "dfs_demo.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_anchors.yaml", "ja_math.yaml", "dfs_demo.yaml"])
 def test_shipped_spaces_validate(name: str) -> None:
     sp = load_space(SPACES / name)
     assert sp.name == Path(name).stem

@@ -156,7 +156,7 @@ def test_search_on_a_bad_space_creates_no_study(root: Path, tmp_path: Path, case
             assert "studies" not in tables or con.execute("select count(*) from studies").fetchone()[0] == 0
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "dfs_demo.yaml", "ja_math.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_anchors.yaml", "dfs_demo.yaml", "ja_math.yaml"])
 def test_shipped_spaces_still_validate(name: str) -> None:
     assert load_space(SPACES / name).objectives
 

@@ -1,5 +1,7 @@
 """Pinned CPU numerics for building the demo zoo, so the same recipe gives the same weights on every
-x86-64 machine with AVX2.
+Intel x86-64 machine with AVX2. Not on AMD: MKL honours a reproducibility branch other than AUTO or
+COMPATIBLE only on Intel processors and elsewhere falls back to AUTO, and a Zen 5 machine built other
+weights (docs/benchmarks.md).
 
 Training the zoo runs thousands of optimizer steps, and the float reduction order of torch's vector
 kernels and of MKL's matrix products depends on the instruction set the CPU offers (AVX2 or AVX-512):
