@@ -33,20 +33,22 @@ def env_for(tmp: Path) -> dict[str, str]:
     return env
 
 
-def space_file(tmp: Path, zoo: Path, budget: int, algorithm: str = "nsga2") -> Path:
+def space_file(tmp: Path, zoo: Path, budget: int, algorithm: str = "nsga2", *, settings: str = "{pop_size: 4}",
+               method: str = "dare_ties", limit: int = 16, evaluation: str = "", seed: int = 3) -> Path:
+    """A two-objective space over ``zoo``; ``evaluation`` adds entries to the evaluation mapping."""
     p = tmp / "space.yaml"
     p.write_text(
         f"""
 base_model: {zoo / "base"}
 models: [{zoo / "arith"}, {zoo / "script"}]
-genome: {{method: dare_ties, layer_groups: 2}}
+genome: {{method: {method}, layer_groups: 2}}
 objectives:
-  - {{name: arith, task: demo_arith_search, metric: "exact_match,none", limit: 16}}
-  - {{name: script, task: demo_script_search, metric: "exact_match,none", limit: 16}}
-algorithm: {{name: {algorithm}, settings: {{pop_size: 4}}}}
-evaluation: {{batch_size: 16, task_paths: [{TASKS}]}}
+  - {{name: arith, task: demo_arith_search, metric: "exact_match,none", limit: {limit}}}
+  - {{name: script, task: demo_script_search, metric: "exact_match,none", limit: {limit}}}
+algorithm: {{name: {algorithm}, settings: {settings}}}
+evaluation: {{batch_size: {limit}, task_paths: [{TASKS}]{evaluation}}}
 budget: {budget}
-seed: 3
+seed: {seed}
 """
     )
     return p
@@ -296,22 +298,10 @@ def test_map_with_anchor_estimates_keeps_a_fully_scored_front(short_zoo: Path, t
     """Cheaper fitness on the surrogate search (the setting docs/benchmarks.md measures): MAP's design and
     front rounds run on anchor estimates, most candidates are estimated, and every front member is scored
     on every example."""
-    sp = tmp_path / "map.yaml"
-    sp.write_text(f"""
-base_model: {short_zoo / "base"}
-models: [{short_zoo / "arith"}, {short_zoo / "script"}]
-genome: {{method: task_arithmetic, layer_groups: 2}}
-objectives:
-  - {{name: arith, task: demo_arith_search, metric: "exact_match,none", limit: 32}}
-  - {{name: script, task: demo_script_search, metric: "exact_match,none", limit: 32}}
-algorithm: {{name: map, settings: {{n_design: 10, n_front: 4, variant: diagonal, front_rounds: null}}}}
-evaluation:
-  batch_size: 32
-  task_paths: [{TASKS}]
-  multi_fidelity: {{method: anchors, fraction: 0.1, min_reference: 4, z: 0.5, confirm: 0.3}}
-budget: 18
-seed: 1
-""")
+    sp = space_file(tmp_path, short_zoo, budget=18, algorithm="map", method="task_arithmetic", limit=32, seed=1,
+                    settings="{n_design: 10, n_front: 4, variant: diagonal, front_rounds: null}",
+                    evaluation=", multi_fidelity: {method: anchors, fraction: 0.1, min_reference: 4, z: 0.5, "
+                               "confirm: 0.3}")
     db = tmp_path / "m.db"
     r = run(["search", "--space", str(sp), "--workers", "1", "--storage", f"sqlite:///{db}", "--study", "m",
              "--no-progress"], tmp_path)
