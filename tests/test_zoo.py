@@ -326,3 +326,28 @@ def test_builds_are_the_same_whatever_the_cpu_offers(tmp_path, monkeypatch):
     from evomerge.zoo.build import weights_digest
 
     assert weights_digest(tmp_path / "AVX2" / path.name / "base") == digests[0]["base"]
+
+
+def test_a_build_says_whether_it_made_the_reference_weights(tmp_path, monkeypatch, capsys):
+    """The documented figures are those of one set of weights: a build that made others says so."""
+    from evomerge.zoo.build import build_into
+
+    recipe = zoo._recipe(TINY, zoo.ZOO_VERSION)
+    name = zoo.zoo_path(tmp_path, steps_scale=TINY).name
+    build_into(tmp_path / "a" / name, recipe, zoo.ZOO_VERSION, evaluate=False)
+    first = json.loads((tmp_path / "a" / name / "zoo.json").read_text())
+    assert first["reference"] == {"build": name, "status": "none", "differ": []}  # none filed for a tiny build
+    capsys.readouterr()
+    # filed with the script expert's digest altered: the same process builds the same weights again
+    monkeypatch.setitem(zoo.REFERENCE_SHA256, name, {**first["weights_sha256"], "script": "0" * 64})
+    build_into(tmp_path / "b" / f".{name}.tmp-1", recipe, zoo.ZOO_VERSION, evaluate=False)
+    said = capsys.readouterr().out
+    second = json.loads((tmp_path / "b" / f".{name}.tmp-1" / "zoo.json").read_text())
+    assert second["weights_sha256"] == first["weights_sha256"]
+    assert second["reference"] == {"build": name, "status": "differs", "differ": ["script"]}
+    assert "zoo: warning: not the reference build's weights (script)" in said
+    monkeypatch.setitem(zoo.REFERENCE_SHA256, name, first["weights_sha256"])
+    assert zoo.reference_check(name, first["weights_sha256"]) == ("same", [])
+    # every filed reference names a build folder a shipped recipe makes, so a recipe change cannot orphan it
+    shipped = {zoo.zoo_path(tmp_path, version=v).name for v in zoo.RECIPES}
+    assert set(zoo.REFERENCE_SHA256) - {name} <= shipped

@@ -126,6 +126,27 @@ RECIPE_V2["experts"]["arith"]["mix"] = {"arith": 0.98, "cross": 0.02}
 RECIPES: dict[int, dict[str, Any]] = {1: RECIPE_V1, 2: RECIPE_V2}
 RECIPE = RECIPES[ZOO_VERSION]
 
+# What the pinned build gave on the Intel machines where docs/benchmarks.md measured the demo (two
+# machines, the same bits), by build folder name. A build with other weights says so: the documented
+# figures are those weights', and MKL ignores the pin on AMD CPUs (:mod:`evomerge.zoo.numerics`).
+REFERENCE_SHA256: dict[str, dict[str, str]] = {
+    "v2-8312bcbfb3e9": {
+        "base": "c15491edba282df37298d57b0d5828759bd0bc9aa96babbfd55701225c88f386",
+        "arith": "d1c7e69a7b0bdac0eb6f0b5c179ac8be0379b47e317259fda92482acd6573238",
+        "script": "7f7ab90c6870a7b920ec1849dc63c0a7eb577529b3fd09433dc72e1632a8f9ec",
+    },
+}
+
+
+def reference_check(build: str, digests: dict[str, str]) -> tuple[str, list[str]]:
+    """Compare a build's weights digests with its reference build's: ``("same", [])``,
+    ``("differs", [models that differ])``, or ``("none", [])`` where no reference build is known."""
+    ref = REFERENCE_SHA256.get(build)
+    if ref is None:
+        return "none", []
+    differ = [m for m in ref if digests.get(m) != ref[m]]
+    return ("differs" if differ else "same"), differ
+
 
 def default_zoo_dir() -> Path:
     """``$EVOMERGE_ZOO_DIR``, else ``~/.cache/evomerge/zoo``: the root holding zoo versions."""

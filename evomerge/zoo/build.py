@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from evomerge.zoo import MANIFEST, ZOO_MODELS, _recipe
+from evomerge.zoo import MANIFEST, ZOO_MODELS, _recipe, reference_check
 from evomerge.zoo import tasks as T
 from evomerge.zoo.modeling import ModelSpec, TrainSpec, greedy_accuracy, make_model, make_tokenizer, train
 from evomerge.zoo.numerics import PINNED_ENV, is_pinned
@@ -62,15 +62,23 @@ def build_into(out: Path, recipe: dict[str, Any], version: int, evaluate: bool) 
         tok.save_pretrained(out / name)
         digests[name] = weights_digest(out / name)
 
-    say(f"zoo: building {out.name.split('.tmp-')[0].lstrip('.')} (base + {len(recipe['experts'])} experts)")
+    build = out.name.split(".tmp-")[0].lstrip(".")  # the folder it is renamed to when complete
+    say(f"zoo: building {build} (base + {len(recipe['experts'])} experts)")
     base = make_model(spec, len(tok), tok, recipe["base"]["seed"])
     fit(base, recipe["base"], "base")
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     for name, part in recipe["experts"].items():
         base.load_state_dict(base_state)
         fit(base, part, name)
+    status, differ = reference_check(build, digests)
+    if status == "same":
+        say("zoo: the same weights as the reference build (the figures in docs/benchmarks.md hold)")
+    elif status == "differs":
+        say(f"zoo: warning: not the reference build's weights ({', '.join(differ)}): the documented figures won't hold")
+        say("zoo: (on AMD CPUs MKL ignores the pinned numerics: docs/benchmarks.md)")
     manifest = {
         "version": version,
+        "reference": {"build": build, "status": status, "differ": differ},
         "models": list(ZOO_MODELS),
         "recipe": recipe,
         "spec": asdict(spec),
