@@ -225,9 +225,23 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "demo_anchors.yaml", "ja_math.yaml", "dfs_demo.yaml"])
+# Every shipped space, found rather than listed, so a new one is checked too; one that builds on a stored
+# study (demo_ps_dfs.yaml) needs that study first and has its own test (test_ps_dfs.py).
+SHIPPED_SPACES = sorted(p.name for p in (ROOT / "search_spaces").glob("*.yaml")
+                        if "study://" not in p.read_text(encoding="utf-8"))
+
+
+def test_the_shipped_spaces_are_found() -> None:
+    assert {"demo.yaml", "demo_anchors.yaml", "ja_math.yaml", "dfs_demo.yaml"} <= set(SHIPPED_SPACES)
+
+
+@pytest.mark.parametrize("name", SHIPPED_SPACES)
 def test_validate_and_dry_run_shipped_spaces(name: str, tmp_path: Path) -> None:
+    from evomerge.space import load_space
+
     space = ROOT / "search_spaces" / name
+    loaded = load_space(space)
+    assert loaded.name == space.stem and loaded.objectives
     r = run(["validate", "--space", str(space)], tmp_path)
     assert r.returncode == 0 and "ok" in r.stdout
     r = run(["search", "--space", str(space), "--dry-run", "--workers", "8"], tmp_path)
