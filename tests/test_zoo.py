@@ -345,7 +345,7 @@ def test_a_build_says_whether_it_made_the_reference_weights(tmp_path, monkeypatc
     second = json.loads((tmp_path / "b" / f".{name}.tmp-1" / "zoo.json").read_text())
     assert second["weights_sha256"] == first["weights_sha256"]
     assert second["reference"] == {"build": name, "status": "differs", "differ": ["script"]}
-    assert "zoo: warning: not the reference build's weights (script)" in said
+    assert "zoo: warning: the weights of script are not the reference build's" in said
     monkeypatch.setitem(zoo.REFERENCE_SHA256, name, first["weights_sha256"])
     assert zoo.reference_check(name, first["weights_sha256"]) == ("same", [])
     # every filed reference names a build folder a shipped recipe makes, so a recipe change cannot orphan it

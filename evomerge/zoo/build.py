@@ -74,8 +74,8 @@ def build_into(out: Path, recipe: dict[str, Any], version: int, evaluate: bool) 
     if status == "same":
         say("zoo: the same weights as the reference build (the figures in docs/benchmarks.md hold)")
     elif status == "differs":
-        say(f"zoo: warning: not the reference build's weights ({', '.join(differ)}): the documented figures won't hold")
-        say("zoo: (on AMD CPUs MKL ignores the pinned numerics: docs/benchmarks.md)")
+        say(f"zoo: warning: the weights of {', '.join(differ)} are not the reference build's")
+        say("zoo: the documented figures won't hold here (AMD CPUs ignore the pin: docs/benchmarks.md)")
     manifest = {
         "version": version,
         "reference": {"build": build, "status": status, "differ": differ},
