@@ -62,7 +62,8 @@ storage_app = App(no_args_is_help=True, add_completion=False, help="The study da
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(storage_app, name="storage")
 
-err = Console(stderr=True)
+# Not a terminal (a log file, CI): no hard line breaks inside a message, the reader's viewer wraps it.
+err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 DEFAULT_STORAGE = "sqlite:///evomerge.db"
 
 

@@ -130,6 +130,16 @@ def test_bad_override_on_the_command_line_is_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and "bogus" in r.stderr, r.stderr
 
 
+def test_a_log_line_is_not_broken_when_stderr_is_a_file() -> None:
+    # rich's default for a file is 80 columns with hard breaks: `evomerge zoo build 2> build.log` split its
+    # 89-character reference line in two
+    line = "zoo: " + " ".join(["word"] * 30)
+    code = f"from evomerge.cli import err; err.print({line!r}, markup=False, highlight=False)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stderr == line + "\n", r.stderr
+
+
 # ---------------------------------------------------------------------------------- the tables
 
 def _recipe(w: float) -> Recipe:
