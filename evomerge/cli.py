@@ -392,9 +392,14 @@ def zoo_build(
     """Build (or reuse) the demo zoo: a tiny base model and experts trained here."""
     if version not in RECIPES:
         raise UserError(f"--version {version}: unknown zoo version; known: {', '.join(str(v) for v in RECIPES)}")
-    from evomerge.zoo import build_zoo  # torch comes with a build, not with --help
+    from evomerge.zoo import build_zoo, built_reference_lines, is_complete, zoo_path  # torch comes with a build
 
-    path = build_zoo(force=force, version=version, log=lambda m: err.print(m, markup=False, highlight=False))
+    say = lambda m: err.print(m, markup=False, highlight=False)  # noqa: E731
+    built = is_complete(zoo_path(version=version)) and not force
+    path = build_zoo(force=force, version=version, log=say)
+    if built:  # a fresh build has said it already
+        for line in built_reference_lines(path):
+            say(line)
     print(path)
 
 

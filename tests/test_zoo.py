@@ -348,6 +348,10 @@ def test_a_build_says_whether_it_made_the_reference_weights(tmp_path, monkeypatc
     assert "zoo: warning: the weights of script are not the reference build's" in said
     monkeypatch.setitem(zoo.REFERENCE_SHA256, name, first["weights_sha256"])
     assert zoo.reference_check(name, first["weights_sha256"]) == ("same", [])
+    # a build made earlier says it again from its zoo.json (`evomerge zoo build` on a cached zoo)
+    assert zoo.built_reference_lines(tmp_path / "a" / name) == [
+        "zoo: the same weights as the reference build (the figures in docs/benchmarks.md hold)"]
+    assert zoo.built_reference_lines(tmp_path / "missing") == []
     # every filed reference names a build folder a shipped recipe makes, so a recipe change cannot orphan it
     shipped = {zoo.zoo_path(tmp_path, version=v).name for v in zoo.RECIPES}
     assert set(zoo.REFERENCE_SHA256) - {name} <= shipped

@@ -148,6 +148,26 @@ def reference_check(build: str, digests: dict[str, str]) -> tuple[str, list[str]
     return ("differs" if differ else "same"), differ
 
 
+def reference_lines(build: str, digests: dict[str, str]) -> list[str]:
+    """What a build says about its weights against the reference build's (nothing when none is filed)."""
+    status, differ = reference_check(build, digests)
+    if status == "same":
+        return ["zoo: the same weights as the reference build (the figures in docs/benchmarks.md hold)"]
+    if status == "differs":
+        return [f"zoo: warning: the weights of {', '.join(differ)} are not the reference build's",
+                "zoo: the documented figures won't hold here (AMD CPUs ignore the pin: docs/benchmarks.md)"]
+    return []
+
+
+def built_reference_lines(path: Path) -> list[str]:
+    """:func:`reference_lines` for a finished build folder, from the digests its ``zoo.json`` recorded."""
+    try:
+        digests = json.loads((path / MANIFEST).read_text()).get("weights_sha256") or {}
+    except (OSError, ValueError):
+        return []
+    return reference_lines(path.name, digests)
+
+
 def default_zoo_dir() -> Path:
     """``$EVOMERGE_ZOO_DIR``, else ``~/.cache/evomerge/zoo``: the root holding zoo versions."""
     env = os.environ.get("EVOMERGE_ZOO_DIR")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from evomerge.zoo import MANIFEST, ZOO_MODELS, _recipe, reference_check
+from evomerge.zoo import MANIFEST, ZOO_MODELS, _recipe, reference_check, reference_lines
 from evomerge.zoo import tasks as T
 from evomerge.zoo.modeling import ModelSpec, TrainSpec, greedy_accuracy, make_model, make_tokenizer, train
 from evomerge.zoo.numerics import PINNED_ENV, is_pinned
@@ -71,11 +71,8 @@ def build_into(out: Path, recipe: dict[str, Any], version: int, evaluate: bool) 
         base.load_state_dict(base_state)
         fit(base, part, name)
     status, differ = reference_check(build, digests)
-    if status == "same":
-        say("zoo: the same weights as the reference build (the figures in docs/benchmarks.md hold)")
-    elif status == "differs":
-        say(f"zoo: warning: the weights of {', '.join(differ)} are not the reference build's")
-        say("zoo: the documented figures won't hold here (AMD CPUs ignore the pin: docs/benchmarks.md)")
+    for line in reference_lines(build, digests):
+        say(line)
     manifest = {
         "version": version,
         "reference": {"build": build, "status": status, "differ": differ},
