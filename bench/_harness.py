@@ -134,7 +134,8 @@ def run_algorithm(ev: Evaluations, name: str, budget: int, seed: int, fidelity: 
             plan = {}
             if len(refs) >= fid_settings.min_reference:
                 plan = plan_anchors({n: np.array([r[n] for r in refs]) for n in staged}, fid_settings.fraction,
-                                    seed % (2**32), confirm=fid_settings.confirm)
+                                    seed % (2**32), confirm=fid_settings.confirm,
+                                    confirm_steps=fid_settings.confirm_steps)
             fidelity = {**fid_settings.model_dump(), "anchors": plan}
         if fidelity is not None:  # the driver's reference point: every objective of the demo is an accuracy
             dirs = [o.direction for o in ev.space.objectives]

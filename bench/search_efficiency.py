@@ -3,7 +3,8 @@
     python bench/search_efficiency.py [--quick] [--budget 60] [--seeds 5] [--first-seed 0] [--jobs 2]
         [--plot docs/search_efficiency.png]
         [--fidelity racing|anchors [--fidelity-fraction 0.25] [--fidelity-z Z] [--fidelity-gain G]
-         [--fidelity-confirm F [--fidelity-confirm-z Z]] [--fidelity-budget N] [--fidelity-algorithm nsga2]]
+         [--fidelity-confirm F [--fidelity-confirm-z Z] [--fidelity-confirm-steps N]]
+         [--fidelity-budget N] [--fidelity-algorithm nsga2]]
 
 Every registered evomerge algorithm runs on search_spaces/demo.yaml's genome and objectives with equal
 budgets and several seeds (at least 5: a rank test on fewer cannot reach p < 0.05); `pymoo_nsga2` is
@@ -163,6 +164,8 @@ def main() -> None:
     ap.add_argument("--fidelity-confirm", type=float, default=None,
                     help="anchors: score candidates passing the first gate on this larger share before finishing")
     ap.add_argument("--fidelity-confirm-z", type=float, default=None, help="anchors: the second gate's error bars")
+    ap.add_argument("--fidelity-confirm-steps", type=int, default=None,
+                    help="anchors: reach the confirm subset in this many gated steps")
     ap.add_argument("--fidelity-budget", type=int, default=None,
                     help="candidates of the cheaper search (default: --budget), to compare at equal examples scored")
     ap.add_argument("--jobs", type=int, default=1, help="processes running searches side by side")
@@ -184,7 +187,8 @@ def main() -> None:
     elif args.fidelity == "anchors":
         fid = {"mode": "anchors", "fraction": args.fidelity_fraction}
         for key, value in (("z", args.fidelity_z), ("min_reference", args.min_reference),
-                           ("confirm", args.fidelity_confirm), ("confirm_z", args.fidelity_confirm_z)):
+                           ("confirm", args.fidelity_confirm), ("confirm_z", args.fidelity_confirm_z),
+                           ("confirm_steps", args.fidelity_confirm_steps)):
             if value is not None:
                 fid[key] = value
     if fid is not None and args.fidelity_gain is not None:
@@ -225,7 +229,8 @@ def main() -> None:
         errors = [e for _, r in fid_runs for e in r["errors"]]
         mf = {"algorithm": cheap, "mode": args.fidelity, "fraction": args.fidelity_fraction, "z": args.fidelity_z,
               "min_reference": args.min_reference, "min_gain": args.fidelity_gain, "confirm": args.fidelity_confirm,
-              "confirm_z": args.fidelity_confirm_z, "hv": summary(fid_finals),
+              "confirm_z": args.fidelity_confirm_z, "confirm_steps": args.fidelity_confirm_steps,
+              "hv": summary(fid_finals),
               "hv_per_seed": [round(v, 4) for v in fid_finals],
               "full_hv_per_seed": [round(v, 4) for v in finals[cheap]],
               "examples_scored": round(statistics.mean(shares), 4),

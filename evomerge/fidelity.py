@@ -38,6 +38,11 @@ candidates beyond the reference ones, those the finish decides on, back toward t
 estimate only screens (it needs half of ``min_gain``); the finish is decided on the larger subset's tighter
 estimate, so fewer of the candidates that would move the front are left as estimates, and the estimates the
 algorithm is told of the near misses are closer to their scores.
+
+``confirm_steps`` reaches that subset in steps: the anchors plus the heaviest of its other anchors (the
+largest clusters) first, each step gated like the anchors on its own estimate and error bar. About half of
+the candidates that pass the anchors' loose screen are near misses that a few more examples rule out; they
+stop there instead of paying for the whole confirm subset.
 """
 
 from __future__ import annotations
@@ -75,12 +80,18 @@ class MultiFidelity(BaseModel):
     # estimate with ``confirm_z`` error bars; the first gate asks half of ``min_gain``. None: one stage.
     confirm: float | None = Field(default=None, gt=0.0, lt=1.0)
     confirm_z: float = Field(default=0.0, ge=-5.0, le=100.0)
+    # anchors: the confirm subset reached in this many nested steps (the anchors plus the heaviest of its other
+    # anchors first), each before the last gated like the anchors (``z``, half of ``min_gain``) on its own,
+    # tighter estimate: a candidate a few more examples rule out stops there, not after the whole subset.
+    confirm_steps: int = Field(default=1, ge=1, le=10)
 
     @model_validator(mode="after")
     def _confirm_is_larger(self) -> MultiFidelity:
         if self.confirm is not None and (self.method != "anchors" or self.confirm <= self.fraction):
             raise ValueError(f"confirm ({self.confirm}) is a second, larger anchor subset: it needs method: anchors "
                              f"and a share above fraction ({self.fraction})")
+        if self.confirm_steps > 1 and self.confirm is None:
+            raise ValueError(f"confirm_steps ({self.confirm_steps}) splits the confirm subset: it needs confirm")
         return self
 
 
@@ -206,19 +217,29 @@ def estimate(entry: dict, anchor_scores: list[float]) -> float:
     return estimate_from_anchors(anchor_scores, entry["weights"])
 
 
-def _fit_stages(S: np.ndarray, ks: list[int], seed: int) -> tuple[list[int], list[float]]:
-    """The last of nested anchor subsets of sizes ``ks`` (each holding the one before)."""
-    idx, w = fit_anchors(S, ks[0], seed)
+def _fit_stages(S: np.ndarray, ks: list[int], seed: int, share: float = 1.0) -> tuple[list[int], list[float]]:
+    """The last of nested anchor subsets of sizes ``ks`` (each holding the one before); with ``share`` < 1
+    only the first subset and that share of the last one's other anchors, the heaviest, every example
+    counting toward its nearest kept anchor."""
+    first, w = fit_anchors(S, ks[0], seed)
+    idx = first
     for k in ks[1:]:
         idx, w = fit_anchors(S, k, seed, keep=idx)
-    return idx, w
+    if share >= 1.0:
+        return idx, w
+    extra = sorted((i for i in idx if i not in first), key=lambda i: -w[idx.index(i)])
+    order = sorted({*first, *extra[: round(share * len(extra))]})
+    X = np.asarray(S, dtype=float).T
+    near = np.argmin(((X[:, None, :] - X[order][None, :, :]) ** 2).sum(axis=2), axis=1)
+    return order, [float(v) for v in np.bincount(near, minlength=len(order)) / X.shape[0]]
 
 
-def anchor_errors(S: np.ndarray, k: int | list[int], seed: int = 0, folds: int = 4) -> dict[str, float]:
+def anchor_errors(S: np.ndarray, k: int | list[int], seed: int = 0, folds: int = 4,
+                  share: float = 1.0) -> dict[str, float]:
     """Root-mean-square error of each estimator (``irt``, ``mean``) of a candidate's mean score,
     cross-validated over the reference candidates (anchors and difficulties learned without the fold they
     estimate); at least half an example. A list ``k``: the last of nested subsets, the earlier ones refitted
-    per fold too."""
+    per fold too (``share``: as in :func:`_fit_stages`)."""
     S = np.asarray(S, dtype=float)
     m, n = S.shape
     ks = [k] if isinstance(k, int) else list(k)
@@ -228,7 +249,7 @@ def anchor_errors(S: np.ndarray, k: int | list[int], seed: int = 0, folds: int =
         held = np.arange(m) % folds == f
         if held.all() or not held.any():
             continue
-        idx, w = _fit_stages(S[~held], ks, seed)
+        idx, w = _fit_stages(S[~held], ks, seed, share)
         b = list(item_difficulty(S[~held]))
         truth = S[held].mean(axis=1)
         errs["irt"].extend(np.array([estimate_irt(list(r[idx]), idx, b) for r in S[held]]) - truth)
@@ -236,9 +257,9 @@ def anchor_errors(S: np.ndarray, k: int | list[int], seed: int = 0, folds: int =
     return {name: max(float(np.sqrt(np.mean(np.square(e)))) if e else 1.0, 0.5 / n) for name, e in errs.items()}
 
 
-def _stage(S: np.ndarray, ks: list[int], seed: int, choose: bool = True) -> dict:
-    idx, w = _fit_stages(S, ks, seed)
-    errors = anchor_errors(S, ks, seed)
+def _stage(S: np.ndarray, ks: list[int], seed: int, choose: bool = True, share: float = 1.0) -> dict:
+    idx, w = _fit_stages(S, ks, seed, share)
+    errors = anchor_errors(S, ks, seed, share=share)
     # the estimator that did better on the study's own candidates (``choose``), else the weighted mean
     irt = choose and errors["irt"] < errors["mean"]
     return {"indices": idx, "weights": w, "n": S.shape[1], "estimator": "irt" if irt else "mean",
@@ -247,12 +268,13 @@ def _stage(S: np.ndarray, ks: list[int], seed: int, choose: bool = True) -> dict
 
 
 def plan_anchors(samples: dict[str, np.ndarray], fraction: float, seed: int = 0,
-                 confirm: float | None = None) -> dict[str, dict]:
+                 confirm: float | None = None, confirm_steps: int = 1) -> dict[str, dict]:
     """Per objective: its anchors, their weights and the estimate's error bar, as plain data for a worker.
     ``samples`` maps an objective to its reference matrix (fully scored candidates x examples). With
     ``confirm``, each entry holds under ``"confirm"`` a second entry of the same form: the larger subset
     (the first plus the anchors of that share of the examples' worth of clusters), estimated by its weighted
-    mean, with its error bar."""
+    mean, with its error bar. ``confirm_steps`` > 1 adds under ``"between"`` the entries of the subsets on
+    the way there: the anchors plus 1/steps, 2/steps, ... of the confirm subset's other anchors, the heaviest."""
     plan = {}
     for name, S in samples.items():
         S = np.clip(np.nan_to_num(np.asarray(S, dtype=float), nan=0.0), 0.0, 1.0)
@@ -263,7 +285,11 @@ def plan_anchors(samples: dict[str, np.ndarray], fraction: float, seed: int = 0,
             # The weighted mean, not the Rasch fit: cross-validation rates the two on the reference candidates,
             # but the finish decides on candidates beyond them, which the fit's prior and difficulties pull
             # back toward them (on the demo the mean left fewer front members as estimates, at lower cost).
-            plan[name]["confirm"] = _stage(S, [k, max(k, min(n, math.ceil(confirm * n)))], seed, choose=False)
+            ks = [k, max(k, min(n, math.ceil(confirm * n)))]
+            plan[name]["confirm"] = _stage(S, ks, seed, choose=False)
+            if confirm_steps > 1:
+                plan[name]["between"] = [_stage(S, ks, seed, choose=False, share=i / confirm_steps)
+                                         for i in range(1, confirm_steps)]
     return plan
 
 

@@ -148,8 +148,9 @@ class MergeWorker:
         """Anchors first (``plan``: per objective its anchors, weights and error bar, from the driver); the
         rest only when the estimate plus ``z`` error bars could reach the front. With ``confirm``, a candidate
         passing that gate (at half of ``min_gain``) is scored on the plan's larger subset first and finished only
-        when that estimate plus ``confirm_z`` error bars could reach it. Without a plan for an objective (too
-        few fully scored candidates yet) it is scored in full."""
+        when that estimate plus ``confirm_z`` error bars could reach it (with ``confirm_steps``, through the
+        plan's ``between`` subsets, each gated like the anchors). Without a plan for an objective (too few
+        fully scored candidates yet) it is scored in full."""
         staged = [o for o in objs if supports_fidelity(o) and o.name in plan]
         if not staged:
             return self.evaluator.evaluate(self.model, objs), {"fidelity": 1.0}
@@ -167,7 +168,10 @@ class MergeWorker:
         first = {o.name: plan[o.name] for o in staged}
         stages = [(first, fid.z, fid.min_gain)]
         if fid.confirm is not None:
+            steps = min(len(plan[o.name].get("between") or []) for o in staged)
             stages = [(first, fid.z, fid.min_gain / 2),
+                      *(({o.name: plan[o.name]["between"][i] for o in staged}, fid.z, fid.min_gain / 2)
+                        for i in range(steps)),
                       ({o.name: plan[o.name].get("confirm") or plan[o.name] for o in staged}, fid.confirm_z,
                        fid.min_gain)]
         dirs = [o.direction for o in objs]

@@ -219,7 +219,8 @@ genome: {{num_layers: 2}}
 objectives:
   - {{name: arith, task: demo_arith_search, metric: "exact_match,none"}}
   - {{name: n, kind: cost, measure: params, direction: minimize}}
-evaluation: {{task_paths: [{TASKS}], multi_fidelity: {{method: anchors, fraction: 0.1, min_reference: 4}}}}
+evaluation: {{task_paths: [{TASKS}], multi_fidelity: {{method: anchors, fraction: 0.1, min_reference: 4,
+                                                   confirm: 0.3, confirm_steps: 2}}}}
 """)
     space = load_space(p)
     store = Store(f"sqlite:///{tmp_path / 'd.db'}")
@@ -236,6 +237,7 @@ evaluation: {{task_paths: [{TASKS}], multi_fidelity: {{method: anchors, fraction
         plan = planner.plan()
         assert (plan == {}) == (i < 3), i
     assert set(plan) == {"arith"} and plan["arith"]["n"] == 50 and len(plan["arith"]["indices"]) <= 5
+    assert len(plan["arith"]["between"]) == 1  # the space's confirm_steps reach the plan
     assert np.isfinite(plan["arith"]["error"])
 
 
@@ -263,13 +265,24 @@ def test_a_confirm_stage_is_a_larger_subset_holding_the_anchors_with_a_smaller_e
     assert sum(second["weights"]) == pytest.approx(1.0) and min(second["weights"]) > 0.0
     assert second["estimator"] == "mean" and second["difficulty"] is None
     assert second["error"] < plan["error"]  # more anchors, a tighter estimate
-    assert "confirm" not in plan_anchors({"t": ref}, fraction=0.05)["t"]
+    assert "confirm" not in plan_anchors({"t": ref}, fraction=0.05)["t"] and "between" not in plan
+    # in steps: the anchors, then the heaviest of the confirm subset's other anchors, then all of them
+    stepped = plan_anchors({"t": ref}, fraction=0.05, confirm=0.25, confirm_steps=3)["t"]
+    assert stepped["confirm"] == second and stepped["indices"] == plan["indices"]
+    sets = [set(plan["indices"]), *(set(b["indices"]) for b in stepped["between"]), set(second["indices"])]
+    assert len(sets) == 4 and all(a < b for a, b in zip(sets[:-1], sets[1:], strict=True)), [len(x) for x in sets]
+    extra = len(sets[-1]) - len(sets[0])
+    assert [len(x) - len(sets[0]) for x in sets[1:3]] == [round(extra / 3), round(2 * extra / 3)]
+    for b in stepped["between"]:
+        assert sum(b["weights"]) == pytest.approx(1.0) and b["estimator"] == "mean" and b["error"] > 0
     assert plan_anchors({"t": ref}, fraction=0.05, confirm=0.25) == plan_anchors({"t": ref}, fraction=0.05,
                                                                                   confirm=0.25)
     with pytest.raises(ValueError, match="larger anchor subset"):
         MultiFidelity(method="anchors", fraction=0.2, confirm=0.1)
     with pytest.raises(ValueError, match="method: anchors"):
         MultiFidelity(fraction=0.05, confirm=0.25)
+    with pytest.raises(ValueError, match="it needs confirm"):
+        MultiFidelity(method="anchors", fraction=0.05, confirm_steps=2)
 
 
 def test_a_candidate_passing_the_anchors_is_confirmed_on_the_larger_subset_before_it_is_finished(worker) -> None:
@@ -299,6 +312,13 @@ def test_a_candidate_passing_the_anchors_is_confirmed_on_the_larger_subset_befor
     expect = {n: sum(full["samples"][n][i] for i in conf[n]["confirm"]["indices"]) / len(conf[n]["confirm"]["indices"])
               for n in conf}
     assert second["scores"] == pytest.approx(expect) and second["samples"] == {"arith": [], "script": []}
+    # a step on the way (anchors plus two more examples each) rules it out first: stopped there
+    fid = MultiFidelity(method="anchors", fraction=0.1, z=2.0, confirm=0.2, confirm_steps=2).model_dump()
+    stepped = plan(0.5)
+    stepped["arith"]["between"] = [entry([0, 5, 9, 21, 27, 33], 40, 0.0)]
+    stepped["script"]["between"] = [entry([2, 6, 11, 17], 24, 0.0)]
+    res = w.evaluate(2, recipe, front=[[1.0, 1.0]], fidelity={**fid, "anchors": stepped})
+    assert res["timings"]["estimated"] == 1.0 and res["timings"]["fidelity"] == pytest.approx(10 / 64)
     # both gates pass: finished, every example scored once, the same scores as a full evaluation
     done = run([[0.01, 0.01]], 0.5, 2.0)
     assert done["timings"]["fidelity"] == 1.0 and "estimated" not in done["timings"]

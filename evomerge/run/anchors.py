@@ -46,6 +46,7 @@ class AnchorPlanner:
             if n == 0 or len(rows) < self.fid.min_reference:
                 return {}
             matrices[name] = np.asarray(rows, dtype=float)
-        plan = plan_anchors(matrices, self.fid.fraction, self.seed, confirm=self.fid.confirm)
+        plan = plan_anchors(matrices, self.fid.fraction, self.seed, confirm=self.fid.confirm,
+                            confirm_steps=self.fid.confirm_steps)
         self._plan = (len(full), plan)
         return plan
