@@ -40,9 +40,9 @@ estimate, so fewer of the candidates that would move the front are left as estim
 algorithm is told of the near misses are closer to their scores.
 
 ``confirm_steps`` reaches that subset in steps: the anchors plus the heaviest of its other anchors (the
-largest clusters) first, each step gated like the anchors on its own estimate and error bar. About half of
-the candidates that pass the anchors' loose screen are near misses that a few more examples rule out; they
-stop there instead of paying for the whole confirm subset.
+largest clusters) first, each step gated like the anchors on its own estimate and error bar, so a near miss
+that a few more examples rule out stops there instead of paying for the whole confirm subset (on the demo,
+two steps finished as many candidates as one for 14% of each candidate's examples instead of 16%).
 """
 
 from __future__ import annotations
