@@ -151,6 +151,12 @@ def _kmeans(X: np.ndarray, k: int, seed: int, iters: int = 25) -> np.ndarray:
     return labels
 
 
+def _nearest_weights(X: np.ndarray, order: list[int]) -> list[float]:
+    """Each anchor's weight when every example (a row of ``X``) counts toward the anchor nearest it."""
+    near = np.argmin(((X[:, None, :] - X[order][None, :, :]) ** 2).sum(axis=2), axis=1)
+    return [float(v) for v in np.bincount(near, minlength=len(order)) / len(X)]
+
+
 def fit_anchors(S: np.ndarray, k: int, seed: int = 0, keep: list[int] | None = None) -> tuple[list[int], list[float]]:
     """Anchor examples and their weights from ``S`` (reference candidates x examples, scores in [0, 1]):
     examples clustered by their scores across the candidates, the one nearest each centre its anchor,
@@ -172,8 +178,7 @@ def fit_anchors(S: np.ndarray, k: int, seed: int = 0, keep: list[int] | None = N
         picks[nearest] = picks.get(nearest, 0.0) + len(members) / n
     if keep is not None:
         order = sorted(set(picks) | {int(i) for i in keep})
-        near = np.argmin(((X[:, None, :] - X[order][None, :, :]) ** 2).sum(axis=2), axis=1)
-        return order, [float(v) for v in np.bincount(near, minlength=len(order)) / n]
+        return order, _nearest_weights(X, order)
     order = sorted(picks)
     return order, [picks[i] for i in order]
 
@@ -229,9 +234,7 @@ def _fit_stages(S: np.ndarray, ks: list[int], seed: int, share: float = 1.0) -> 
         return idx, w
     extra = sorted((i for i in idx if i not in first), key=lambda i: -w[idx.index(i)])
     order = sorted({*first, *extra[: round(share * len(extra))]})
-    X = np.asarray(S, dtype=float).T
-    near = np.argmin(((X[:, None, :] - X[order][None, :, :]) ** 2).sum(axis=2), axis=1)
-    return order, [float(v) for v in np.bincount(near, minlength=len(order)) / X.shape[0]]
+    return order, _nearest_weights(np.asarray(S, dtype=float).T, order)
 
 
 def anchor_errors(S: np.ndarray, k: int | list[int], seed: int = 0, folds: int = 4,

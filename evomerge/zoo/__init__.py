@@ -148,9 +148,8 @@ def reference_check(build: str, digests: dict[str, str]) -> tuple[str, list[str]
     return ("differs" if differ else "same"), differ
 
 
-def reference_lines(build: str, digests: dict[str, str]) -> list[str]:
-    """What a build says about its weights against the reference build's (nothing when none is filed)."""
-    status, differ = reference_check(build, digests)
+def reference_lines(status: str, differ: list[str]) -> list[str]:
+    """What a build says about :func:`reference_check`'s answer (nothing when no reference is filed)."""
     if status == "same":
         return ["zoo: the same weights as the reference build (the figures in docs/benchmarks.md hold)"]
     if status == "differs":
@@ -165,7 +164,7 @@ def built_reference_lines(path: Path) -> list[str]:
         digests = json.loads((path / MANIFEST).read_text()).get("weights_sha256") or {}
     except (OSError, ValueError):
         return []
-    return reference_lines(path.name, digests)
+    return reference_lines(*reference_check(path.name, digests))
 
 
 def default_zoo_dir() -> Path:

@@ -71,7 +71,7 @@ def build_into(out: Path, recipe: dict[str, Any], version: int, evaluate: bool) 
         base.load_state_dict(base_state)
         fit(base, part, name)
     status, differ = reference_check(build, digests)
-    for line in reference_lines(build, digests):
+    for line in reference_lines(status, differ):
         say(line)
     manifest = {
         "version": version,
