@@ -50,6 +50,7 @@ class Probe:
         self.tok = make_tokenizer()
         self.spec = ModelSpec(**recipe["model"])
         self.cache = cache
+        self.exact = recipe.get("numerics") == "exact"
         cache.mkdir(parents=True, exist_ok=True)
         self.evals = {f"{t}_{s}": T.eval_set(t, s) for t in T.EVAL_TASKS for s in ("search", "test")}
 
@@ -65,7 +66,7 @@ class Probe:
         data = T.mixture(part["mix"], part["examples"], part["seed"])
         ts = TrainSpec(steps=part["steps"], lr=part["lr"], batch=part["batch"], warmup=part["warmup"],
                        only=tuple(part["only"]) if part.get("only") else None)
-        train(model, self.tok, data, ts, part["seed"], self.spec.max_len)
+        train(model, self.tok, data, ts, part["seed"], self.spec.max_len, exact=self.exact)
         state = {k: v.clone() for k, v in model.state_dict().items()}
         torch.save(state, f)
         return state, key
@@ -97,7 +98,8 @@ def main() -> None:
     recipe = json.loads(args.recipe.read_text()) if args.recipe else RECIPES[args.version]
     probe = Probe(recipe, args.cache)
     # the scratch key covers what else makes the weights: the model's shape and the task definitions
-    scratch = _hash([recipe["model"], "".join(T.alphabet()), T.ARITH_MAX, T.WORD_MIN, T.WORD_MAX, numerics.TAG])
+    scratch = _hash([recipe["model"], "".join(T.alphabet()), T.ARITH_MAX, T.WORD_MIN, T.WORD_MAX, numerics.TAG,
+                     recipe.get("numerics")])
     base, base_key = probe.fit(recipe["base"], None, scratch)
     sources = {"base": probe.score(base)}
     taus = {}

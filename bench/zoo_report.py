@@ -58,6 +58,11 @@ def merged_zoo_version(front: list) -> int | None:
     return None
 
 
+def _fail(msg: str) -> None:
+    print(f"zoo_report: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--study", default=None)
@@ -68,9 +73,17 @@ def main() -> None:
     front = None
     if args.study:
         from evomerge.store import Store, default_storage_url
+        from evomerge.store.errors import StudyNotFound
 
         store = Store(args.storage or default_storage_url())
-        front = store.front(args.study)
+        try:
+            front = store.front(args.study)
+            for c in front:
+                Recipe.from_json(c.recipe_json)
+        except StudyNotFound as e:
+            _fail(str(e))
+        except ValueError:  # a pydantic error: not a parameter-space recipe
+            _fail(f"{args.study} is not a parameter-space study (its held-out scores: evomerge front {args.study})")
         if args.zoo_version is None:
             version = merged_zoo_version(front) or version
     zoo = build_zoo(log=lambda m: print(m, file=sys.stderr), version=version)

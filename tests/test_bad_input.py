@@ -543,3 +543,9 @@ def test_a_merged_folder_gets_the_mode_mkdir_gives(family, tmp_path: Path) -> No
         os.umask(umask)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_zoo_report_names_a_missing_study_in_one_line(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "zoo_report.py"), "--study", "nosuch", "--storage",
+                        f"sqlite:///{tmp_path / 'e.db'}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == "zoo_report: no study named 'nosuch' in this storage", r.stderr

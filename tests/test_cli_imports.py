@@ -102,7 +102,7 @@ LIGHT = {
     "validate ja_math": (["validate", "--space", str(ROOT / "search_spaces" / "ja_math.yaml")], 0),
     "validate dfs_demo": (["validate", "--space", str(ROOT / "search_spaces" / "dfs_demo.yaml")], 0),
     "search --dry-run": (["search", "--space", str(ROOT / "search_spaces" / "demo.yaml"), "--dry-run",
-                          "--set", "algorithm.settings.pop_size=4"], 0),
+                          "--set", "algorithm.settings.n_front=4"], 0),
     "search bad --set": (["search", "--space", str(ROOT / "search_spaces" / "demo.yaml"), "--set", "budget=x"], 2),
     "search unknown setting": (["search", "--space", str(ROOT / "search_spaces" / "demo.yaml"), "--set",
                                 "algorithm.settings.bogus=1", "--storage", "{url}"], 2),

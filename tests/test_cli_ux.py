@@ -94,13 +94,13 @@ def test_shell_completion_installs_and_completes(tmp_path: Path) -> None:
 
 def test_overrides_set_dotted_paths_and_are_validated() -> None:
     data = yaml.safe_load(DEMO.read_text())
-    new = apply_overrides(data, ["budget=8", "algorithm.settings.pop_size=4", "objectives.0.limit=20",
+    new = apply_overrides(data, ["budget=8", "algorithm.settings.n_front=4", "objectives.0.limit=20",
                                  "genome.weight_bounds=[0, 1]"])
-    assert new["budget"] == 8 and new["algorithm"]["settings"]["pop_size"] == 4
+    assert new["budget"] == 8 and new["algorithm"]["settings"]["n_front"] == 4
     assert new["objectives"][0]["limit"] == 20 and new["genome"]["weight_bounds"] == [0, 1]
     assert data == yaml.safe_load(DEMO.read_text())  # the input is left alone
-    sp = load_space(DEMO, ["budget=8", "seed=3", "algorithm.settings.pop_size=4"])
-    assert (sp.budget, sp.seed, sp.algorithm.settings["pop_size"]) == (8, 3, 4)
+    sp = load_space(DEMO, ["budget=8", "seed=3", "algorithm.settings.n_front=4"])
+    assert (sp.budget, sp.seed, sp.algorithm.settings["n_front"]) == (8, 3, 4)
     for bad, where in (("budget=abc", "field 'budget'"), ("objectives.9.limit=1", "objectives.9"),
                        ("nokey", "KEY=VALUE"), ("budget.x=1", "not a mapping"), ("bogus=1", "field 'bogus'")):
         with pytest.raises(SpaceError, match=re.escape(where)) as e:
@@ -114,7 +114,7 @@ def test_overrides_are_recorded_with_the_stored_space() -> None:
     assert parse_space_text(text).budget == 8  # what `resume` reads
     origin = space_origin(text)
     assert origin["overrides"] == ["budget=8"] and origin["file"] == str(DEMO.resolve())
-    assert origin["names"][sp.models[0]] == sp.models[0] == "zoo://v2/arith"
+    assert origin["names"][sp.models[0]] == sp.models[0] == "zoo://v3/arith"
     assert space_origin("budget: 3\n") == {}
 
 
@@ -123,9 +123,9 @@ def test_bad_override_on_the_command_line_is_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "algorithm.settings" in r.stderr
     r = cli("search", "--space", str(DEMO), "--budget", "7", "--seed", "5", "--set",
-            "algorithm.settings.pop_size=4", "--dry-run", cwd=tmp_path)
+            "algorithm.settings.n_front=4", "--dry-run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "7 candidates, seed 5" in r.stdout and '"pop_size": 4' in r.stdout
+    assert "7 candidates, seed 5" in r.stdout and '"n_front": 4' in r.stdout
     r = cli("search", "--space", str(DEMO), "--set", "algorithm.settings.bogus=4", "--dry-run", cwd=tmp_path)
     assert r.returncode == 2 and "bogus" in r.stderr, r.stderr
 

@@ -232,7 +232,7 @@ SHIPPED_SPACES = sorted(p.name for p in (ROOT / "search_spaces").glob("*.yaml")
 
 
 def test_the_shipped_spaces_are_found() -> None:
-    assert {"demo.yaml", "demo_anchors.yaml", "ja_math.yaml", "dfs_demo.yaml"} <= set(SHIPPED_SPACES)
+    assert {"demo.yaml", "ja_math.yaml", "dfs_demo.yaml"} <= set(SHIPPED_SPACES)  # demo_ps_dfs needs a study
 
 
 @pytest.mark.parametrize("name", SHIPPED_SPACES)

@@ -300,8 +300,8 @@ def test_spaces_name_the_zoo_versions_they_merge():
 
     spaces = ROOT / "search_spaces"
     # The demo merges the default version, the one that shows the emergence on the cross task.
-    assert load_space(spaces / "demo.yaml").zoo_versions == [zoo.ZOO_VERSION] == [2]
-    assert zoo.parse_zoo_uri("zoo://base") == (2, "base") and zoo.parse_zoo_uri("zoo://v1/base") == (1, "base")
+    assert load_space(spaces / "demo.yaml").zoo_versions == [zoo.ZOO_VERSION] == [3]
+    assert zoo.parse_zoo_uri("zoo://base") == (3, "base") and zoo.parse_zoo_uri("zoo://v1/base") == (1, "base")
     with pytest.raises(ValueError, match="unknown zoo version"):
         zoo.parse_zoo_uri("zoo://v0/base")
 

@@ -2,10 +2,12 @@
 
 A character-level Llama-style decoder is pretrained on a mixture of synthetic tasks (the *base*),
 then briefly fine-tuned into experts: ``arith`` (two-digit addition) and ``script`` (reversing
-Greek words). The held-out ``cross`` task is addition written in Greek digits: in version 2 (the
-default) the base sees a small share of it, so every source scores a little and a merge can beat them
-all (the paper's Japanese math; ``search_spaces/demo.yaml``); in version 1 (``zoo://v1/NAME``) it is
-never trained on (every model scores 0 on it).
+Greek words). The held-out ``cross`` task is addition written in Greek digits: from version 2 on the
+base sees a small share of it, so every source scores a little and a merge can beat them all (the
+paper's Japanese math; ``search_spaces/demo.yaml``); in version 1 (``zoo://v1/NAME``) it is never
+trained on (every model scores 0 on it). Version 3 (the default) is version 2's recipe trained with exact
+matrix products (:mod:`evomerge.zoo.exact`): the same weights on Intel and AMD CPUs, where version 2's
+differ.
 See :mod:`evomerge.zoo.tasks` for the tasks and ``search_spaces/demo_tasks/`` for the lm-eval YAMLs.
 
 API: :func:`default_zoo_dir`, :func:`build_zoo`, :func:`resolve_zoo_uri`, :data:`ZOO_MODELS`.
@@ -37,9 +39,10 @@ from evomerge.zoo import tasks as T
 from evomerge.zoo.numerics import pinned_environ
 
 # The default version; every version is buildable by name (``zoo://v1/base``, ``build_zoo(version=1)``).
-# v2 is the default because it shows the paper's emergence on the cross task (the demo;
-# docs/benchmarks.md). v1 keeps its fingerprint, so its published builds are still found by name.
-ZOO_VERSION = 2
+# v3 is the default because it shows the paper's emergence on the cross task (the demo;
+# docs/benchmarks.md) with the same weights on every x86-64 CPU with AVX2. v1 and v2 keep their
+# fingerprints, so their published builds are still found by name.
+ZOO_VERSION = 3
 ZOO_PREFIX = "zoo://"
 ZOO_MODELS = ("base", "arith", "script")
 # What each zoo model is, for model cards and help texts (zoo:// names mean nothing outside evomerge).
@@ -123,13 +126,22 @@ RECIPE_V2: dict[str, Any] = {
 RECIPE_V2["experts"]["script"]["mix"] = {"script": 0.94, "arith": 0.05, "cross": 0.01}
 RECIPE_V2["experts"]["script"]["lr"] = 5e-4  # at 3e-4 it reached only 0.54 on its own task, too weak to merge
 RECIPE_V2["experts"]["arith"]["mix"] = {"arith": 0.98, "cross": 0.02}
-RECIPES: dict[int, dict[str, Any]] = {1: RECIPE_V1, 2: RECIPE_V2}
+# v3: v2's recipe trained with exact matrix products (:mod:`evomerge.zoo.exact`), so its weights are the
+# same on every x86-64 CPU with AVX2, Intel or AMD: v2's pin held on Intel only.
+RECIPE_V3: dict[str, Any] = {**copy.deepcopy(RECIPE_V2), "numerics": "exact"}
+RECIPES: dict[int, dict[str, Any]] = {1: RECIPE_V1, 2: RECIPE_V2, 3: RECIPE_V3}
 RECIPE = RECIPES[ZOO_VERSION]
 
-# What the pinned build gave on the Intel machines where docs/benchmarks.md measured the demo (two
-# machines, the same bits), by build folder name. A build with other weights says so: the documented
-# figures are those weights', and MKL ignores the pin on AMD CPUs (:mod:`evomerge.zoo.numerics`).
+# The weights docs/benchmarks.md measured, by build folder name. A build with other weights says so: the
+# documented figures are those weights'. v2's pin held on three Intel machines; MKL ignores it on AMD CPUs
+# (:mod:`evomerge.zoo.numerics`). v3's products are exact, so its digests hold on both vendors; filed from an
+# AMD EPYC (family 25) build.
 REFERENCE_SHA256: dict[str, dict[str, str]] = {
+    "v3-115b8ca36909": {
+        "base": "8369a970ec219c929d32c9161583049a4067a5a235ba7022f03245db9aeb1935",
+        "arith": "4bbdcaa8d4d4a78330088596212a63b860dac9561ae1f12549aac4029f4d9bfe",
+        "script": "a57333773ea4e7d2e78db08a0a0be424dd68e00e7701cdd13772e5e51dfe9165",
+    },
     "v2-8312bcbfb3e9": {
         "base": "c15491edba282df37298d57b0d5828759bd0bc9aa96babbfd55701225c88f386",
         "arith": "d1c7e69a7b0bdac0eb6f0b5c179ac8be0379b47e317259fda92482acd6573238",
@@ -154,7 +166,7 @@ def reference_lines(status: str, differ: list[str]) -> list[str]:
         return ["zoo: the same weights as the reference build (the figures in docs/benchmarks.md hold)"]
     if status == "differs":
         return [f"zoo: warning: the weights of {', '.join(differ)} are not the reference build's",
-                "zoo: the documented figures won't hold here (AMD CPUs ignore the pin: docs/benchmarks.md)"]
+                "zoo: the documented figures won't hold here (docs/benchmarks.md: which CPUs build them)"]
     return []
 
 

@@ -51,7 +51,7 @@ def build_into(out: Path, recipe: dict[str, Any], version: int, evaluate: bool) 
         ts = TrainSpec(steps=part["steps"], lr=part["lr"], batch=part["batch"], warmup=part["warmup"], only=only,
                        lr_mult=lr_mult)
         t = time.monotonic()
-        loss = train(model, tok, data, ts, part["seed"], spec.max_len)
+        loss = train(model, tok, data, ts, part["seed"], spec.max_len, exact=recipe.get("numerics") == "exact")
         msg = f"zoo: {name}: {part['steps']} steps in {time.monotonic() - t:.0f}s, loss {loss:.3f}"
         if evaluate:
             scores[name] = {k: round(greedy_accuracy(model, tok, v), 4) for k, v in evals.items()}

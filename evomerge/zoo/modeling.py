@@ -12,6 +12,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from torch.nn.utils import parametrize
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from evomerge.zoo.exact import ExactMatmul
 from evomerge.zoo.tasks import Example, alphabet
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -145,8 +146,20 @@ def train(
     seed: int,
     max_len: int,
     log: Callable[[str], None] | None = None,
+    exact: bool = False,
 ) -> float:
-    """AdamW with linear warm-up and cosine decay over a fixed, seeded data order. Returns last loss."""
+    """AdamW with linear warm-up and cosine decay over a fixed, seeded data order. Returns last loss.
+
+    ``exact``: every matrix product is :func:`evomerge.zoo.exact.exact_mm` and attention runs eagerly (a
+    fused kernel would sum in its own order), so the weights do not depend on the BLAS or the CPU vendor.
+    """
+    if exact:
+        attn, model.config._attn_implementation = model.config._attn_implementation, "eager"
+        try:
+            with ExactMatmul():
+                return train(model, tok, data, spec, seed, max_len, log)
+        finally:
+            model.config._attn_implementation = attn
     torch.manual_seed(seed)
     rng = random.Random(seed)
     lora = _add_lora(model, spec.lora_rank, spec.lora_alpha) if spec.lora_rank else []

@@ -1,8 +1,10 @@
 """Pinned CPU numerics for building the demo zoo, so the same recipe gives the same weights on every
-Intel x86-64 machine with AVX2 (two such machines built the same bits: ``REFERENCE_SHA256`` in
-:mod:`evomerge.zoo`). Not on AMD: MKL honours a reproducibility branch other than AUTO or COMPATIBLE only
-on Intel processors and elsewhere falls back to AUTO, and a Zen 5 machine built other weights; COMPATIBLE
-did not give one vendor's bits on the other either (docs/benchmarks.md).
+x86-64 machine with AVX2. With these settings alone (zoo v2) that held on Intel machines only (three built
+the same bits: ``REFERENCE_SHA256`` in :mod:`evomerge.zoo`): MKL honours a reproducibility branch other than
+AUTO or COMPATIBLE only on Intel processors and elsewhere falls back to AUTO, and AMD machines built other
+weights; COMPATIBLE did not give one vendor's bits on the other either (docs/benchmarks.md). So zoo v3 also
+computes every matrix product exactly (:mod:`evomerge.zoo.exact`), leaving no BLAS order in the weights;
+these settings still pin torch's own kernels, whose order is the same on any CPU with one code path.
 
 Training the zoo runs thousands of optimizer steps, and the float reduction order of torch's vector
 kernels and of MKL's matrix products depends on the instruction set the CPU offers (AVX2 or AVX-512):
