@@ -6,8 +6,8 @@ Greek words). The held-out ``cross`` task is addition written in Greek digits: f
 base sees a small share of it, so every source scores a little and a merge can beat them all (the
 paper's Japanese math; ``search_spaces/demo.yaml``); in version 1 (``zoo://v1/NAME``) it is never
 trained on (every model scores 0 on it). Version 3 (the default) is version 2's recipe trained with exact
-matrix products (:mod:`evomerge.zoo.exact`): the same weights on Intel and AMD CPUs, where version 2's
-differ.
+matrix products (:mod:`evomerge.zoo.exact`), so the BLAS's summation order, which gave version 2 other
+weights on AMD CPUs than on Intel ones, does not reach its weights.
 See :mod:`evomerge.zoo.tasks` for the tasks and ``search_spaces/demo_tasks/`` for the lm-eval YAMLs.
 
 API: :func:`default_zoo_dir`, :func:`build_zoo`, :func:`resolve_zoo_uri`, :data:`ZOO_MODELS`.
@@ -126,16 +126,16 @@ RECIPE_V2: dict[str, Any] = {
 RECIPE_V2["experts"]["script"]["mix"] = {"script": 0.94, "arith": 0.05, "cross": 0.01}
 RECIPE_V2["experts"]["script"]["lr"] = 5e-4  # at 3e-4 it reached only 0.54 on its own task, too weak to merge
 RECIPE_V2["experts"]["arith"]["mix"] = {"arith": 0.98, "cross": 0.02}
-# v3: v2's recipe trained with exact matrix products (:mod:`evomerge.zoo.exact`), so its weights are the
-# same on every x86-64 CPU with AVX2, Intel or AMD: v2's pin held on Intel only.
+# v3: v2's recipe trained with exact matrix products (:mod:`evomerge.zoo.exact`), so no BLAS's summation order,
+# which differs between Intel and AMD CPUs, reaches its weights: v2's pin held on Intel only.
 RECIPE_V3: dict[str, Any] = {**copy.deepcopy(RECIPE_V2), "numerics": "exact"}
 RECIPES: dict[int, dict[str, Any]] = {1: RECIPE_V1, 2: RECIPE_V2, 3: RECIPE_V3}
 RECIPE = RECIPES[ZOO_VERSION]
 
 # The weights docs/benchmarks.md measured, by build folder name. A build with other weights says so: the
 # documented figures are those weights'. v2's pin held on three Intel machines; MKL ignores it on AMD CPUs
-# (:mod:`evomerge.zoo.numerics`). v3's products are exact, so its digests hold on both vendors; filed from an
-# AMD EPYC (family 25) build.
+# (:mod:`evomerge.zoo.numerics`). v3's products are exact, so no BLAS order separates the vendors; filed from
+# an AMD EPYC (family 25) build, and an Intel build says whether it made the same.
 REFERENCE_SHA256: dict[str, dict[str, str]] = {
     "v3-115b8ca36909": {
         "base": "8369a970ec219c929d32c9161583049a4067a5a235ba7022f03245db9aeb1935",
