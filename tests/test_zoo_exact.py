@@ -64,11 +64,15 @@ def test_the_mode_makes_forward_and_backward_products_exact():
     assert torch.equal(x.grad, exact_mm(g, w.detach()))
     assert torch.equal(w.grad, exact_mm(g.t().contiguous(), x.detach()))
     q = torch.randn(2, 4, 8, 16)
+    want = exact_mm(q.reshape(8, 8, 16), q.reshape(8, 8, 16).transpose(1, 2)).reshape(2, 4, 8, 8)
     with ExactMatmul():  # batched (attention's) products too
-        assert torch.equal(q @ q.transpose(-1, -2), exact_mm(q.reshape(8, 8, 16), q.reshape(8, 8, 16).transpose(1, 2))
-                           .reshape(2, 4, 8, 8))
+        assert torch.equal(q @ q.transpose(-1, -2), want)
         with pytest.raises(RuntimeError, match="scaled_dot_product"):  # a fused kernel sums in its own order
             torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        with pytest.raises(RuntimeError, match="float64"):
+            q.double() @ q.double().transpose(-1, -2)
+        i = torch.arange(6).reshape(2, 3)
+        assert torch.equal(i @ i.t(), torch.tensor([[5, 14], [14, 50]]))  # integers: exact already
 
 
 @pytest.mark.slow

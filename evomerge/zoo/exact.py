@@ -59,6 +59,12 @@ class ExactMatmul(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _MM or func in _ADDMM:
+            dtype = args[-1].dtype
+            if not dtype.is_floating_point:  # integer products are exact already
+                return func(*args, **kwargs)
+            if dtype != torch.float32:
+                raise RuntimeError(f"exact numerics: {func.name()} in {dtype} (the grid is for float32 training)")
         if func in _MM:
             with _disable_current_modes():
                 return exact_mm(*args)
