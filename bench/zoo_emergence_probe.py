@@ -34,7 +34,7 @@ if not is_pinned():  # train as the zoo build does: its numerics are read when t
 
 import torch  # noqa: E402
 
-from evomerge.zoo import RECIPES, ZOO_VERSION  # noqa: E402
+from evomerge.zoo import RECIPES, ZOO_VERSION, trains_exact  # noqa: E402
 from evomerge.zoo import tasks as T  # noqa: E402
 from evomerge.zoo.modeling import ModelSpec, TrainSpec, greedy_accuracy, make_model, make_tokenizer, train  # noqa: E402
 
@@ -50,7 +50,7 @@ class Probe:
         self.tok = make_tokenizer()
         self.spec = ModelSpec(**recipe["model"])
         self.cache = cache
-        self.exact = recipe.get("numerics") == "exact"
+        self.exact = trains_exact(recipe)
         cache.mkdir(parents=True, exist_ok=True)
         self.evals = {f"{t}_{s}": T.eval_set(t, s) for t in T.EVAL_TASKS for s in ("search", "test")}
 
@@ -99,7 +99,7 @@ def main() -> None:
     probe = Probe(recipe, args.cache)
     # the scratch key covers what else makes the weights: the model's shape and the task definitions
     scratch = _hash([recipe["model"], "".join(T.alphabet()), T.ARITH_MAX, T.WORD_MIN, T.WORD_MAX, numerics.TAG,
-                     recipe.get("numerics")])
+                     trains_exact(recipe)])
     base, base_key = probe.fit(recipe["base"], None, scratch)
     sources = {"base": probe.score(base)}
     taus = {}

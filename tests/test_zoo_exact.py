@@ -79,7 +79,7 @@ def test_the_mode_makes_forward_and_backward_products_exact():
 def test_an_exact_build_does_not_depend_on_the_blas_path(tmp_path, monkeypatch):
     """Version 3 trains with exact products: MKL's cross-vendor branch (COMPATIBLE, another summation order,
     what an AMD CPU's MKL differs by) builds the same weights as its AVX2 branch, where version 2's differ."""
-    exact = next(v for v in zoo.RECIPES if zoo.RECIPES[v].get("numerics") == "exact")
+    exact = next(v for v in zoo.RECIPES if zoo.trains_exact(zoo.RECIPES[v]))
     digests: dict[tuple[int, str], dict[str, str]] = {}
     for branch in ("AVX2,STRICT", "COMPATIBLE,STRICT"):
         monkeypatch.setitem(numerics.PINNED_ENV, "MKL_CBWR", branch)

@@ -132,6 +132,11 @@ RECIPE_V3: dict[str, Any] = {**copy.deepcopy(RECIPE_V2), "numerics": "exact"}
 RECIPES: dict[int, dict[str, Any]] = {1: RECIPE_V1, 2: RECIPE_V2, 3: RECIPE_V3}
 RECIPE = RECIPES[ZOO_VERSION]
 
+
+def trains_exact(recipe: dict[str, Any]) -> bool:
+    """Whether a recipe trains with exact matrix products (:mod:`evomerge.zoo.exact`; v3 on)."""
+    return recipe.get("numerics") == "exact"
+
 # The weights docs/benchmarks.md measured, by build folder name. A build with other weights says so: the
 # documented figures are those weights'. v2's pin held on three Intel machines; MKL ignores it on AMD CPUs
 # (:mod:`evomerge.zoo.numerics`). v3's products are exact, so no BLAS order separates the vendors; filed from
@@ -369,6 +374,7 @@ __all__ = [
     "parse_zoo_uri",
     "resolve_ref",
     "resolve_zoo_uri",
+    "trains_exact",
     "zoo_path",
     "zoo_uri_built",
 ]

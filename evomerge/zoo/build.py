@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from evomerge.zoo import MANIFEST, ZOO_MODELS, _recipe, reference_check, reference_lines
+from evomerge.zoo import MANIFEST, ZOO_MODELS, _recipe, reference_check, reference_lines, trains_exact
 from evomerge.zoo import tasks as T
 from evomerge.zoo.modeling import ModelSpec, TrainSpec, greedy_accuracy, make_model, make_tokenizer, train
 from evomerge.zoo.numerics import PINNED_ENV, is_pinned
@@ -51,7 +51,7 @@ def build_into(out: Path, recipe: dict[str, Any], version: int, evaluate: bool) 
         ts = TrainSpec(steps=part["steps"], lr=part["lr"], batch=part["batch"], warmup=part["warmup"], only=only,
                        lr_mult=lr_mult)
         t = time.monotonic()
-        loss = train(model, tok, data, ts, part["seed"], spec.max_len, exact=recipe.get("numerics") == "exact")
+        loss = train(model, tok, data, ts, part["seed"], spec.max_len, exact=trains_exact(recipe))
         msg = f"zoo: {name}: {part['steps']} steps in {time.monotonic() - t:.0f}s, loss {loss:.3f}"
         if evaluate:
             scores[name] = {k: round(greedy_accuracy(model, tok, v), 4) for k, v in evals.items()}

@@ -24,8 +24,9 @@ _MM = {aten.mm.default, aten.bmm.default}
 _ADDMM = {aten.addmm.default, aten.baddbmm.default}
 # Products this module does not compute: met inside the mode, they fail loudly rather than train with the
 # BLAS's order (attention must run in eager mode, not through a fused kernel).
+# (``linear``, ``matmul``, ``einsum`` decompose into ``mm``/``bmm`` before a dispatch mode sees them.)
 _OTHER = {f"aten::{n}" for n in ("mv", "dot", "vdot", "addmv", "addr", "addbmm", "_int_mm", "convolution",
-                                  "_convolution", "linear", "matmul", "einsum", "tensordot")}
+                                  "_convolution")}
 _OTHER_PREFIXES = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::mkldnn", "aten::_mkldnn")
 
 
